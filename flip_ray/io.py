@@ -1,0 +1,368 @@
+"""Input: finding shards (local or s3://; Parquet, JSONL, HF `save_to_disk`) and reading them.
+
+A shard is one input file. Reading a shard yields blocks of normalised rows: `id`, the internal
+columns `_flip_instruction`, `_flip_response`, `_flip_context`, the kept input columns, and `error`
+for rows that cannot be scored (null or empty text, malformed JSON line, bad `messages`). Such rows
+are kept, never dropped, so every input row reaches the output exactly once.
+
+Filesystems go through fsspec (s3fs for s3://), configured by the standard AWS variables.
+"""
+
+from __future__ import annotations
+
+import json
+import posixpath
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import fsspec
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from flip_ray import schema
+from flip_ray.records import RowError, conversation_parts, derive_id, text_field
+
+PARQUET, JSONL, HF = "parquet", "jsonl", "hf"
+_SUFFIXES = (
+    (".parquet", PARQUET),
+    (".pq", PARQUET),
+    (".jsonl.gz", JSONL),
+    (".json.gz", JSONL),
+    (".ndjson.gz", JSONL),
+    (".jsonl", JSONL),
+    (".json", JSONL),
+    (".ndjson", JSONL),
+)
+_JSONL_PEEK_ROWS = 100
+
+
+class InputError(ValueError):
+    """The input cannot be read as configured; the message names the path or column."""
+
+
+@dataclass(frozen=True)
+class Shard:
+    uri: str  # full URI, protocol included for remote files
+    format: str  # parquet | jsonl | hf (an Arrow stream file of a saved HF dataset)
+    key: str  # path relative to the input root: stable across runs, used in ids and names
+
+
+@dataclass(frozen=True)
+class ColumnMapping:
+    prompt: str = "prompt"
+    response: str = "response"
+    id: str | None = None
+    messages: str | None = None
+    # Input columns copied to the output, in order.
+    keep: tuple[str, ...] = ()
+
+    def required(self) -> list[str]:
+        cols = [self.messages] if self.messages else [self.prompt, self.response]
+        return cols + ([self.id] if self.id else [])
+
+    def source_columns(self) -> list[str]:
+        return list(dict.fromkeys(self.required() + list(self.keep)))
+
+
+def _format_of(path: str) -> str | None:
+    lowered = path.lower()
+    for suffix, fmt in _SUFFIXES:
+        if lowered.endswith(suffix):
+            return fmt
+    return None
+
+
+def _is_hidden(rel: str) -> bool:
+    return any(part.startswith((".", "_")) for part in rel.split("/"))
+
+
+def _hf_shards(fs, root: str) -> list[tuple[str, str]] | None:
+    """Arrow files of a `save_to_disk` directory (Dataset or DatasetDict), or None if it is not one."""
+    if fs.isfile(posixpath.join(root, "state.json")):
+        with fs.open(posixpath.join(root, "state.json"), "r") as f:
+            state = json.load(f)
+        files = [d["filename"] for d in state.get("_data_files", [])]
+        return [(posixpath.join(root, name), name) for name in files]
+    if fs.isfile(posixpath.join(root, "dataset_dict.json")):
+        with fs.open(posixpath.join(root, "dataset_dict.json"), "r") as f:
+            splits = json.load(f).get("splits", [])
+        out = []
+        for split in splits:
+            inner = _hf_shards(fs, posixpath.join(root, split)) or []
+            out += [(p, f"{split}/{rel}") for p, rel in inner]
+        return out
+    return None
+
+
+def list_shards(uri: str, fmt: str = "auto") -> list[Shard]:
+    """Resolves `input.path` (file, directory or glob) into shards, sorted by key.
+
+    Raises:
+        InputError: The path does not exist or holds no readable file.
+    """
+    try:
+        fs, path = fsspec.core.url_to_fs(uri)
+    except (ImportError, ValueError) as e:
+        raise InputError(f"cannot open input.path {uri}: {e}") from e
+    found: list[tuple[str, str, str]] = []  # (path, format, key)
+    try:
+        if any(ch in path for ch in "*?["):
+            base = path.split("*")[0].split("?")[0].split("[")[0].rsplit("/", 1)[0]
+            for p in sorted(fs.glob(path)):
+                if fs.isfile(p):
+                    found.append((p, fmt if fmt not in ("auto", HF) else _format_of(p), posixpath.relpath(p, base)))
+        elif fs.isdir(path):
+            hf = _hf_shards(fs, path) if fmt in ("auto", HF) else None
+            if hf is not None:
+                found = [(p, HF, rel) for p, rel in hf]
+            else:
+                for p in sorted(fs.find(path)):
+                    rel = posixpath.relpath(p, path)
+                    if _is_hidden(rel):
+                        continue
+                    f = fmt if fmt != "auto" else _format_of(p)
+                    if f is not None:
+                        found.append((p, f, rel))
+        elif fs.isfile(path):
+            found.append((path, fmt if fmt != "auto" else _format_of(path), posixpath.basename(path)))
+        else:
+            raise InputError(f"input.path {uri} does not exist")
+    except (FileNotFoundError, PermissionError, OSError) as e:
+        if isinstance(e, InputError):
+            raise
+        raise InputError(f"cannot list input.path {uri}: {e}") from e
+    unknown = [p for p, f, _ in found if f is None]
+    if unknown:
+        raise InputError(
+            f"cannot tell the format of {unknown[0]} (expected .parquet, .jsonl, .jsonl.gz or .json); "
+            "set input.format"
+        )
+    if not found:
+        raise InputError(f"input.path {uri} holds no .parquet, .jsonl(.gz) or saved HF dataset files")
+    return [Shard(uri=fs.unstrip_protocol(p), format=f, key=k) for p, f, k in sorted(found, key=lambda x: x[2])]
+
+
+def _open(uri: str, mode: str = "rb", **kwargs):
+    return fsspec.open(uri, mode, **kwargs).open()
+
+
+def peek_columns(shard: Shard) -> pa.Schema:
+    """The columns of a shard and their types (JSONL: keys of the first records, all strings)."""
+    try:
+        if shard.format == PARQUET:
+            with _open(shard.uri) as f:
+                return pq.read_schema(f)
+        if shard.format == HF:
+            with _open(shard.uri) as f:
+                return pa.ipc.open_stream(f).schema
+        names: dict[str, None] = {}
+        with _open(shard.uri, compression="infer") as f:
+            for n, line in enumerate(f):
+                if n >= _JSONL_PEEK_ROWS:
+                    break
+                try:
+                    record = json.loads(line)
+                except (json.JSONDecodeError, UnicodeDecodeError):
+                    continue
+                if isinstance(record, dict):
+                    names.update(dict.fromkeys(record))
+        return pa.schema([(name, pa.string()) for name in names])
+    except InputError:
+        raise
+    except Exception as e:
+        raise InputError(f"cannot read {shard.uri}: {type(e).__name__}: {e}") from e
+
+
+@dataclass
+class SourceBatch:
+    """Rows as read from a shard, before the row rules are applied."""
+
+    start: int  # index of the first row in the shard
+    values: dict[str, list]  # the mapped columns as Python values
+    kept: dict[str, pa.Array]  # the kept columns, typed as in the output
+    errors: list[str | None]  # read errors (e.g. a malformed JSON line), one per row
+
+    def __len__(self) -> int:
+        return len(self.errors)
+
+
+def _jsonl_batches(shard: Shard, mapping: ColumnMapping, batch_rows: int, limit: int | None) -> Iterator[SourceBatch]:
+    cols = mapping.source_columns()
+    start = 0
+    records: list[dict | None] = []
+    errors: list[str | None] = []
+
+    def flush() -> SourceBatch:
+        values = {c: [None if r is None else r.get(c) for r in records] for c in cols}
+        kept = {}
+        for c in mapping.keep:
+            kept[c] = pa.array([_as_text(v) for v in values[c]], pa.string())
+        return SourceBatch(start, values, kept, list(errors))
+
+    index = 0
+    with _open(shard.uri, compression="infer") as f:
+        for lineno, raw in enumerate(f, start=1):
+            if not raw.strip():
+                continue
+            if limit is not None and index >= limit:
+                break
+            record, error = None, None
+            try:
+                obj = json.loads(raw.decode("utf-8"))
+                if isinstance(obj, dict):
+                    record = obj
+                else:
+                    error = f"{shard.key} line {lineno}: expected a JSON object, got {type(obj).__name__}"
+            except UnicodeDecodeError as e:
+                error = f"{shard.key} line {lineno}: not valid UTF-8 ({e.reason} at byte {e.start})"
+            except json.JSONDecodeError as e:
+                error = f"{shard.key} line {lineno}: malformed JSON ({e.msg} at column {e.colno})"
+            records.append(record)
+            errors.append(error)
+            index += 1
+            if len(records) >= batch_rows:
+                yield flush()
+                start += len(records)
+                records, errors = [], []
+    if records:
+        yield flush()
+
+
+def _as_text(value) -> str | None:
+    if value is None or isinstance(value, str):
+        return value
+    return json.dumps(value, ensure_ascii=False)
+
+
+def _arrow_batches(shard: Shard, mapping: ColumnMapping, batch_rows: int, limit: int | None) -> Iterator[SourceBatch]:
+    cols = mapping.source_columns()
+    start = 0
+    with _open(shard.uri) as f:
+        if shard.format == PARQUET:
+            pf = pq.ParquetFile(f)
+            _check_columns(shard, pf.schema_arrow, mapping)
+            batches = pf.iter_batches(batch_size=batch_rows, columns=cols)
+        else:
+            reader = pa.ipc.open_stream(f)
+            _check_columns(shard, reader.schema, mapping)
+            batches = _rechunk(reader, batch_rows)
+        for rb in batches:
+            if limit is not None and start >= limit:
+                break
+            if limit is not None and start + rb.num_rows > limit:
+                rb = rb.slice(0, limit - start)
+            values = {c: rb.column(c).to_pylist() for c in mapping.required()}
+            kept = {c: rb.column(c) for c in mapping.keep}
+            yield SourceBatch(start, values, kept, [None] * rb.num_rows)
+            start += rb.num_rows
+
+
+def _rechunk(reader, rows: int) -> Iterator[pa.RecordBatch]:
+    pending: list[pa.RecordBatch] = []
+    count = 0
+    for rb in reader:
+        pending.append(rb)
+        count += rb.num_rows
+        while count >= rows:
+            table = pa.Table.from_batches(pending).combine_chunks()
+            yield table.slice(0, rows).to_batches()[0]
+            rest = table.slice(rows)
+            pending, count = (rest.to_batches() if rest.num_rows else []), rest.num_rows
+    if count:
+        yield pa.Table.from_batches(pending).combine_chunks().to_batches()[0]
+
+
+def _check_columns(shard: Shard, sch: pa.Schema, mapping: ColumnMapping) -> None:
+    missing = [c for c in mapping.source_columns() if c not in sch.names]
+    if missing:
+        raise InputError(
+            f"{shard.uri} has no column {', '.join(map(repr, missing))}; columns present: {', '.join(sch.names)}"
+        )
+    text_cols = [] if mapping.messages else [mapping.prompt, mapping.response]
+    for c in text_cols:
+        t = sch.field(c).type
+        if not (pa.types.is_string(t) or pa.types.is_large_string(t) or pa.types.is_null(t)):
+            raise InputError(f"{shard.uri}: column {c!r} has type {t}, expected string")
+    if mapping.messages:
+        t = sch.field(mapping.messages).type
+        if not (pa.types.is_list(t) or pa.types.is_large_list(t) or pa.types.is_string(t)):
+            raise InputError(
+                f"{shard.uri}: column {mapping.messages!r} has type {t}, expected a list of {{role, content}}"
+            )
+
+
+def check_columns(shard: Shard, mapping: ColumnMapping) -> pa.Schema:
+    """Pre-flight: the mapped columns exist in `shard` (listing those present if not)."""
+    sch = peek_columns(shard)
+    if shard.format == JSONL:
+        missing = [c for c in mapping.required() if c not in sch.names]
+        if missing:
+            raise InputError(
+                f"{shard.uri} has no column {', '.join(map(repr, missing))} in its first records; "
+                f"columns present: {', '.join(sch.names) or '(none)'}"
+            )
+    else:
+        _check_columns(shard, sch, mapping)
+    return sch
+
+
+def iter_source_batches(shard: Shard, mapping: ColumnMapping, batch_rows: int, limit: int | None = None):
+    if shard.format == JSONL:
+        return _jsonl_batches(shard, mapping, batch_rows, limit)
+    return _arrow_batches(shard, mapping, batch_rows, limit)
+
+
+def normalize(batch: SourceBatch, shard: Shard, mapping: ColumnMapping) -> pa.Table:
+    """Applies the row rules to a source batch: ids, instruction/response/context, row errors."""
+    n = len(batch)
+    ids, instructions, responses, contexts, errors = [], [], [], [], []
+    for i in range(n):
+        rid = derive_id(shard.key, batch.start + i)
+        instruction = response = context = None
+        error = batch.errors[i]
+        if error is None:
+            try:
+                if mapping.id:
+                    raw_id = batch.values[mapping.id][i]
+                    if raw_id is None:
+                        raise RowError(f"{mapping.id} (id column) is null")
+                    rid = str(raw_id)
+                if mapping.messages:
+                    messages = batch.values[mapping.messages][i]
+                    if isinstance(messages, str):
+                        try:
+                            messages = json.loads(messages)
+                        except json.JSONDecodeError as e:
+                            raise RowError(f"messages is a string that is not JSON ({e.msg})") from None
+                    instruction, response, ctx = conversation_parts(messages)
+                    context = json.dumps(ctx, ensure_ascii=False) if ctx else None
+                else:
+                    instruction = text_field(batch.values[mapping.prompt][i], mapping.prompt)
+                    response = text_field(batch.values[mapping.response][i], mapping.response)
+            except RowError as e:
+                error = str(e)
+                instruction = response = context = None
+        ids.append(rid)
+        instructions.append(instruction)
+        responses.append(response)
+        contexts.append(context)
+        errors.append(error)
+    columns = {schema.ID: pa.array(ids, pa.string())}
+    for name, arr in batch.kept.items():
+        columns[schema.output_column_name(name)] = arr
+    columns[schema.INSTRUCTION] = pa.array(instructions, pa.string())
+    columns[schema.RESPONSE] = pa.array(responses, pa.string())
+    columns[schema.CONTEXT] = pa.array(contexts, pa.string())
+    columns["error"] = pa.array(errors, pa.string())
+    return pa.table(columns)
+
+
+def read_shard(shard: Shard, mapping: ColumnMapping, batch_rows: int, limit: int | None = None) -> Iterator[pa.Table]:
+    """Streams a shard as normalised blocks of at most `batch_rows` rows."""
+    try:
+        for batch in iter_source_batches(shard, mapping, batch_rows, limit):
+            yield normalize(batch, shard, mapping)
+    except InputError:
+        raise
+    except Exception as e:
+        raise InputError(f"cannot read {shard.uri}: {type(e).__name__}: {e}") from e
