@@ -4,7 +4,7 @@ SQuAD-style normalisation: lowercase, delete ASCII punctuation, replace the arti
 space, collapse whitespace. Precision and recall count shared tokens with multiplicity; with no
 shared token all three are 0. The implementation is the same algorithm with the per-character
 generator replaced by `str.translate` and a precompiled regex (same output, several times faster);
-`tests/test_metrics.py` checks parity against a verbatim transcription of the reference.
+`tests/test_metrics.py` checks parity against a direct, unoptimised implementation of that algorithm.
 """
 
 from __future__ import annotations

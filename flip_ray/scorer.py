@@ -1,0 +1,91 @@
+"""In-process FLIP scoring with an engine you already hold, e.g. as a GRPO reward function.
+
+    from vllm import LLM
+    from flip_ray.scorer import FlipScorer
+
+    scorer = FlipScorer(LLM(model="/path/to/checkpoint"), max_tokens=128)
+    rewards = scorer(prompts=["Write a haiku about rain."], completions=["Soft rain on the roof..."])
+
+Same prompts, truncation, parser and metric as the batch job. `prompts` may be strings or chat
+message lists (the last user turn is the instruction, earlier turns are context); `completions`
+may be strings or message lists (the last message's content is the response).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from flip_ray.records import RowError, conversation_parts, text_field
+from flip_ray.scoring import FlipScore, score_generations
+
+
+def _response_text(completion: Any) -> str:
+    if isinstance(completion, (list, tuple)):
+        if not completion:
+            raise RowError("completion is an empty message list")
+        completion = completion[-1].get("content") if isinstance(completion[-1], dict) else None
+    return text_field(completion, "response")
+
+
+def _instruction_and_context(prompt: Any, response: str) -> tuple[str, list[dict] | None]:
+    if isinstance(prompt, (list, tuple)):
+        instruction, _, context = conversation_parts([*prompt, {"role": "assistant", "content": response}])
+        return instruction, context or None
+    return text_field(prompt, "prompt"), None
+
+
+class FlipScorer:
+    """FLIP rewards for (prompt, response) pairs from a `vllm.LLM`.
+
+    Args:
+        llm: A built `vllm.LLM`.
+        temperature, top_p, max_tokens, seed, n: Sampling parameters (greedy by default).
+        aggregate: How F1 over n samples is combined (`mean` or `max`).
+        error_reward: The reward given to a pair that cannot be scored (empty text, too long).
+    """
+
+    def __init__(
+        self,
+        llm,
+        *,
+        temperature: float = 0.0,
+        top_p: float = 1.0,
+        max_tokens: int = 256,
+        seed: int = 0,
+        n: int = 1,
+        aggregate: str = "mean",
+        error_reward: float = 0.0,
+    ):
+        from flip_ray.engine import FlipGenerator
+
+        self.generator = FlipGenerator(llm, temperature=temperature, top_p=top_p, max_tokens=max_tokens, seed=seed, n=n)
+        self.aggregate = aggregate
+        self.error_reward = error_reward
+
+    def score(self, prompts: list[Any], responses: list[Any]) -> list[FlipScore | RowError]:
+        """Scores each pair; a pair that cannot be scored yields a `RowError` in its place."""
+        if len(prompts) != len(responses):
+            raise ValueError(f"{len(prompts)} prompts but {len(responses)} responses")
+        results: list[FlipScore | RowError | None] = [None] * len(prompts)
+        todo, texts, instructions, contexts = [], [], [], []
+        for i, (prompt, completion) in enumerate(zip(prompts, responses)):
+            try:
+                response = _response_text(completion)
+                instruction, context = _instruction_and_context(prompt, response)
+            except RowError as e:
+                results[i] = e
+                continue
+            todo.append(i)
+            texts.append(response)
+            instructions.append(instruction)
+            contexts.append(context)
+        for i, instruction, g in zip(todo, instructions, self.generator.generate(texts, contexts)):
+            if g.error is not None or not g.texts:
+                results[i] = RowError(g.error or "engine returned no output")
+            else:
+                results[i] = score_generations(instruction, g.texts, self.aggregate)
+        return results  # type: ignore[return-value]
+
+    def __call__(self, prompts: list[Any], completions: list[Any], **_: Any) -> list[float]:
+        """Reward-function form (TRL's GRPOTrainer calling convention): one float per completion."""
+        return [r.flip_score if isinstance(r, FlipScore) else self.error_reward for r in self.score(prompts, completions)]

@@ -1,0 +1,85 @@
+from pathlib import Path
+
+import pytest
+from omegaconf import OmegaConf
+
+from flip_ray.config import ConfigError, ScoreConfig, load_config, validate_score_config
+
+CONFIGS = sorted(Path("configs").glob("*.yaml"))
+
+
+def test_there_are_configs():
+    assert CONFIGS
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)
+def test_every_yaml_loads_through_the_schema(path):
+    text = path.read_text()
+    assert text.startswith("# Run:"), f"{path} must begin with the command that runs it"
+    cfg = load_config(path)
+    if not OmegaConf.missing_keys(cfg):
+        validate_score_config(cfg)
+
+
+def test_defaults_need_only_paths():
+    cfg = load_config(None, ["input.path=x.jsonl", "output.path=out"])
+    validate_score_config(cfg)
+    assert cfg.model.path is None and cfg.model.device == "auto"
+
+
+@pytest.mark.parametrize(
+    "override,key",
+    [("input.nope=1", "input.nope"), ("nope.path=1", "nope"), ("modle.dtype=float32", "modle")],
+)
+def test_unknown_keys_are_refused_with_their_name(override, key):
+    with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
+        load_config(None, [override])
+
+
+def test_unknown_key_in_yaml(tmp_path):
+    p = tmp_path / "c.yaml"
+    p.write_text("sampling:\n  temprature: 0.5\n")
+    with pytest.raises(ConfigError, match=r"sampling\.temprature"):
+        load_config(p)
+
+
+@pytest.mark.parametrize(
+    "override,key",
+    [("sampling.n=three", "sampling.n"), ("model.enforce_eager=maybe", "model.enforce_eager"),
+     ("resources.batch_size=1.5", "resources.batch_size")],
+)
+def test_wrong_types_are_refused(override, key):
+    with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
+        load_config(None, [override])
+
+
+@pytest.mark.parametrize(
+    "overrides,match",
+    [
+        ([], "input.path"),
+        (["input.path=x"], "output.path"),
+        (["input.path=x", "output.path=y", "sampling.n=4"], "temperature"),
+        (["input.path=x", "output.path=y", "input.format=csv"], "input.format"),
+        (["input.path=x", "output.path=y", "model.max_model_len=100", "sampling.max_tokens=128"], "max_model_len"),
+        (["input.path=x", "output.path=y", "sampling.aggregate=median"], "aggregate"),
+    ],
+)
+def test_semantic_checks(overrides, match):
+    cfg = load_config(None, overrides)
+    with pytest.raises(ConfigError, match=match):
+        validate_score_config(cfg)
+
+
+def test_override_without_equals():
+    with pytest.raises(ConfigError, match="key=value"):
+        load_config(None, ["input.path"])
+
+
+def test_missing_config_file():
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_config("configs/nope.yaml")
+
+
+def test_schema_has_fixed_keys():
+    cfg = OmegaConf.structured(ScoreConfig)
+    assert "path" in cfg.input.keys() and "path" in cfg.output.keys()

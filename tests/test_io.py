@@ -1,0 +1,167 @@
+"""Reading shards and applying row rules, without Ray or a model."""
+
+import gzip
+import json
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from flip_ray import schema
+from flip_ray.io import ColumnMapping, InputError, check_columns, list_shards, read_shard
+from flip_ray.records import RowError, conversation_parts, derive_id
+
+SAMPLE = "flip_ray/samples/alpacaeval_sample.jsonl"
+
+
+def rows_of(path, mapping=ColumnMapping(), fmt="auto", batch_rows=7):
+    out = []
+    for shard in list_shards(str(path), fmt):
+        for t in read_shard(shard, mapping, batch_rows):
+            out += t.to_pylist()
+    return out
+
+
+def write_jsonl(path, records):
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    return path
+
+
+def test_ids_are_stable_and_unique(tmp_path):
+    a = rows_of(SAMPLE)
+    b = rows_of(SAMPLE, batch_rows=5)
+    assert [r["id"] for r in a] == [r["id"] for r in b]
+    assert len({r["id"] for r in a}) == len(a) == 24
+    assert a[0]["id"] == derive_id("alpacaeval_sample.jsonl", 0) == "alpacaeval_sample.jsonl:0"
+
+
+def test_id_column_is_used(tmp_path):
+    rows = rows_of(SAMPLE, ColumnMapping(id="id", keep=("model",)))
+    assert rows[0]["id"] == "alpacaeval-6-gpt4_1106_preview" and rows[0]["model"] == "gpt4_1106_preview"
+
+
+def test_kept_column_clashing_with_output_is_renamed():
+    rows = rows_of(SAMPLE, ColumnMapping(keep=("id",)))
+    assert rows[0]["input_id"] == "alpacaeval-6-gpt4_1106_preview"
+
+
+def test_jsonl_gz_parquet_and_directory(tmp_path):
+    records = [json.loads(line) for line in open(SAMPLE)]
+    gz = tmp_path / "d" / "part-0.jsonl.gz"
+    gz.parent.mkdir()
+    with gzip.open(gz, "wt") as f:
+        f.writelines(json.dumps(r) + "\n" for r in records[:10])
+    pq.write_table(pa.Table.from_pylist(records[10:]), tmp_path / "d" / "part-1.parquet")
+    (tmp_path / "d" / "_SUCCESS").write_text("")
+    shards = list_shards(str(tmp_path / "d"))
+    assert [(s.key, s.format) for s in shards] == [("part-0.jsonl.gz", "jsonl"), ("part-1.parquet", "parquet")]
+    rows = rows_of(tmp_path / "d")
+    assert len(rows) == 24 and all(r["error"] is None for r in rows)
+    assert rows_of(str(tmp_path / "d" / "*.parquet"))[0]["id"] == "part-1.parquet:0"
+
+
+def test_hf_save_to_disk(tmp_path):
+    datasets = pytest.importorskip("datasets")
+    records = [json.loads(line) for line in open(SAMPLE)]
+    datasets.Dataset.from_list(records).save_to_disk(str(tmp_path / "hf"), num_shards=2)
+    shards = list_shards(str(tmp_path / "hf"))
+    assert len(shards) == 2 and all(s.format == "hf" for s in shards)
+    rows = rows_of(tmp_path / "hf", ColumnMapping(id="id"))
+    assert sorted(r["id"] for r in rows) == sorted(r["id"] for r in records)
+    dd = datasets.DatasetDict({"train": datasets.Dataset.from_list(records[:5]), "test": datasets.Dataset.from_list(records[5:])})
+    dd.save_to_disk(str(tmp_path / "dd"))
+    assert len(rows_of(tmp_path / "dd")) == 24
+
+
+def test_bad_rows_are_kept_with_reasons(tmp_path):
+    p = tmp_path / "bad.jsonl"
+    lines = [
+        json.dumps({"prompt": "Say hi.", "response": "Hi!"}),
+        json.dumps({"prompt": None, "response": "x"}),
+        json.dumps({"prompt": "p", "response": ""}),
+        json.dumps({"prompt": "p", "response": "   "}),
+        json.dumps({"prompt": 5, "response": "x"}),
+        "{not json",
+        "",
+        json.dumps(["a", "list"]),
+    ]
+    p.write_bytes(("\n".join(lines) + "\n").encode() + b'{"prompt": "\xff", "response": "x"}\n')
+    rows = rows_of(p)
+    errors = [r["error"] for r in rows]
+    assert errors[0] is None
+    assert errors[1] == "prompt is null"
+    assert errors[2] == "response is empty"
+    assert errors[3] == "response is whitespace only"
+    assert errors[4] == "prompt is int, expected a string"
+    assert errors[5].startswith("bad.jsonl line 6: malformed JSON")
+    assert errors[6] == "bad.jsonl line 8: expected a JSON object, got list"
+    assert errors[7].startswith("bad.jsonl line 9: not valid UTF-8")
+    assert len(rows) == 8  # the blank line is not a row
+    assert all(r[schema.RESPONSE] is None for r in rows[1:])
+
+
+def test_missing_column_lists_present_ones(tmp_path):
+    p = write_jsonl(tmp_path / "x.jsonl", [{"question": "q", "answer": "a"}])
+    shard = list_shards(str(p))[0]
+    with pytest.raises(InputError, match=r"no column 'prompt', 'response'.*columns present: question, answer"):
+        check_columns(shard, ColumnMapping())
+    pq.write_table(pa.table({"question": ["q"]}), tmp_path / "x.parquet")
+    with pytest.raises(InputError, match="columns present: question"):
+        check_columns(list_shards(str(tmp_path / "x.parquet"))[0], ColumnMapping())
+
+
+def test_wrong_parquet_column_type(tmp_path):
+    pq.write_table(pa.table({"prompt": [1, 2], "response": ["a", "b"]}), tmp_path / "x.parquet")
+    with pytest.raises(InputError, match="'prompt' has type int64, expected string"):
+        check_columns(list_shards(str(tmp_path / "x.parquet"))[0], ColumnMapping())
+
+
+def test_missing_path():
+    with pytest.raises(InputError, match="does not exist"):
+        list_shards("/nonexistent/flip_ray/input.jsonl")
+
+
+def test_directory_without_data(tmp_path):
+    (tmp_path / "notes.txt").write_text("x")
+    with pytest.raises(InputError, match="holds no"):
+        list_shards(str(tmp_path))
+
+
+def test_messages_rows(tmp_path):
+    conv = [
+        {"role": "system", "content": "Be brief."},
+        {"role": "user", "content": "Name a fruit."},
+        {"role": "assistant", "content": "Apple."},
+        {"role": "user", "content": "Another one, please.\nMake it red."},
+        {"role": "assistant", "content": "Cherry."},
+    ]
+    p = write_jsonl(tmp_path / "m.jsonl", [{"messages": conv}, {"messages": conv[:2]}, {"messages": "nope"}])
+    rows = rows_of(p, ColumnMapping(messages="messages"))
+    assert rows[0][schema.INSTRUCTION] == "Another one, please.\nMake it red."  # the whole last user turn
+    assert rows[0][schema.RESPONSE] == "Cherry."
+    assert json.loads(rows[0][schema.CONTEXT]) == conv[:3]
+    assert rows[1]["error"] == "messages has no assistant turn"
+    assert rows[2]["error"].startswith("messages is a string that is not JSON")
+    pq.write_table(pa.Table.from_pylist([{"messages": conv}]), tmp_path / "m.parquet")
+    prow = rows_of(tmp_path / "m.parquet", ColumnMapping(messages="messages"))[0]
+    assert prow[schema.RESPONSE] == "Cherry." and prow["error"] is None
+
+
+@pytest.mark.parametrize(
+    "messages,error",
+    [
+        ([{"role": "user", "content": "q"}], "no assistant turn"),
+        ([{"role": "assistant", "content": "a"}], "no user turn"),
+        ([{"role": "user", "content": "q"}, {"role": "bot", "content": "a"}], "role 'bot'"),
+        ([{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}, {"role": "user", "content": "q2"}],
+         "ends with a user turn"),
+        ([{"role": "assistant", "content": "a"}, {"role": "user", "content": "q"}, {"role": "system", "content": "s"},
+          {"role": "assistant", "content": "b"}], "does not follow a user turn"),
+        ([{"role": "user"}, {"role": "assistant", "content": "a"}], r"messages\[0\] is not"),
+        ([{"role": "user", "content": " "}, {"role": "assistant", "content": "a"}], "whitespace only"),
+        (None, "messages is null"),
+    ],
+)
+def test_malformed_messages(messages, error):
+    with pytest.raises(RowError, match=error):
+        conversation_parts(messages)
