@@ -24,5 +24,6 @@ model: $(STAMP)
 demo: setup
 	$(VENV)/bin/flip-ray score --config configs/local.yaml
 
+# pytest's exit code 5 (no test collected) is a failure here, not a pass.
 test: setup
-	$(PY) -m pytest
+	$(PY) -m pytest; rc=$$?; if [ $$rc -eq 5 ]; then echo "no tests ran" >&2; exit 1; fi; exit $$rc
