@@ -113,6 +113,25 @@ def engine_env(device: str, *, cpu_threads: int | None, cpu_kvcache_space_gib: i
     return env
 
 
+# Storage credentials and endpoint, forwarded to Ray workers through runtime_env (never pickled into
+# stage objects, never written to the manifest).
+STORAGE_ENV_VARS = (
+    "AWS_ENDPOINT_URL",
+    "AWS_ENDPOINT_URL_S3",
+    "AWS_ACCESS_KEY_ID",
+    "AWS_SECRET_ACCESS_KEY",
+    "AWS_SESSION_TOKEN",
+    "AWS_REGION",
+    "AWS_DEFAULT_REGION",
+    "AWS_PROFILE",
+    "AWS_EC2_METADATA_DISABLED",
+)
+
+
+def storage_env() -> dict[str, str]:
+    return {k: os.environ[k] for k in STORAGE_ENV_VARS if k in os.environ}
+
+
 def init_ray(address: str | None, local_num_cpus: int | None):
     import ray
 
@@ -161,6 +180,7 @@ def build_dataset(plan: RunPlan, cfg: DictConfig, device: str, model_path: str |
     from flip_ray.stages import BackwardInferenceStage, SimilarityStage, read_shards
 
     r = cfg.resources
+    io_env = {"env_vars": storage_env()}
     shards = ray.data.from_items(
         [{"uri": s.uri, "format": s.format, "key": s.key} for s in plan.shards],
         override_num_blocks=len(plan.shards),
@@ -170,6 +190,7 @@ def build_dataset(plan: RunPlan, cfg: DictConfig, device: str, model_path: str |
         batch_size=1,
         batch_format="pyarrow",
         fn_kwargs=dict(mapping=plan.mapping, batch_rows=cfg.input.read_batch_rows, limit=cfg.input.limit_per_shard),
+        runtime_env=io_env,
     )
     num_gpus = r.num_gpus if r.num_gpus is not None else (cfg.model.tensor_parallel_size if device == "gpu" else 0)
     env = engine_env(
@@ -186,7 +207,7 @@ def build_dataset(plan: RunPlan, cfg: DictConfig, device: str, model_path: str |
         concurrency=r.concurrency,
         num_gpus=num_gpus,
         num_cpus=r.num_cpus,
-        runtime_env={"env_vars": env},
+        runtime_env={"env_vars": {**env, **storage_env()}},
     )
     return inferred.map_batches(
         SimilarityStage,
@@ -195,6 +216,7 @@ def build_dataset(plan: RunPlan, cfg: DictConfig, device: str, model_path: str |
         batch_format="pyarrow",
         concurrency=r.similarity_concurrency,
         num_cpus=r.similarity_num_cpus,
+        runtime_env=io_env,
     )
 
 
@@ -297,7 +319,7 @@ def run_score(cfg: DictConfig) -> dict:
     dataset = build_dataset(plan, cfg, device, model_path)
     data_path = _join(plan.output_path, DATA_DIR)
     t0 = time.time()
-    dataset.write_parquet(data_path)
+    dataset.write_parquet(data_path, ray_remote_args={"runtime_env": {"env_vars": storage_env()}})
     pipeline_s = time.time() - t0
 
     counts = summarize_output(data_path)

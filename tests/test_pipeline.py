@@ -44,7 +44,7 @@ def read_output(out: Path) -> pa.Table:
 
 
 @pytest.fixture(scope="module")
-def runs(tmp_path_factory, ray_local, embedded_model):
+def runs(tmp_path_factory, ray_local, embedded_model, s3_server):
     base = tmp_path_factory.mktemp("runs")
     records = [json.loads(line) for line in SAMPLE.read_text().splitlines()][:16]
     jsonl = base / "in" / "corpus.jsonl"
@@ -54,6 +54,10 @@ def runs(tmp_path_factory, ray_local, embedded_model):
     parquet = base / "in_pq" / "corpus.parquet"
     parquet.parent.mkdir()
     pq.write_table(pa.Table.from_pylist(records[:12]), parquet)
+    s3 = s3_server.client()
+    s3.create_bucket(Bucket="corpus")
+    s3.put_object(Bucket="corpus", Key="in/part-0.jsonl", Body="".join(json.dumps(r) + "\n" for r in records[:4]))
+    s3.put_object(Bucket="corpus", Key="in/part-1.parquet", Body=parquet.read_bytes())
     out = {
         "jsonl": (jsonl, base / "out_jsonl", score(jsonl, base / "out_jsonl", "input.id_column=id")),
         "jsonl_again": (jsonl, base / "out_jsonl2", score(jsonl, base / "out_jsonl2", "input.id_column=id")),
@@ -63,12 +67,15 @@ def runs(tmp_path_factory, ray_local, embedded_model):
             base / "out_mt",
             score(MULTITURN, base / "out_mt", "input.messages_column=messages", "input.id_column=id"),
         ),
+        "s3": (None, None, score("s3://corpus/in/", "s3://corpus/scored", "input.limit_per_shard=3", "input.keep_columns=[prompt]")),
     }
     return out
 
 
 def test_output_schema_is_the_declared_one(runs):
     for name, (_, out, _) in runs.items():
+        if out is None:  # the s3 run, checked in test_s3_input_and_output
+            continue
         table = read_output(out)
         assert table.schema.names[0] == "id", name
         assert table.schema.names[-len(schema.FLIP_COLUMNS):] == schema.FLIP_COLUMNS.names, name
@@ -154,3 +161,23 @@ def test_missing_column_fails_before_model_loads(tmp_path, monkeypatch):
     monkeypatch.setattr("flip_ray.pipeline.init_ray", no_ray)
     with pytest.raises(InputError, match="columns present: question, answer"):
         score(p, tmp_path / "out")
+
+
+def test_s3_input_and_output(runs, s3_server):
+    import fsspec
+
+    _, _, manifest = runs["s3"]
+    fs = fsspec.filesystem("s3")
+    files = fs.glob("corpus/scored/data/*.parquet")
+    assert files and fs.exists("corpus/scored/manifest.json") and fs.exists("corpus/scored/config.yaml")
+    table = pa.concat_tables([pq.read_table(f, filesystem=fs) for f in files])
+    assert sorted(table.column("id").to_pylist()) == ["part-0.jsonl:0", "part-0.jsonl:1", "part-0.jsonl:2",
+                                                      "part-1.parquet:0", "part-1.parquet:1", "part-1.parquet:2"]
+    assert table.column_names[:2] == ["id", "prompt"] and table.column("error").null_count == 6
+    assert manifest["counts"]["rows"] == 6
+    assert s3_server.env()["AWS_SECRET_ACCESS_KEY"] not in json.dumps(manifest)
+
+
+def test_missing_bucket_is_a_clear_error(s3_server, tmp_path):
+    with pytest.raises(InputError, match="s3://no-such-bucket/in/ does not exist"):
+        score("s3://no-such-bucket/in/", tmp_path / "out")
