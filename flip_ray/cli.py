@@ -1,7 +1,7 @@
 """`flip-ray` command line: `score` runs the job, `prepare-model` converts the embedded model.
 
-    flip-ray score [--config configs/local.yaml] [key=value ...]
-    flip-ray prepare-model [--force]
+flip-ray score [--config configs/local.yaml] [key=value ...]
+flip-ray prepare-model [--force]
 """
 
 from __future__ import annotations

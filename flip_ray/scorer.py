@@ -68,7 +68,7 @@ class FlipScorer:
             raise ValueError(f"{len(prompts)} prompts but {len(responses)} responses")
         results: list[FlipScore | RowError | None] = [None] * len(prompts)
         todo, texts, instructions, contexts = [], [], [], []
-        for i, (prompt, completion) in enumerate(zip(prompts, responses)):
+        for i, (prompt, completion) in enumerate(zip(prompts, responses, strict=False)):
             try:
                 response = _response_text(completion)
                 instruction, context = _instruction_and_context(prompt, response)
@@ -79,7 +79,7 @@ class FlipScorer:
             texts.append(response)
             instructions.append(instruction)
             contexts.append(context)
-        for i, instruction, g in zip(todo, instructions, self.generator.generate(texts, contexts)):
+        for i, instruction, g in zip(todo, instructions, self.generator.generate(texts, contexts), strict=False):
             if g.error is not None or not g.texts:
                 results[i] = RowError(g.error or "engine returned no output")
             else:
@@ -88,4 +88,6 @@ class FlipScorer:
 
     def __call__(self, prompts: list[Any], completions: list[Any], **_: Any) -> list[float]:
         """Reward-function form (TRL's GRPOTrainer calling convention): one float per completion."""
-        return [r.flip_score if isinstance(r, FlipScore) else self.error_reward for r in self.score(prompts, completions)]
+        return [
+            r.flip_score if isinstance(r, FlipScore) else self.error_reward for r in self.score(prompts, completions)
+        ]

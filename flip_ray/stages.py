@@ -34,7 +34,9 @@ def _require_columns(stage: str, batch: pa.Table, columns: list[str]) -> None:
         raise KeyError(f"{stage}: batch lacks column(s) {missing}; it has {batch.column_names}")
 
 
-def read_shards(batch: pa.Table, *, mapping: ColumnMapping, batch_rows: int, limit: int | None = None) -> Iterator[pa.Table]:
+def read_shards(
+    batch: pa.Table, *, mapping: ColumnMapping, batch_rows: int, limit: int | None = None
+) -> Iterator[pa.Table]:
     """Ray Data map_batches function: streams each shard named in `batch` as normalised blocks."""
     _require_columns("read_shards", batch, ["uri", "format", "key"])
     for row in batch.to_pylist():
@@ -104,7 +106,7 @@ class BackwardInferenceStage:
         n = batch.num_rows
         cols: dict[str, list] = {name: [None] * n for name in schema.ENGINE_COLUMNS.names}
         cols["error"] = list(errors)
-        for i, g in zip(todo, generations):
+        for i, g in zip(todo, generations, strict=False):
             cols[schema.GENERATIONS][i] = g.texts
             cols["finish_reason"][i] = g.finish_reason
             cols["n_prompt_tokens"][i] = g.n_prompt_tokens
@@ -149,7 +151,7 @@ class SimilarityStage:
                     errors[i] = "engine returned no output"
                 continue
             s = score_generations(instructions[i], generations[i], self.aggregate)
-            for name, value in zip(names, s):
+            for name, value in zip(names, s, strict=False):
                 cols[name][i] = value
         out = {}
         for f in self.output_schema:

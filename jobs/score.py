@@ -13,7 +13,7 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from flip_ray.cli import main  # noqa: E402
+from flip_ray.cli import main
 
 if __name__ == "__main__":
     sys.exit(main(["score", *sys.argv[1:]]))

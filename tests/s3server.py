@@ -90,15 +90,27 @@ class SeaweedS3:
 
     def start(self, timeout: float = 60) -> None:
         cmd = [
-            weed_binary(), "mini",
-            f"-dir={self.data}", "-ip=127.0.0.1", "-ip.bind=127.0.0.1",
-            f"-master.port={self.master}", f"-volume.port={self.volume}", f"-filer.port={self.filer}",
-            f"-s3.port={self.s3}", f"-admin.port={self.admin}", f"-webdav.port={self.webdav}",
-            "-s3.port.iceberg=0", "-s3.port.lance=0",
-            f"-s3.config={self.config}", "-master.telemetry=false", "-s3.autoCreateBucket=false",
+            weed_binary(),
+            "mini",
+            f"-dir={self.data}",
+            "-ip=127.0.0.1",
+            "-ip.bind=127.0.0.1",
+            f"-master.port={self.master}",
+            f"-volume.port={self.volume}",
+            f"-filer.port={self.filer}",
+            f"-s3.port={self.s3}",
+            f"-admin.port={self.admin}",
+            f"-webdav.port={self.webdav}",
+            "-s3.port.iceberg=0",
+            "-s3.port.lance=0",
+            f"-s3.config={self.config}",
+            "-master.telemetry=false",
+            "-s3.autoCreateBucket=false",
         ]
-        log = open(self.workdir / "weed.log", "ab")
-        self.proc = subprocess.Popen(cmd, cwd=self.workdir, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        with open(self.workdir / "weed.log", "ab") as log:  # the child keeps its own copy of the fd
+            self.proc = subprocess.Popen(
+                cmd, cwd=self.workdir, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+            )
         self._wait_ready(timeout)
 
     def _wait_ready(self, timeout: float) -> None:
@@ -106,8 +118,12 @@ class SeaweedS3:
         from botocore.config import Config
 
         client = botocore.session.get_session().create_client(
-            "s3", endpoint_url=self.endpoint, aws_access_key_id=ACCESS_KEY, aws_secret_access_key=SECRET_KEY,
-            region_name=REGION, config=Config(retries={"max_attempts": 1}, connect_timeout=2, read_timeout=5),
+            "s3",
+            endpoint_url=self.endpoint,
+            aws_access_key_id=ACCESS_KEY,
+            aws_secret_access_key=SECRET_KEY,
+            region_name=REGION,
+            config=Config(retries={"max_attempts": 1}, connect_timeout=2, read_timeout=5),
         )
         deadline = time.time() + timeout
         last: Exception | None = None
@@ -136,6 +152,9 @@ class SeaweedS3:
         import botocore.session
 
         return botocore.session.get_session().create_client(
-            "s3", endpoint_url=self.endpoint, aws_access_key_id=ACCESS_KEY, aws_secret_access_key=SECRET_KEY,
+            "s3",
+            endpoint_url=self.endpoint,
+            aws_access_key_id=ACCESS_KEY,
+            aws_secret_access_key=SECRET_KEY,
             region_name=REGION,
         )

@@ -45,8 +45,11 @@ def test_unknown_key_in_yaml(tmp_path):
 
 @pytest.mark.parametrize(
     "override,key",
-    [("sampling.n=three", "sampling.n"), ("model.enforce_eager=maybe", "model.enforce_eager"),
-     ("resources.batch_size=1.5", "resources.batch_size")],
+    [
+        ("sampling.n=three", "sampling.n"),
+        ("model.enforce_eager=maybe", "model.enforce_eager"),
+        ("resources.batch_size=1.5", "resources.batch_size"),
+    ],
 )
 def test_wrong_types_are_refused(override, key):
     with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
@@ -82,4 +85,5 @@ def test_missing_config_file():
 
 def test_schema_has_fixed_keys():
     cfg = OmegaConf.structured(ScoreConfig)
-    assert "path" in cfg.input.keys() and "path" in cfg.output.keys()
+    # Declared, and required (MISSING) until a YAML or override sets them.
+    assert OmegaConf.is_missing(cfg, "input.path") and OmegaConf.is_missing(cfg, "output.path")

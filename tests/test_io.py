@@ -2,6 +2,7 @@
 
 import gzip
 import json
+from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -14,7 +15,10 @@ from flip_ray.records import RowError, conversation_parts, derive_id
 SAMPLE = "flip_ray/samples/alpacaeval_sample.jsonl"
 
 
-def rows_of(path, mapping=ColumnMapping(), fmt="auto", batch_rows=7):
+DEFAULT_MAPPING = ColumnMapping()
+
+
+def rows_of(path, mapping=DEFAULT_MAPPING, fmt="auto", batch_rows=7):
     out = []
     for shard in list_shards(str(path), fmt):
         for t in read_shard(shard, mapping, batch_rows):
@@ -46,7 +50,7 @@ def test_kept_column_clashing_with_output_is_renamed():
 
 
 def test_jsonl_gz_parquet_and_directory(tmp_path):
-    records = [json.loads(line) for line in open(SAMPLE)]
+    records = [json.loads(line) for line in Path(SAMPLE).read_text().splitlines()]
     gz = tmp_path / "d" / "part-0.jsonl.gz"
     gz.parent.mkdir()
     with gzip.open(gz, "wt") as f:
@@ -62,13 +66,15 @@ def test_jsonl_gz_parquet_and_directory(tmp_path):
 
 def test_hf_save_to_disk(tmp_path):
     datasets = pytest.importorskip("datasets")
-    records = [json.loads(line) for line in open(SAMPLE)]
+    records = [json.loads(line) for line in Path(SAMPLE).read_text().splitlines()]
     datasets.Dataset.from_list(records).save_to_disk(str(tmp_path / "hf"), num_shards=2)
     shards = list_shards(str(tmp_path / "hf"))
     assert len(shards) == 2 and all(s.format == "hf" for s in shards)
     rows = rows_of(tmp_path / "hf", ColumnMapping(id="id"))
     assert sorted(r["id"] for r in rows) == sorted(r["id"] for r in records)
-    dd = datasets.DatasetDict({"train": datasets.Dataset.from_list(records[:5]), "test": datasets.Dataset.from_list(records[5:])})
+    dd = datasets.DatasetDict(
+        {"train": datasets.Dataset.from_list(records[:5]), "test": datasets.Dataset.from_list(records[5:])}
+    )
     dd.save_to_disk(str(tmp_path / "dd"))
     assert len(rows_of(tmp_path / "dd")) == 24
 
@@ -153,10 +159,23 @@ def test_messages_rows(tmp_path):
         ([{"role": "user", "content": "q"}], "no assistant turn"),
         ([{"role": "assistant", "content": "a"}], "no user turn"),
         ([{"role": "user", "content": "q"}, {"role": "bot", "content": "a"}], "role 'bot'"),
-        ([{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}, {"role": "user", "content": "q2"}],
-         "ends with a user turn"),
-        ([{"role": "assistant", "content": "a"}, {"role": "user", "content": "q"}, {"role": "system", "content": "s"},
-          {"role": "assistant", "content": "b"}], "does not follow a user turn"),
+        (
+            [
+                {"role": "user", "content": "q"},
+                {"role": "assistant", "content": "a"},
+                {"role": "user", "content": "q2"},
+            ],
+            "ends with a user turn",
+        ),
+        (
+            [
+                {"role": "assistant", "content": "a"},
+                {"role": "user", "content": "q"},
+                {"role": "system", "content": "s"},
+                {"role": "assistant", "content": "b"},
+            ],
+            "does not follow a user turn",
+        ),
         ([{"role": "user"}, {"role": "assistant", "content": "a"}], r"messages\[0\] is not"),
         ([{"role": "user", "content": " "}, {"role": "assistant", "content": "a"}], "whitespace only"),
         (None, "messages is null"),

@@ -71,7 +71,24 @@ def test_repeated_tokens_count_with_multiplicity():
 
 def test_random_pairs_match_reference():
     rng = random.Random(1234)
-    vocab = ["the", "a", "an", "Write", "poem", "poem,", "ABOUT", "sea.", "don't", "x-y", "É", "наш", "—", "!!", "42", " "]
+    vocab = [
+        "the",
+        "a",
+        "an",
+        "Write",
+        "poem",
+        "poem,",
+        "ABOUT",
+        "sea.",
+        "don't",
+        "x-y",
+        "É",
+        "наш",
+        "—",
+        "!!",
+        "42",
+        " ",
+    ]
     for _ in range(3000):
         pred = " ".join(rng.choice(vocab) for _ in range(rng.randint(0, 12)))
         truth = " ".join(rng.choice(vocab) for _ in range(rng.randint(0, 12)))

@@ -36,9 +36,16 @@ def test_dangling_think_close():
 
 
 def test_key_spelling_variants():
-    for key in ("inferred_instruction", "Inferred Instruction", "inferred instruction", "Inferred_Instruction",
-                "Inferred Instructcion", "INFERRED-INSTRUCTION", "instruction"):
-        p = parse_inferred_instruction('{"%s": "Do X.", "Reasoning": "because"}' % key)
+    for key in (
+        "inferred_instruction",
+        "Inferred Instruction",
+        "inferred instruction",
+        "Inferred_Instruction",
+        "Inferred Instructcion",
+        "INFERRED-INSTRUCTION",
+        "instruction",
+    ):
+        p = parse_inferred_instruction(f'{{"{key}": "Do X.", "Reasoning": "because"}}')
         assert p.instruction == "Do X." and p.reasoning == "because", key
 
 

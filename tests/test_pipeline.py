@@ -67,7 +67,11 @@ def runs(tmp_path_factory, ray_local, embedded_model, s3_server):
             base / "out_mt",
             score(MULTITURN, base / "out_mt", "input.messages_column=messages", "input.id_column=id"),
         ),
-        "s3": (None, None, score("s3://corpus/in/", "s3://corpus/scored", "input.limit_per_shard=3", "input.keep_columns=[prompt]")),
+        "s3": (
+            None,
+            None,
+            score("s3://corpus/in/", "s3://corpus/scored", "input.limit_per_shard=3", "input.keep_columns=[prompt]"),
+        ),
     }
     return out
 
@@ -78,7 +82,7 @@ def test_output_schema_is_the_declared_one(runs):
             continue
         table = read_output(out)
         assert table.schema.names[0] == "id", name
-        assert table.schema.names[-len(schema.FLIP_COLUMNS):] == schema.FLIP_COLUMNS.names, name
+        assert table.schema.names[-len(schema.FLIP_COLUMNS) :] == schema.FLIP_COLUMNS.names, name
         for f in schema.FLIP_COLUMNS:
             assert table.schema.field(f.name).type == f.type, (name, f.name)
         assert not [c for c in table.schema.names if c.startswith("_flip_")]
@@ -171,8 +175,14 @@ def test_s3_input_and_output(runs, s3_server):
     files = fs.glob("corpus/scored/data/*.parquet")
     assert files and fs.exists("corpus/scored/manifest.json") and fs.exists("corpus/scored/config.yaml")
     table = pa.concat_tables([pq.read_table(f, filesystem=fs) for f in files])
-    assert sorted(table.column("id").to_pylist()) == ["part-0.jsonl:0", "part-0.jsonl:1", "part-0.jsonl:2",
-                                                      "part-1.parquet:0", "part-1.parquet:1", "part-1.parquet:2"]
+    assert sorted(table.column("id").to_pylist()) == [
+        "part-0.jsonl:0",
+        "part-0.jsonl:1",
+        "part-0.jsonl:2",
+        "part-1.parquet:0",
+        "part-1.parquet:1",
+        "part-1.parquet:2",
+    ]
     assert table.column_names[:2] == ["id", "prompt"] and table.column("error").null_count == 6
     assert manifest["counts"]["rows"] == 6
     assert s3_server.env()["AWS_SECRET_ACCESS_KEY"] not in json.dumps(manifest)

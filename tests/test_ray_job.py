@@ -1,5 +1,6 @@
 """`ray job submit` against a real local Ray head (127.0.0.1, token auth), as on a cluster."""
 
+import contextlib
 import json
 import os
 import secrets
@@ -41,10 +42,8 @@ def stop_cluster(temp_dir: str, gcs_port: int) -> None:
             roots.append(p)
     procs = {p.pid: p for root in roots for p in [root, *root.children(recursive=True)]}
     for p in procs.values():
-        try:
+        with contextlib.suppress(psutil.NoSuchProcess):
             p.terminate()
-        except psutil.NoSuchProcess:
-            pass
     _, alive = psutil.wait_procs(list(procs.values()), timeout=20)
     for p in alive:
         p.kill()
@@ -62,13 +61,26 @@ def ray_head(embedded_model):
     }
     env.pop("RAY_ADDRESS", None)
     cmd = [
-        RAY, "start", "--head", "--node-ip-address=127.0.0.1", "--dashboard-host=127.0.0.1",
-        f"--port={gcs}", f"--dashboard-port={dash}", f"--ray-client-server-port={client}",
-        f"--dashboard-agent-listen-port={agent_http}", f"--dashboard-agent-grpc-port={agent_grpc}",
-        f"--metrics-export-port={metrics}", f"--node-manager-port={node_mgr}",
-        f"--object-manager-port={obj_mgr}", f"--runtime-env-agent-port={rt_env}",
-        "--min-worker-port=20000", "--max-worker-port=20999",
-        "--num-cpus=4", "--include-dashboard=true", f"--temp-dir={temp_dir}", "--disable-usage-stats",
+        RAY,
+        "start",
+        "--head",
+        "--node-ip-address=127.0.0.1",
+        "--dashboard-host=127.0.0.1",
+        f"--port={gcs}",
+        f"--dashboard-port={dash}",
+        f"--ray-client-server-port={client}",
+        f"--dashboard-agent-listen-port={agent_http}",
+        f"--dashboard-agent-grpc-port={agent_grpc}",
+        f"--metrics-export-port={metrics}",
+        f"--node-manager-port={node_mgr}",
+        f"--object-manager-port={obj_mgr}",
+        f"--runtime-env-agent-port={rt_env}",
+        "--min-worker-port=20000",
+        "--max-worker-port=20999",
+        "--num-cpus=4",
+        "--include-dashboard=true",
+        f"--temp-dir={temp_dir}",
+        "--disable-usage-stats",
     ]
     subprocess.run(cmd, env=env, check=True, capture_output=True, timeout=180)
     try:
@@ -83,14 +95,34 @@ def test_ray_job_submit_scores_the_sample(ray_head, tmp_path):
     out = tmp_path / "scored"
     job_id = f"flip-ray-test-{secrets.token_hex(4)}"
     entrypoint = [
-        sys.executable, "jobs/score.py", "--config", "configs/local.yaml",
-        f"output.path={out}", "input.limit_per_shard=6", "sampling.max_tokens=32", "model.max_model_len=1024",
+        sys.executable,
+        "jobs/score.py",
+        "--config",
+        "configs/local.yaml",
+        f"output.path={out}",
+        "input.limit_per_shard=6",
+        "sampling.max_tokens=32",
+        "model.max_model_len=1024",
     ]
     # Blocks until the job ends, streaming its logs, as a user would run it.
     done = subprocess.run(
-        [RAY, "job", "submit", f"--address={address}", "--working-dir", ".", f"--submission-id={job_id}", "--",
-         *entrypoint],
-        cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=900,
+        [
+            RAY,
+            "job",
+            "submit",
+            f"--address={address}",
+            "--working-dir",
+            ".",
+            f"--submission-id={job_id}",
+            "--",
+            *entrypoint,
+        ],
+        cwd=REPO,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        timeout=900,
     )
     logs = done.stdout
     assert done.returncode == 0 and f"Job '{job_id}' succeeded" in logs, logs[-4000:]

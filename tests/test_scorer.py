@@ -32,7 +32,7 @@ def test_scorer_matches_metric_and_handles_chat_and_bad_rows(llm):
     completions = [r["response"] for r in rows] + [[{"role": "assistant", "content": rows[0]["response"]}], ""]
     results = scorer.score(prompts, completions)
     assert isinstance(results[-1], RowError)
-    for prompt, r in zip(prompts[:4], results[:4]):
+    for prompt, r in zip(prompts[:4], results[:4], strict=False):
         assert 0 <= r.flip_score <= 1
         assert r.flip_score == f1_score(r.inferred_instruction, prompt).f1
     # A chat prompt gives the same reward as the same plain prompt (greedy).
