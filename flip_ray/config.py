@@ -163,7 +163,7 @@ def validate_score_config(cfg: DictConfig) -> None:
     """Checks what types alone cannot: required keys, choices, ranges and combinations."""
     for key in ("input.path", "output.path"):
         _require(
-            not OmegaConf.is_missing(cfg, key) and bool(OmegaConf.select(cfg, key)),
+            bool(OmegaConf.select(cfg, key)),  # None when missing (???) or null
             f"`{key}` is required: pass it as an override ({key}=...) or set it in the YAML",
         )
     i, m, s, r = cfg.input, cfg.model, cfg.sampling, cfg.resources

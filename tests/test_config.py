@@ -86,4 +86,4 @@ def test_missing_config_file():
 def test_schema_has_fixed_keys():
     cfg = OmegaConf.structured(ScoreConfig)
     # Declared, and required (MISSING) until a YAML or override sets them.
-    assert OmegaConf.is_missing(cfg, "input.path") and OmegaConf.is_missing(cfg, "output.path")
+    assert OmegaConf.is_missing(cfg.input, "path") and OmegaConf.is_missing(cfg.output, "path")
