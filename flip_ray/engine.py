@@ -67,15 +67,25 @@ class FlipGenerator:
     Args:
         llm: A built `vllm.LLM`.
         temperature, top_p, max_tokens, seed, n: Sampling parameters (greedy when temperature is 0).
+        chat_template_kwargs: Extra chat-template arguments (e.g. `{"enable_thinking": False}`).
     """
 
     def __init__(
-        self, llm, *, temperature: float = 0.0, top_p: float = 1.0, max_tokens: int = 256, seed: int = 0, n: int = 1
+        self,
+        llm,
+        *,
+        temperature: float = 0.0,
+        top_p: float = 1.0,
+        max_tokens: int = 256,
+        seed: int = 0,
+        n: int = 1,
+        chat_template_kwargs: dict | None = None,
     ):
         from vllm import SamplingParams
 
         self.llm = llm
         self.tokenizer = llm.get_tokenizer()
+        self.chat_template_kwargs = dict(chat_template_kwargs or {})
         self.max_model_len = llm.llm_engine.model_config.max_model_len
         self.params = SamplingParams(n=n, temperature=temperature, top_p=top_p, max_tokens=max_tokens, seed=seed)
         self.prompt_budget = self.max_model_len - max_tokens
@@ -86,7 +96,10 @@ class FlipGenerator:
 
     def _prompt_ids(self, response: str, context: list[dict] | None) -> list[int]:
         text = self.tokenizer.apply_chat_template(
-            build_flip_messages(response, context), tokenize=False, add_generation_prompt=True
+            build_flip_messages(response, context),
+            tokenize=False,
+            add_generation_prompt=True,
+            **self.chat_template_kwargs,
         )
         return self.tokenizer.encode(text, add_special_tokens=False)
 

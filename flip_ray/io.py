@@ -11,6 +11,7 @@ Filesystems go through fsspec (s3fs for s3://), configured by the standard AWS v
 from __future__ import annotations
 
 import json
+import logging
 import posixpath
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -34,6 +35,7 @@ _SUFFIXES = (
     (".ndjson", JSONL),
 )
 _JSONL_PEEK_ROWS = 100
+logger = logging.getLogger(__name__)
 
 
 class InputError(ValueError):
@@ -116,13 +118,24 @@ def list_shards(uri: str, fmt: str = "auto") -> list[Shard]:
             if hf is not None:
                 found = [(p, HF, rel) for p, rel in hf]
             else:
+                skipped = []
                 for p in sorted(fs.find(path)):
                     rel = posixpath.relpath(p, path)
                     if _is_hidden(rel):
                         continue
-                    f = fmt if fmt != "auto" else _format_of(p)
-                    if f is not None:
-                        found.append((p, f, rel))
+                    # In a directory, only files with a data extension are shards (READMEs, licenses
+                    # and the like are skipped); input.format only says how to read them.
+                    if _format_of(p) is None:
+                        skipped.append(rel)
+                        continue
+                    found.append((p, fmt if fmt not in ("auto", HF) else _format_of(p), rel))
+                if skipped:
+                    logger.warning(
+                        "input.path %s: skipping %d file(s) without a data extension: %s",
+                        uri,
+                        len(skipped),
+                        skipped[:5],
+                    )
         elif fs.isfile(path):
             found.append((path, fmt if fmt != "auto" else _format_of(path), posixpath.basename(path)))
         else:
@@ -156,7 +169,7 @@ def peek_columns(shard: Shard) -> pa.Schema:
                 return pa.ipc.open_stream(f).schema
         names: dict[str, None] = {}
         with _open(shard.uri, compression="infer") as f:
-            for n, line in enumerate(f):
+            for n, (_, line) in enumerate(_json_lines(f, shard)):
                 if n >= _JSONL_PEEK_ROWS:
                     break
                 try:
@@ -200,7 +213,8 @@ def _jsonl_batches(shard: Shard, mapping: ColumnMapping, batch_rows: int, limit:
 
     index = 0
     with _open(shard.uri, compression="infer") as f:
-        for lineno, raw in enumerate(f, start=1):
+        lines = _json_lines(f, shard)
+        for lineno, raw in lines:
             if not raw.strip():
                 continue
             if limit is not None and index >= limit:
@@ -225,6 +239,24 @@ def _jsonl_batches(shard: Shard, mapping: ColumnMapping, batch_rows: int, limit:
                 records, errors = [], []
     if records:
         yield flush()
+
+
+def _json_lines(f, shard: Shard) -> Iterator[tuple[int, bytes]]:
+    """(line number, bytes) of a JSONL file. A UTF-8 byte-order mark is dropped; a file holding one
+    JSON array (alpaca_data.json style) yields its elements, numbered by position."""
+    first = f.readline()
+    if first.startswith(b"\xef\xbb\xbf"):
+        first = first[3:]
+    if first.lstrip().startswith(b"["):
+        try:
+            items = json.loads(first + f.read())
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise InputError(f"{shard.uri} starts with '[' but is not a valid JSON array: {e}") from e
+        for n, item in enumerate(items, start=1):
+            yield n, json.dumps(item).encode()
+        return
+    yield 1, first
+    yield from enumerate(f, start=2)
 
 
 def _as_text(value) -> str | None:
@@ -363,5 +395,8 @@ def read_shard(shard: Shard, mapping: ColumnMapping, batch_rows: int, limit: int
             yield normalize(batch, shard, mapping)
     except InputError:
         raise
+    except (ConnectionError, TimeoutError):
+        raise  # transient storage trouble: the task fails and Ray retries it
     except Exception as e:
+        # Corrupt or unreadable content (truncated Parquet, bad gzip, missing file): a shard error.
         raise InputError(f"cannot read {shard.uri}: {type(e).__name__}: {e}") from e

@@ -77,8 +77,19 @@ def prepare_default_model(model_dir: Path | None = None, force: bool = False) ->
     model_dir = Path(model_dir) if model_dir else default_model_dir()
     if is_prepared(model_dir) and not force:
         return model_dir
-    gguf_path = find_gguf()
+    from filelock import FileLock
+
     model_dir.parent.mkdir(parents=True, exist_ok=True)
+    # Several engine actors on one node may start at once: one converts, the others wait and reuse.
+    with FileLock(str(model_dir.parent / f".{model_dir.name}.lock")):
+        if is_prepared(model_dir) and not force:
+            return model_dir
+        _convert_into(model_dir)
+    return model_dir
+
+
+def _convert_into(model_dir: Path) -> None:
+    gguf_path = find_gguf()
     tmp = Path(tempfile.mkdtemp(prefix=f".{model_dir.name}-", dir=model_dir.parent))
     try:
         logger.info("converting %s into an HF checkpoint at %s", gguf_path, model_dir)
@@ -99,7 +110,6 @@ def prepare_default_model(model_dir: Path | None = None, force: bool = False) ->
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    return model_dir
 
 
 def _convert_gguf(gguf_path: Path, out_dir: Path) -> None:

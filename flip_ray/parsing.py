@@ -48,13 +48,18 @@ class ParsedAnswer(NamedTuple):
 
 
 def strip_think(text: str) -> str:
-    """Removes `<think>...</think>` blocks; text before a dangling `</think>` is reasoning too."""
+    """Removes `<think>...</think>` blocks. Text before a dangling `</think>` is reasoning too, and so
+    is everything after a `<think>` that never closes (a thinking model cut off by max_tokens)."""
     text = _THINK_BLOCK.sub("", text)
     lowered = text.lower()
     end = lowered.rfind("</think>")
     if end != -1:
         text = text[end + len("</think>") :]
-    return text.replace("<think>", "").replace("<THINK>", "")
+        lowered = text.lower()
+    start = lowered.find("<think>")
+    if start != -1:
+        text = text[:start]
+    return text
 
 
 def _normal_key(key: str) -> str:

@@ -1,12 +1,15 @@
 """The scoring job: config -> pre-flight checks -> Ray Data pipeline -> Parquet + run manifest.
 
 `plan_run` does every check that needs no model (config, input shards and columns, output
-directory), so a bad run stops before an engine loads. `run_score` executes the plan:
+location and the config of any earlier run there), so a bad run stops before an engine loads.
+`run_score` executes the plan:
 
-    shards -> read_shards (tasks) -> BackwardInferenceStage (engine actors)
-           -> SimilarityStage (CPU actors) -> write_parquet(output.path/data)
+    pending shards -> read_shards (tasks) -> BackwardInferenceStage (engine actors)
+                   -> SimilarityStage (CPU actors) -> write_parts (tasks) -> driver
 
-and writes `manifest.json` last, so a manifest means a finished run.
+The driver receives only small per-part records, writes a shard's done record once all its rows
+are durably written (see `store.py`), and writes `manifest.json` last. A rerun with the same
+config resumes: finished shards are skipped, unfinished ones are redone from scratch.
 """
 
 from __future__ import annotations
@@ -15,52 +18,105 @@ import contextlib
 import json
 import logging
 import os
-import re
 import time
+import uuid
 from dataclasses import dataclass, field
 from importlib import metadata
 
-import fsspec
 import pyarrow as pa
-import pyarrow.dataset as pads
 from omegaconf import DictConfig
 
 from flip_ray import __version__, schema
 from flip_ray.config import to_dict, to_yaml, validate_score_config
-from flip_ray.io import ColumnMapping, Shard, check_columns, list_shards
+from flip_ray.io import ColumnMapping, InputError, Shard, check_columns, list_shards
 from flip_ray.prompts import PROMPT_TEMPLATE_VERSION
+from flip_ray.store import CONFIG_COPY, MANIFEST, RUN, OutputError, OutputStore, config_fingerprint, shard_id
 
 logger = logging.getLogger(__name__)
 
-DATA_DIR = "data"
-MANIFEST = "manifest.json"
-CONFIG_COPY = "config.yaml"
+
+class OutputExistsError(OutputError):
+    """output.path holds a run made with another config, and overwrite was not asked for."""
 
 
-class OutputExistsError(RuntimeError):
-    """output.path already holds a run and overwrite was not asked for."""
+class ErrorBudgetExceeded(RuntimeError):
+    """Too many rows failed; finished shards are kept and a rerun resumes."""
+
+
+class RunInterrupted(RuntimeError):
+    """The pipeline stopped on an infrastructure error (storage, cluster); finished shards are kept."""
+
+
+class DuplicateIdError(InputError):
+    """`input.id_column` holds the same id more than once."""
 
 
 @dataclass
 class RunPlan:
     shards: list[Shard]
     mapping: ColumnMapping
+    kept_schema: pa.Schema
     output_schema: pa.Schema
-    output_path: str
+    store: OutputStore
+    fingerprint: str
+    done: dict[str, dict]
+    pending: list[Shard]
     notes: list[str] = field(default_factory=list)
 
 
-def _join(base: str, *parts: str) -> str:
-    return "/".join([base.rstrip("/"), *parts])
+def _inside(child: str, parent: str) -> bool:
+    import fsspec
+
+    parent = parent.split("*")[0].split("?")[0]
+    cfs, cpath = fsspec.core.url_to_fs(child)
+    pfs, ppath = fsspec.core.url_to_fs(parent)
+    if cfs.protocol != pfs.protocol:
+        return False
+    cpath, ppath = cpath.rstrip("/") + "/", ppath.rstrip("/") + "/"
+    return cpath.startswith(ppath) and pfs.isdir(ppath.rstrip("/"))
+
+
+def unified_columns(shards: list[Shard], mapping: ColumnMapping) -> pa.Schema:
+    """Columns and types over all shards, checked before any model loads.
+
+    Parquet and HF shards: every footer is read (cheap) so that a missing or mistyped column in any
+    file stops the job now, and kept columns get one type for all shards (null widens to string,
+    int to double, ...). JSONL shards: the first one's first records (all values become strings).
+    """
+    from concurrent.futures import ThreadPoolExecutor
+
+    typed = [s for s in shards if s.format != "jsonl"]
+    if not typed:
+        return check_columns(shards[0], mapping)
+    with ThreadPoolExecutor(max_workers=16) as pool:
+        schemas = list(pool.map(lambda s: check_columns(s, mapping), typed))
+    try:
+        merged = pa.unify_schemas(schemas, promote_options="permissive")
+    except (pa.ArrowInvalid, pa.ArrowTypeError) as e:
+        raise InputError(f"input shards disagree on column types and cannot be reconciled: {e}") from e
+    fields = [pa.field(f.name, pa.string()) if pa.types.is_null(f.type) else f for f in merged]
+    first_names = check_columns(shards[0], mapping).names if shards[0].format == "jsonl" else []
+    extra = [pa.field(n, pa.string()) for n in first_names if n not in merged.names]
+    return pa.schema(fields + extra)
+
+
+def apply_storage_config(cfg: DictConfig) -> None:
+    """Exports `storage.*` as the standard AWS variables for this process (and, through
+    `storage_env`, its workers). Only non-secret settings live in the config."""
+    for key, var in (("endpoint_url", "AWS_ENDPOINT_URL"), ("profile", "AWS_PROFILE"), ("region", "AWS_REGION")):
+        value = cfg.storage[key]
+        if value:
+            os.environ[var] = str(value)
 
 
 def plan_run(cfg: DictConfig) -> RunPlan:
-    """Validates the config and the input/output locations without loading any model.
+    """Validates the config, the input and the output location without loading any model.
 
     Raises:
-        ConfigError, InputError, OutputExistsError: With a message naming the key, path or column.
+        ConfigError, InputError, OutputError: With a message naming the key, path or column.
     """
     validate_score_config(cfg)
+    apply_storage_config(cfg)
     shards = list_shards(cfg.input.path, cfg.input.format)
     first = shards[0]
     base = ColumnMapping(
@@ -69,14 +125,12 @@ def plan_run(cfg: DictConfig) -> RunPlan:
         id=cfg.input.id_column,
         messages=cfg.input.messages_column,
     )
-    present = check_columns(first, base)
+    present = unified_columns(shards, base)
     if cfg.input.keep_columns is None:
         keep = tuple(present.names)
     else:
         missing = [c for c in cfg.input.keep_columns if c not in present.names]
         if missing:
-            from flip_ray.io import InputError
-
             raise InputError(
                 f"input.keep_columns names {missing}, not in {first.uri}; columns present: {', '.join(present.names)}"
             )
@@ -84,13 +138,42 @@ def plan_run(cfg: DictConfig) -> RunPlan:
     mapping = ColumnMapping(base.prompt, base.response, base.id, base.messages, keep)
     kept_schema = pa.schema([present.field(c) for c in keep])
     notes = [f"input column {c!r} is written as {schema.output_column_name(c)!r}" for c in keep if c in schema.RESERVED]
-    out = cfg.output.path.rstrip("/")
-    fs, path = fsspec.core.url_to_fs(out)
-    if (fs.exists(_join(path, MANIFEST)) or fs.exists(_join(path, DATA_DIR))) and not cfg.output.overwrite:
-        raise OutputExistsError(
-            f"output.path {out} already holds a run; choose another path or pass output.overwrite=true"
+
+    store = OutputStore(cfg.output.path)
+    store.check_writable_location()
+    if _inside(store.uri, cfg.input.path):
+        raise OutputError(
+            f"output.path {store.uri} is inside input.path {cfg.input.path}: a rerun would read the output as "
+            "input. Choose an output.path outside the input"
         )
-    return RunPlan(shards, mapping, schema.output_schema(kept_schema), out, notes)
+    fingerprint = config_fingerprint(to_dict(cfg), PROMPT_TEMPLATE_VERSION)
+    done: dict[str, dict] = {}
+    if store.has_run() and not cfg.output.overwrite:
+        run = store.read_json(RUN)
+        if run is None or run.get("config_fingerprint") != fingerprint:
+            raise OutputExistsError(
+                f"output.path {store.uri} holds a run made with a different config "
+                f"(fingerprint {run.get('config_fingerprint', '?')[:12] if run else 'unknown'}, this config "
+                f"{fingerprint[:12]}); choose another output.path or pass output.overwrite=true to replace it"
+            )
+        done = store.done_records()
+    by_id = {shard_id(s.key): s for s in shards}
+    moved = [(sid, done[sid]["uri"], s.uri) for sid, s in by_id.items() if sid in done and done[sid]["uri"] != s.uri]
+    if moved:
+        sid, was, now = moved[0]
+        raise OutputExistsError(
+            f"output.path {store.uri} holds shard {done[sid]['key']!r} scored from {was}, but the input now "
+            f"has it at {now} ({len(moved)} shard(s) differ); a different corpus would be silently skipped. "
+            "Choose another output.path, or pass output.overwrite=true to rescore"
+        )
+    gone = sorted(set(done) - set(by_id))
+    if gone:
+        notes.append(f"{len(gone)} finished shard(s) in {store.uri} are not in this input; ignored: {gone[:3]}")
+    done = {sid: record for sid, record in done.items() if sid in by_id}
+    pending = [s for sid, s in by_id.items() if sid not in done]
+    return RunPlan(
+        shards, mapping, kept_schema, schema.output_schema(kept_schema), store, fingerprint, done, pending, notes
+    )
 
 
 def engine_env(device: str, *, cpu_threads: int | None, cpu_kvcache_space_gib: int, offline: bool) -> dict[str, str]:
@@ -113,14 +196,13 @@ def engine_env(device: str, *, cpu_threads: int | None, cpu_kvcache_space_gib: i
     return env
 
 
-# Storage credentials and endpoint, forwarded to Ray workers through runtime_env (never pickled into
-# stage objects, never written to the manifest).
+# Non-secret storage settings, forwarded to Ray workers through runtime_env. Keys and secrets are
+# not: runtime_env is visible in the Ray dashboard. Workers get credentials the way any AWS client
+# does: from their own environment (inherited from the driver on a local cluster, set on the nodes
+# of a real one), an AWS profile, or the instance role.
 STORAGE_ENV_VARS = (
     "AWS_ENDPOINT_URL",
     "AWS_ENDPOINT_URL_S3",
-    "AWS_ACCESS_KEY_ID",
-    "AWS_SECRET_ACCESS_KEY",
-    "AWS_SESSION_TOKEN",
     "AWS_REGION",
     "AWS_DEFAULT_REGION",
     "AWS_PROFILE",
@@ -151,6 +233,12 @@ def resolve_device(requested: str, cluster_gpus: float) -> str:
     return "gpu" if cluster_gpus > 0 else "cpu"
 
 
+def to_dict_plain(node) -> dict:
+    from omegaconf import OmegaConf
+
+    return OmegaConf.to_container(node, resolve=True) if node is not None else {}
+
+
 def engine_stage_kwargs(cfg: DictConfig, device: str, model_path: str | None) -> dict:
     """Flat constructor arguments for BackwardInferenceStage."""
     m, s = cfg.model, cfg.sampling
@@ -170,26 +258,32 @@ def engine_stage_kwargs(cfg: DictConfig, device: str, model_path: str | None) ->
         max_tokens=s.max_tokens,
         seed=s.seed,
         n=s.n,
+        chat_template_kwargs=to_dict_plain(m.chat_template_kwargs),
     )
 
 
 def build_dataset(plan: RunPlan, cfg: DictConfig, device: str, model_path: str | None):
-    """The lazy Ray Dataset of scored rows (nothing runs until it is consumed)."""
+    """The lazy Ray Dataset of per-part records (nothing runs until it is consumed)."""
     import ray
 
-    from flip_ray.stages import BackwardInferenceStage, SimilarityStage, read_shards
+    from flip_ray.stages import BackwardInferenceStage, SimilarityStage, read_shards, write_parts
 
     r = cfg.resources
     io_env = {"env_vars": storage_env()}
     shards = ray.data.from_items(
-        [{"uri": s.uri, "format": s.format, "key": s.key} for s in plan.shards],
-        override_num_blocks=len(plan.shards),
+        [{"uri": s.uri, "format": s.format, "key": s.key} for s in plan.pending],
+        override_num_blocks=len(plan.pending),
     )
     rows = shards.map_batches(
         read_shards,
         batch_size=1,
         batch_format="pyarrow",
-        fn_kwargs=dict(mapping=plan.mapping, batch_rows=cfg.input.read_batch_rows, limit=cfg.input.limit_per_shard),
+        fn_kwargs=dict(
+            mapping=plan.mapping,
+            kept=plan.kept_schema,
+            batch_rows=cfg.input.read_batch_rows,
+            limit=cfg.input.limit_per_shard,
+        ),
         runtime_env=io_env,
     )
     num_gpus = r.num_gpus if r.num_gpus is not None else (cfg.model.tensor_parallel_size if device == "gpu" else 0)
@@ -209,7 +303,7 @@ def build_dataset(plan: RunPlan, cfg: DictConfig, device: str, model_path: str |
         num_cpus=r.num_cpus,
         runtime_env={"env_vars": {**env, **storage_env()}},
     )
-    return inferred.map_batches(
+    scored = inferred.map_batches(
         SimilarityStage,
         fn_constructor_kwargs=dict(aggregate=cfg.sampling.aggregate, output_schema=plan.output_schema),
         batch_size=r.similarity_batch_size,
@@ -218,49 +312,140 @@ def build_dataset(plan: RunPlan, cfg: DictConfig, device: str, model_path: str |
         num_cpus=r.similarity_num_cpus,
         runtime_env=io_env,
     )
+    return scored.map_batches(
+        write_parts,
+        batch_size=None,
+        batch_format="pyarrow",
+        fn_kwargs=dict(output_uri=plan.store.uri, output_schema=plan.output_schema),
+        runtime_env=io_env,
+    )
 
 
-_NUMBERS = re.compile(r"\d+")
+def find_duplicate_ids(plan: RunPlan, cfg: DictConfig, limit: int = 5) -> list[tuple[str, int]]:
+    """Ids that occur more than once across all shards: a distributed group-by, nothing per row on
+    the driver."""
+    import ray
+
+    from flip_ray.stages import read_ids
+
+    mapping = ColumnMapping(plan.mapping.prompt, plan.mapping.response, plan.mapping.id, plan.mapping.messages)
+    items = [{"uri": s.uri, "format": s.format, "key": s.key} for s in plan.shards]
+    ids = ray.data.from_items(items, override_num_blocks=len(items)).map_batches(
+        read_ids,
+        batch_size=1,
+        batch_format="pyarrow",
+        fn_kwargs=dict(mapping=mapping, batch_rows=cfg.input.read_batch_rows, limit=cfg.input.limit_per_shard),
+        runtime_env={"env_vars": storage_env()},
+    )
+    repeated = ids.groupby(schema.ID).count().filter(lambda r: r["count()"] > 1)
+    return [(r[schema.ID], r["count()"]) for r in repeated.take(limit)]
 
 
-def error_kind(message: str) -> str:
-    """Groups error messages: drops the `<file> line N:` prefix and replaces numbers by N."""
-    message = re.sub(r"^\S+ line \d+: ", "", message)
-    return _NUMBERS.sub("N", message.split(" (")[0])[:120]
+_SUMMED = ("rows", "scored", "errors", "score_sum", "output_tokens", "truncated")
 
 
-def summarize_output(data_path: str) -> dict:
-    """Counts over the written Parquet, streamed batch by batch (constant driver memory)."""
-    fs, path = fsspec.core.url_to_fs(data_path)
-    dataset = pads.dataset(path, filesystem=fs, format="parquet")
-    cols = ["error", "flip_score", "n_output_tokens", "parse_status", "truncated"]
-    rows = scored = truncated = out_tokens = 0
-    score_sum = 0.0
-    errors: dict[str, int] = {}
-    statuses: dict[str, int] = {}
-    for b in dataset.to_batches(columns=cols):
-        d = b.to_pydict()
-        rows += b.num_rows
-        for err, score, ntok, status, trunc in zip(*(d[c] for c in cols), strict=False):
-            if err is not None:
-                kind = error_kind(err)
-                errors[kind] = errors.get(kind, 0) + 1
-            if score is not None:
-                scored += 1
-                score_sum += score
-            if status is not None:
-                statuses[status] = statuses.get(status, 0) + 1
-            truncated += bool(trunc)
-            out_tokens += ntok or 0
+def _merge_counts(into: dict, encoded: str | dict | None) -> None:
+    counts = json.loads(encoded) if isinstance(encoded, str) else (encoded or {})
+    for key, value in counts.items():
+        into[key] = into.get(key, 0) + value
+
+
+class ShardTracker:
+    """Driver-side bookkeeping: sums part records per shard and commits a shard when complete.
+
+    Memory is one small entry per shard in flight, never one per row.
+    """
+
+    def __init__(
+        self, store: OutputStore, pending: list[Shard], attempt: str, max_error_fraction: float, min_rows: int
+    ):
+        self.store = store
+        self.shards = {shard_id(s.key): s for s in pending}
+        self.attempt = attempt
+        self.max_error_fraction = max_error_fraction
+        self.min_rows = min_rows
+        self.open: dict[str, dict] = {}
+        self.failed: dict[str, str] = {}
+        self.completed = 0
+        self.rows = self.errors = self.output_tokens = 0
+        self.error_kinds: dict[str, int] = {}
+
+    def _entry(self, sid: str) -> dict:
+        if sid not in self.open:
+            self.open[sid] = {k: 0 for k in _SUMMED} | {
+                "files": [],
+                "parse_status": {},
+                "error_kinds": {},
+                "total": None,
+            }
+        return self.open[sid]
+
+    def add(self, meta: pa.Table) -> None:
+        for m in meta.to_pylist():
+            sid = m["shard_id"]
+            entry = self._entry(sid)
+            if m["total"] is not None:
+                entry["total"] = m["total"]
+                if m["shard_error"]:
+                    self.failed[sid] = m["shard_error"]
+            if m["file"]:
+                entry["files"].append(m["file"])
+                for k in _SUMMED:
+                    entry[k] += m[k]
+                _merge_counts(entry["parse_status"], m["parse_status"])
+                _merge_counts(entry["error_kinds"], m["error_kinds"])
+                _merge_counts(self.error_kinds, m["error_kinds"])
+                self.rows += m["rows"]
+                self.errors += m["errors"]
+                self.output_tokens += m["output_tokens"]
+            if sid not in self.failed and entry["total"] is not None and entry["rows"] == entry["total"]:
+                self._commit(sid, self.open.pop(sid))
+
+    def _commit(self, sid: str, entry: dict) -> None:
+        shard = self.shards[sid]
+        self.store.prune_parts(sid, entry["files"])
+        record = {
+            "shard_id": sid,
+            "key": shard.key,
+            "uri": shard.uri,
+            **{k: entry[k] for k in _SUMMED},
+            "parse_status": entry["parse_status"],
+            "error_kinds": entry["error_kinds"],
+            "files": sorted(entry["files"]),
+            "attempt": self.attempt,
+            "finished_at": time.time(),
+        }
+        self.store.write_done(record)
+        self.completed += 1
+
+    def check_error_budget(self) -> None:
+        if self.rows < self.min_rows or self.errors <= self.max_error_fraction * self.rows:
+            return
+        top = ", ".join(f"{k!r} x{v}" for k, v in sorted(self.error_kinds.items(), key=lambda kv: -kv[1])[:3])
+        raise ErrorBudgetExceeded(
+            f"stopped: {self.errors} of {self.rows} rows ({self.errors / self.rows:.0%}) have errors, above "
+            f"limits.max_error_fraction={self.max_error_fraction}; most common: {top}. "
+            f"{self.completed} finished shard(s) are kept in {self.store.uri}; fix the input or raise the "
+            "limit, then rerun with the same config to resume"
+        )
+
+
+def summarize(done: dict[str, dict]) -> dict:
+    """Run-wide counts from the done records (one per shard; no data is re-read)."""
+    totals = {k: 0 for k in _SUMMED}
+    parse_status: dict[str, int] = {}
+    error_kinds: dict[str, int] = {}
+    for record in done.values():
+        for k in _SUMMED:
+            totals[k] += record[k]
+        _merge_counts(parse_status, record["parse_status"])
+        _merge_counts(error_kinds, record["error_kinds"])
+    score_sum = totals.pop("score_sum")
     return {
-        "rows": rows,
-        "scored": scored,
-        "errors": rows - scored,
-        "error_kinds": dict(sorted(errors.items(), key=lambda kv: -kv[1])),
-        "parse_status": statuses,
-        "truncated": truncated,
-        "mean_flip_score": score_sum / scored if scored else None,
-        "output_tokens": out_tokens,
+        **totals,
+        "error_kinds": dict(sorted(error_kinds.items(), key=lambda kv: -kv[1])),
+        "parse_status": dict(sorted(parse_status.items())),
+        "mean_flip_score": score_sum / totals["scored"] if totals["scored"] else None,
     }
 
 
@@ -272,72 +457,117 @@ def _versions() -> dict:
     return out
 
 
-def _write_text(uri: str, text: str) -> None:
-    with fsspec.open(uri, "w") as f:
-        f.write(text)
-
-
-def _clear_previous(out: str) -> None:
-    fs, path = fsspec.core.url_to_fs(out)
-    for name in (MANIFEST, DATA_DIR):
-        target = _join(path, name)
-        if fs.exists(target):
-            fs.rm(target, recursive=True)
+def _execute(plan: RunPlan, cfg: DictConfig, device: str, attempt: str) -> ShardTracker:
+    for shard in plan.pending:
+        plan.store.clear_shard(shard_id(shard.key))
+    tracker = ShardTracker(
+        plan.store, plan.pending, attempt, cfg.limits.max_error_fraction, cfg.limits.min_rows_for_error_check
+    )
+    logger.info("scoring %d pending shard(s) on %s", len(plan.pending), device)
+    batches = build_dataset(plan, cfg, device, cfg.model.path).iter_batches(batch_size=None, batch_format="pyarrow")
+    try:
+        for meta in batches:
+            tracker.add(meta)
+            tracker.check_error_budget()
+    except ErrorBudgetExceeded:
+        raise
+    except Exception as e:
+        cause = str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__
+        raise RunInterrupted(
+            f"the run stopped before finishing: {cause}. {tracker.completed} shard(s) finished in this run "
+            f"and are kept in {plan.store.uri}; rerun with the same config to resume"
+        ) from e
+    finally:
+        close = getattr(batches, "close", None)
+        if close is not None:
+            close()
+    for sid, entry in tracker.open.items():
+        if sid not in tracker.failed:
+            tracker.failed[sid] = (
+                f"incomplete: {entry['rows']} of {entry['total'] if entry['total'] is not None else '?'} rows "
+                "were written when the stream ended"
+            )
+    for sid in tracker.failed:
+        plan.store.clear_shard(sid)  # partial rows of a failed shard: redone on rerun
+    return tracker
 
 
 def run_score(cfg: DictConfig) -> dict:
-    """Runs the scoring job described by `cfg` and returns its manifest.
+    """Runs (or resumes) the scoring job described by `cfg` and returns its manifest.
 
     Raises:
-        ConfigError, InputError, OutputExistsError: Before any model loads.
+        ConfigError, InputError, OutputError: Before any model loads.
+        ErrorBudgetExceeded: More rows failed than `limits.max_error_fraction` allows.
     """
     started = time.time()
     plan = plan_run(cfg)
     for note in plan.notes:
         logger.warning(note)
     logger.info("resolved config:\n%s", to_yaml(cfg))
-    logger.info("%d input shard(s) under %s", len(plan.shards), cfg.input.path)
+    store = plan.store
+    if cfg.output.overwrite:
+        store.clear_all()
+    if not store.fs.exists(store.path(RUN)):
+        store.write_json({"config_fingerprint": plan.fingerprint, "flip_ray_version": __version__}, RUN)
+    store.write_text(to_yaml(cfg), CONFIG_COPY)
+    logger.info("%d input shard(s): %d already done, %d to score", len(plan.shards), len(plan.done), len(plan.pending))
 
-    ray = init_ray(cfg.ray.address, cfg.ray.local_num_cpus)
-    device = resolve_device(cfg.model.device, ray.cluster_resources().get("GPU", 0))
-    model_path = cfg.model.path
     from flip_ray.model import prepare_default_model, weights_fingerprint
 
-    shown_model = model_path
-    if model_path is None:
-        # Converted here once so that engine actors on this node find it ready.
-        shown_model = str(prepare_default_model())
-    if cfg.output.overwrite:
-        _clear_previous(plan.output_path)
-    fs, _ = fsspec.core.url_to_fs(plan.output_path)
-    fs.makedirs(fsspec.core.url_to_fs(plan.output_path)[1], exist_ok=True)
-    _write_text(_join(plan.output_path, CONFIG_COPY), to_yaml(cfg))
-
-    logger.info("scoring on %s with model %s", device, shown_model)
-    dataset = build_dataset(plan, cfg, device, model_path)
-    data_path = _join(plan.output_path, DATA_DIR)
+    tracker, device, pipeline_s = None, None, 0.0
+    attempt = uuid.uuid4().hex[:12]
+    if plan.pending:
+        ray = init_ray(cfg.ray.address, cfg.ray.local_num_cpus)
+        if cfg.input.id_column and cfg.input.check_duplicate_ids:
+            repeated = find_duplicate_ids(plan, cfg)
+            if repeated:
+                shown = ", ".join(f"{i!r} x{n}" for i, n in repeated) + (", ..." if len(repeated) >= 5 else "")
+                raise DuplicateIdError(
+                    f"input.id_column {cfg.input.id_column!r} is not unique ({shown}); "
+                    "flip_ray refuses duplicate ids rather than guess which row is which. Deduplicate the input, or "
+                    "unset input.id_column to use ids derived from file and row"
+                )
+        device = resolve_device(cfg.model.device, ray.cluster_resources().get("GPU", 0))
+    # Converted here once, before any engine actor starts, so that actors on this node find it ready.
+    model_path = cfg.model.path or str(prepare_default_model())
     t0 = time.time()
-    dataset.write_parquet(data_path, ray_remote_args={"runtime_env": {"env_vars": storage_env()}})
+    if plan.pending:
+        tracker = _execute(plan, cfg, device, attempt)
     pipeline_s = time.time() - t0
 
-    counts = summarize_output(data_path)
+    current = {shard_id(s.key) for s in plan.shards}
+    done = {sid: r for sid, r in store.done_records().items() if sid in current}
+    counts = summarize(done)
+    run_rows = tracker.rows if tracker else 0
+    failed = [{"key": tracker.shards[sid].key, "error": err} for sid, err in tracker.failed.items()] if tracker else []
     manifest = {
         "flip_ray_version": __version__,
         "prompt_template_version": PROMPT_TEMPLATE_VERSION,
         "config": to_dict(cfg),
+        "config_fingerprint": plan.fingerprint,
+        "attempt": attempt,
+        "complete": not failed and len(done) == len(current),
         "device": device,
-        "model": {"path": shown_model, "embedded_default": model_path is None, **weights_fingerprint(shown_model)},
+        "model": {"path": model_path, "embedded_default": cfg.model.path is None, **weights_fingerprint(model_path)},
         "input": {"path": cfg.input.path, "shards": len(plan.shards)},
-        "output": {"path": plan.output_path, "data": data_path, "schema": [f.name for f in plan.output_schema]},
+        "output": {"path": store.uri, "data": f"{store.uri}/data", "schema": plan.output_schema.names},
+        "shards": {
+            "total": len(plan.shards),
+            "done": len(done),
+            "skipped_already_done": len(plan.done),
+            "scored_this_run": tracker.completed if tracker else 0,
+            "failed": failed,
+        },
         "counts": counts,
         "timings": {
             "total_s": round(time.time() - started, 3),
             "pipeline_s": round(pipeline_s, 3),
-            "rows_per_s": round(counts["rows"] / pipeline_s, 3) if pipeline_s else None,
-            "output_tokens_per_s": round(counts["output_tokens"] / pipeline_s, 3) if pipeline_s else None,
+            "rows_this_run": run_rows,
+            "rows_per_s": round(run_rows / pipeline_s, 3) if run_rows and pipeline_s else None,
+            "output_tokens_per_s": round(tracker.output_tokens / pipeline_s, 3) if tracker and pipeline_s else None,
         },
         "versions": _versions(),
         "notes": plan.notes,
     }
-    _write_text(_join(plan.output_path, MANIFEST), json.dumps(manifest, indent=2))
+    store.write_json(manifest, MANIFEST)
     return manifest

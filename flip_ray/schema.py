@@ -15,6 +15,14 @@ INSTRUCTION = "_flip_instruction"  # the real instruction (prompt, or the last u
 RESPONSE = "_flip_response"  # the response to read backwards
 CONTEXT = "_flip_context"  # earlier turns as a JSON list of {role, content}, or null
 GENERATIONS = "_flip_generations"  # raw engine answers, one per sample (list<string>)
+SHARD = "_flip_shard"  # id of the shard the row came from (store.shard_id)
+# Each shard ends with one marker row (no data): SHARD_TOTAL = rows read from the shard, and
+# SHARD_ERROR = why it could not be read to the end, if so. Stages pass markers through untouched.
+SHARD_TOTAL = "_flip_shard_total"
+SHARD_ERROR = "_flip_shard_error"
+CONTROL_COLUMNS = pa.schema(
+    [pa.field(SHARD, pa.string()), pa.field(SHARD_TOTAL, pa.int64()), pa.field(SHARD_ERROR, pa.string())]
+)
 
 FLIP_COLUMNS = pa.schema(
     [
@@ -47,6 +55,25 @@ ENGINE_COLUMNS = pa.schema(
 )
 
 
+# What the writer reports to the driver for each part file it wrote (or each shard marker it saw).
+PART_META = pa.schema(
+    [
+        pa.field("shard_id", pa.string()),
+        pa.field("file", pa.string()),
+        pa.field("rows", pa.int64()),
+        pa.field("scored", pa.int64()),
+        pa.field("errors", pa.int64()),
+        pa.field("score_sum", pa.float64()),
+        pa.field("output_tokens", pa.int64()),
+        pa.field("truncated", pa.int64()),
+        pa.field("parse_status", pa.string()),  # JSON object: status -> count
+        pa.field("error_kinds", pa.string()),  # JSON object: error kind -> count
+        pa.field("total", pa.int64()),  # marker only
+        pa.field("shard_error", pa.string()),  # marker only
+    ]
+)
+
+
 def output_column_name(input_name: str) -> str:
     """Kept input columns whose names clash with output columns get an `input_` prefix."""
     return f"input_{input_name}" if input_name in RESERVED else input_name
@@ -57,3 +84,16 @@ def output_schema(kept: pa.Schema) -> pa.Schema:
     fields = [pa.field(ID, pa.string())]
     fields += [pa.field(output_column_name(f.name), f.type) for f in kept]
     return pa.schema(fields + list(FLIP_COLUMNS))
+
+
+def normalized_schema(kept: pa.Schema) -> pa.Schema:
+    """Rows as the reader emits them: id, kept input columns, internal columns, error, control."""
+    fields = [pa.field(ID, pa.string())]
+    fields += [pa.field(output_column_name(f.name), f.type) for f in kept]
+    fields += [
+        pa.field(INSTRUCTION, pa.string()),
+        pa.field(RESPONSE, pa.string()),
+        pa.field(CONTEXT, pa.string()),
+        pa.field("error", pa.string()),
+    ]
+    return pa.schema(fields + list(CONTROL_COLUMNS))

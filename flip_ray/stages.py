@@ -2,28 +2,39 @@
 
 `read_shards` (tasks)
     reads: `uri`, `format`, `key` (one row per input shard)
-    writes: `id`, kept input columns, `_flip_instruction`, `_flip_response`, `_flip_context`, `error`
+    writes: `schema.normalized_schema`: `id`, kept input columns, `_flip_instruction`,
+    `_flip_response`, `_flip_context`, `error`, and the control columns `_flip_shard`,
+    `_flip_shard_total`, `_flip_shard_error` (set on the one end-of-shard marker row)
 `BackwardInferenceStage` (engine actors, GPU or CPU)
     reads: `_flip_response`, `_flip_context`, `error`
     writes: `_flip_generations`, `finish_reason`, `n_prompt_tokens`, `n_output_tokens`, `truncated`,
     `error`
 `SimilarityStage` (CPU actors)
     reads: `_flip_instruction`, `_flip_generations` and the columns above
-    writes: the output schema (`schema.output_schema`): FLIP columns added, internal columns dropped
+    writes: the output schema (`schema.output_schema`) plus the control columns
+`write_parts` (tasks)
+    reads: the similarity stage's output
+    writes: one Parquet part file per shard present in the batch under `data/<shard_id>/`, and
+    returns `schema.PART_META` rows (counts per part, and each end-of-shard marker) to the driver
 
-Rows with `error` set pass through every stage untouched and are never sent to the engine.
+Rows with `error` set, and marker rows, pass through every stage untouched and are never sent to
+the engine.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import re
+import uuid
 from collections.abc import Iterator
 
+import fsspec
 import pyarrow as pa
 
 from flip_ray import schema
-from flip_ray.io import ColumnMapping, Shard, read_shard
+from flip_ray.io import ColumnMapping, InputError, Shard, read_shard
+from flip_ray.store import DATA, parquet_bytes, shard_id, write_bytes_durably
 
 logger = logging.getLogger(__name__)
 
@@ -34,14 +45,71 @@ def _require_columns(stage: str, batch: pa.Table, columns: list[str]) -> None:
         raise KeyError(f"{stage}: batch lacks column(s) {missing}; it has {batch.column_names}")
 
 
+def conform(table: pa.Table, target: pa.Schema, sid: str) -> pa.Table:
+    """Casts a reader block to the run's normalised schema and tags it with its shard id."""
+    n = table.num_rows
+    columns = {}
+    for f in target:
+        if f.name == schema.SHARD:
+            columns[f.name] = pa.array([sid] * n, f.type)
+        elif f.name in (schema.SHARD_TOTAL, schema.SHARD_ERROR):
+            columns[f.name] = pa.nulls(n, f.type)
+        elif f.name in table.column_names:
+            columns[f.name] = table.column(f.name).cast(f.type)
+        else:  # a kept column this shard lacks
+            columns[f.name] = pa.nulls(n, f.type)
+    return pa.table(columns, schema=target)
+
+
+def end_marker(target: pa.Schema, sid: str, total: int, error: str | None) -> pa.Table:
+    columns = {f.name: pa.nulls(1, f.type) for f in target}
+    columns[schema.SHARD] = pa.array([sid], pa.string())
+    columns[schema.SHARD_TOTAL] = pa.array([total], pa.int64())
+    columns[schema.SHARD_ERROR] = pa.array([error], pa.string())
+    return pa.table(columns, schema=target)
+
+
 def read_shards(
-    batch: pa.Table, *, mapping: ColumnMapping, batch_rows: int, limit: int | None = None
+    batch: pa.Table, *, mapping: ColumnMapping, kept: pa.Schema, batch_rows: int, limit: int | None = None
 ) -> Iterator[pa.Table]:
-    """Ray Data map_batches function: streams each shard named in `batch` as normalised blocks."""
+    """Ray Data map_batches function: streams each shard named in `batch` as normalised blocks,
+    then one end-of-shard marker carrying the row count (or the error that stopped the read)."""
     _require_columns("read_shards", batch, ["uri", "format", "key"])
+    target = schema.normalized_schema(kept)
     for row in batch.to_pylist():
         shard = Shard(uri=row["uri"], format=row["format"], key=row["key"])
-        yield from read_shard(shard, mapping, batch_rows, limit)
+        sid = shard_id(shard.key)
+        total, error = 0, None
+        try:
+            for table in read_shard(shard, mapping, batch_rows, limit):
+                block = conform(table, target, sid)
+                total += block.num_rows
+                yield block
+        except (InputError, pa.ArrowInvalid, pa.ArrowNotImplementedError) as e:
+            error = str(e) if isinstance(e, InputError) else f"cannot read {shard.uri}: {e}"
+            logger.error("shard %s failed: %s", shard.key, error)
+        yield end_marker(target, sid, total, error)
+
+
+def read_ids(
+    batch: pa.Table, *, mapping: ColumnMapping, batch_rows: int, limit: int | None = None
+) -> Iterator[pa.Table]:
+    """Ray Data map_batches function: only the `id` column of each shard (for the duplicate check).
+    Unreadable shards yield nothing here; the scoring run reports them."""
+    for row in batch.to_pylist():
+        shard = Shard(uri=row["uri"], format=row["format"], key=row["key"])
+        try:
+            for table in read_shard(shard, mapping, batch_rows, limit):
+                yield table.select([schema.ID])
+        except InputError:
+            continue
+
+
+def _work_rows(batch: pa.Table) -> list[int]:
+    """Rows that still need work: no error and not a marker."""
+    errors = batch.column("error").to_pylist()
+    totals = batch.column(schema.SHARD_TOTAL).to_pylist()
+    return [i for i, (e, t) in enumerate(zip(errors, totals, strict=True)) if e is None and t is None]
 
 
 def _errors(batch: pa.Table) -> list[str | None]:
@@ -74,6 +142,7 @@ class BackwardInferenceStage:
         max_tokens: int,
         seed: int,
         n: int,
+        chat_template_kwargs: dict | None = None,
     ):
         from flip_ray.engine import FlipGenerator, build_llm
 
@@ -92,12 +161,22 @@ class BackwardInferenceStage:
             trust_remote_code=trust_remote_code,
             seed=seed,
         )
-        self.generator = FlipGenerator(llm, temperature=temperature, top_p=top_p, max_tokens=max_tokens, seed=seed, n=n)
+        self.generator = FlipGenerator(
+            llm,
+            temperature=temperature,
+            top_p=top_p,
+            max_tokens=max_tokens,
+            seed=seed,
+            n=n,
+            chat_template_kwargs=chat_template_kwargs,
+        )
 
     def __call__(self, batch: pa.Table) -> pa.Table:
-        _require_columns("BackwardInferenceStage", batch, [schema.RESPONSE, schema.CONTEXT, "error"])
+        _require_columns(
+            "BackwardInferenceStage", batch, [schema.RESPONSE, schema.CONTEXT, "error", schema.SHARD_TOTAL]
+        )
         errors = _errors(batch)
-        todo = [i for i, e in enumerate(errors) if e is None]
+        todo = _work_rows(batch)
         responses = batch.column(schema.RESPONSE).to_pylist()
         contexts = batch.column(schema.CONTEXT).to_pylist()
         generations = self.generator.generate(
@@ -138,17 +217,21 @@ class SimilarityStage:
     def __call__(self, batch: pa.Table) -> pa.Table:
         from flip_ray.scoring import score_generations
 
-        _require_columns("SimilarityStage", batch, [schema.INSTRUCTION, schema.GENERATIONS, "error"])
+        _require_columns(
+            "SimilarityStage", batch, [schema.INSTRUCTION, schema.GENERATIONS, "error", schema.SHARD_TOTAL]
+        )
         n = batch.num_rows
         errors = _errors(batch)
+        work = set(_work_rows(batch))
         instructions = batch.column(schema.INSTRUCTION).to_pylist()
         generations = batch.column(schema.GENERATIONS).to_pylist()
         names = ["inferred_instruction", "reasoning", "flip_score", "flip_precision", "flip_recall", "parse_status"]
         cols: dict[str, list] = {name: [None] * n for name in names}
         for i in range(n):
-            if errors[i] is not None or not generations[i]:
-                if errors[i] is None:
-                    errors[i] = "engine returned no output"
+            if i not in work:
+                continue
+            if not generations[i]:
+                errors[i] = "engine returned no output"
                 continue
             s = score_generations(instructions[i], generations[i], self.aggregate)
             for name, value in zip(names, s, strict=False):
@@ -163,4 +246,62 @@ class SimilarityStage:
                 out[f.name] = batch.column(f.name).cast(f.type)
             else:
                 out[f.name] = pa.nulls(n, f.type)
-        return pa.table(out, schema=self.output_schema)
+        for f in schema.CONTROL_COLUMNS:
+            out[f.name] = batch.column(f.name)
+        return pa.table(out, schema=pa.schema(list(self.output_schema) + list(schema.CONTROL_COLUMNS)))
+
+
+_NUMBERS = re.compile(r"\d+")
+
+
+def error_kind(message: str) -> str:
+    """Groups error messages: drops the `<file> line N:` prefix and replaces numbers by N."""
+    message = re.sub(r"^\S+ line \d+: ", "", message)
+    return _NUMBERS.sub("N", message.split(" (")[0])[:120]
+
+
+def _counts(values: list) -> str:
+    out: dict[str, int] = {}
+    for v in values:
+        if v is not None:
+            out[v] = out.get(v, 0) + 1
+    return json.dumps(out, sort_keys=True)
+
+
+def part_stats(table: pa.Table) -> dict:
+    """Counts of one part file, summed by the driver into done records and the manifest."""
+    d = table.select(["error", "flip_score", "n_output_tokens", "truncated", "parse_status"]).to_pydict()
+    scores = [s for s in d["flip_score"] if s is not None]
+    return {
+        "rows": table.num_rows,
+        "scored": len(scores),
+        "errors": sum(e is not None for e in d["error"]),
+        "score_sum": float(sum(scores)),
+        "output_tokens": sum(t or 0 for t in d["n_output_tokens"]),
+        "truncated": sum(bool(t) for t in d["truncated"]),
+        "parse_status": _counts(d["parse_status"]),
+        "error_kinds": _counts([error_kind(e) if e is not None else None for e in d["error"]]),
+    }
+
+
+def write_parts(batch: pa.Table, *, output_uri: str, output_schema: pa.Schema) -> pa.Table:
+    """Ray Data map_batches function: writes the batch's rows as one part file per shard and
+    returns what it wrote (`schema.PART_META`). The driver turns these into done records."""
+    _require_columns("write_parts", batch, list(schema.CONTROL_COLUMNS.names))
+    fs, root = fsspec.core.url_to_fs(output_uri)
+    sids = batch.column(schema.SHARD).to_pylist()
+    totals = batch.column(schema.SHARD_TOTAL).to_pylist()
+    shard_errors = batch.column(schema.SHARD_ERROR).to_pylist()
+    meta: list[dict] = []
+    rows_by_shard: dict[str, list[int]] = {}
+    for i, (sid, total) in enumerate(zip(sids, totals, strict=True)):
+        if total is not None:
+            meta.append({"shard_id": sid, "rows": 0, "total": total, "shard_error": shard_errors[i]})
+        else:
+            rows_by_shard.setdefault(sid, []).append(i)
+    for sid, idx in rows_by_shard.items():
+        part = batch.take(pa.array(idx)).select(output_schema.names).cast(output_schema)
+        name = f"part-{uuid.uuid4().hex}.parquet"
+        write_bytes_durably(fs, f"{root.rstrip('/')}/{DATA}/{sid}/{name}", parquet_bytes(part))
+        meta.append({"shard_id": sid, "file": name, **part_stats(part)})
+    return pa.Table.from_pylist(meta, schema=schema.PART_META)

@@ -18,7 +18,9 @@ def embedded_model() -> str:
 
 
 @pytest.fixture(scope="session")
-def ray_local():
+def ray_local(s3_server):
+    """A local Ray cluster, started after the S3 server so that its workers inherit the AWS
+    variables, as workers on a real cluster get credentials from their node's environment."""
     import ray
 
     os.environ.pop("RAY_ADDRESS", None)

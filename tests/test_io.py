@@ -184,3 +184,17 @@ def test_messages_rows(tmp_path):
 def test_malformed_messages(messages, error):
     with pytest.raises(RowError, match=error):
         conversation_parts(messages)
+
+
+def test_bom_json_array_and_non_data_files(tmp_path):
+    d = tmp_path / "d"
+    d.mkdir()
+    (d / "a.jsonl").write_bytes(b"\xef\xbb\xbf" + json.dumps({"prompt": "p", "response": "r"}).encode() + b"\n")
+    (d / "b.json").write_text(json.dumps([{"prompt": "p1", "response": "r1"}, {"prompt": "p2", "response": "r2"}]))
+    (d / "README.md").write_text("# a dataset card")
+    rows = rows_of(d)
+    assert [r["id"] for r in rows] == ["a.jsonl:0", "b.json:0", "b.json:1"]
+    assert all(r["error"] is None for r in rows)
+    (d / "c.json").write_text("[{broken")
+    with pytest.raises(InputError, match="not a valid JSON array"):
+        rows_of(d / "c.json")

@@ -87,3 +87,9 @@ def test_non_string_value_is_serialised():
 def test_statuses_are_declared():
     samples = ['{"INFERRED INSTRUCTION": "a"}', "x", "", '{"INFERRED INSTRUCTION": "cut']
     assert {parse_inferred_instruction(s).status for s in samples} <= set(PARSE_STATUSES)
+
+
+def test_unclosed_think_is_reasoning_not_instruction():
+    assert parse_inferred_instruction("<think>The response is a haiku about rain, so").status == EMPTY
+    p = parse_inferred_instruction('{"INFERRED INSTRUCTION": "Write a haiku."}\n<think>more')
+    assert p.instruction == "Write a haiku."

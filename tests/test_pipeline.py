@@ -144,15 +144,25 @@ def test_manifest_and_config_copy(runs):
     assert on_disk == manifest
     assert manifest["prompt_template_version"] == "flip-v1"
     assert manifest["model"]["embedded_default"] is True and len(manifest["model"]["sha256"]) == 64
-    assert manifest["timings"]["rows_per_s"] > 0
+    assert manifest["timings"]["rows_per_s"] > 0 and manifest["complete"] is True
     assert manifest["config"]["input"]["path"].endswith("corpus.jsonl")
     assert (out / "config.yaml").read_text().startswith("input:")
 
 
-def test_existing_output_is_refused_before_any_work(runs):
-    src, out, _ = runs["jsonl"]
-    with pytest.raises(OutputExistsError, match="already holds a run"):
-        score(src, out)
+def test_rerun_resumes_without_work_and_other_config_is_refused(runs, monkeypatch):
+    src, out, first = runs["jsonl"]
+    before = {p.name: p.stat().st_mtime_ns for p in (out / "_done").iterdir()}
+
+    def no_ray(*a, **k):
+        raise AssertionError("nothing is left to score: Ray must not start")
+
+    monkeypatch.setattr("flip_ray.pipeline.init_ray", no_ray)
+    again = score(src, out, "input.id_column=id")
+    assert again["shards"]["skipped_already_done"] == 1 and again["shards"]["scored_this_run"] == 0
+    assert again["counts"] == first["counts"]
+    assert {p.name: p.stat().st_mtime_ns for p in (out / "_done").iterdir()} == before
+    with pytest.raises(OutputExistsError, match="different config"):
+        score(src, out, "input.id_column=id", "sampling.max_tokens=40")
 
 
 def test_missing_column_fails_before_model_loads(tmp_path, monkeypatch):
@@ -172,7 +182,7 @@ def test_s3_input_and_output(runs, s3_server):
 
     _, _, manifest = runs["s3"]
     fs = fsspec.filesystem("s3")
-    files = fs.glob("corpus/scored/data/*.parquet")
+    files = fs.glob("corpus/scored/data/*/*.parquet")
     assert files and fs.exists("corpus/scored/manifest.json") and fs.exists("corpus/scored/config.yaml")
     table = pa.concat_tables([pq.read_table(f, filesystem=fs) for f in files])
     assert sorted(table.column("id").to_pylist()) == [
@@ -191,3 +201,30 @@ def test_s3_input_and_output(runs, s3_server):
 def test_missing_bucket_is_a_clear_error(s3_server, tmp_path):
     with pytest.raises(InputError, match="s3://no-such-bucket/in/ does not exist"):
         score("s3://no-such-bucket/in/", tmp_path / "out")
+
+
+def test_unreadable_s3_inputs_are_clear_errors(s3_server, monkeypatch, tmp_path):
+    import s3fs
+
+    from flip_ray.io import list_shards
+
+    client = s3_server.client()
+    client.create_bucket(Bucket="locked")
+    client.put_object(Bucket="locked", Key="in/a.jsonl", Body=b'{"prompt": "p", "response": "r"}\n')
+    with pytest.raises(InputError, match=r"s3://locked/in/missing\.jsonl does not exist"):
+        list_shards("s3://locked/in/missing.jsonl")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "not-the-secret")
+    s3fs.S3FileSystem.clear_instance_cache()
+    try:
+        with pytest.raises(InputError, match=r"s3://locked/in/"):
+            list_shards("s3://locked/in/")
+    finally:
+        s3fs.S3FileSystem.clear_instance_cache()
+
+
+def test_missing_output_bucket_is_never_created(s3_server, tmp_path):
+    from flip_ray.store import OutputError
+
+    with pytest.raises(OutputError, match="bucket 'no-such-out' does not exist"):
+        score(SAMPLE, "s3://no-such-out/scored")
+    assert "no-such-out" not in [b["Name"] for b in s3_server.client().list_buckets()["Buckets"]]

@@ -1,52 +1,21 @@
 """`ray job submit` against a real local Ray head (127.0.0.1, token auth), as on a cluster."""
 
-import contextlib
 import json
 import os
 import secrets
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
 from pathlib import Path
 
 import pytest
+from clusters import free_ports, kill_processes_mentioning
 
 pytestmark = pytest.mark.slow
 
 REPO = Path(__file__).resolve().parents[1]
 RAY = str(Path(sys.executable).with_name("ray"))
-
-
-def free_ports(n: int) -> list[int]:
-    socks, ports = [], []
-    for _ in range(n):
-        s = socket.socket()
-        s.bind(("127.0.0.1", 0))
-        socks.append(s)
-        ports.append(s.getsockname()[1])
-    for s in socks:
-        s.close()
-    return ports
-
-
-def stop_cluster(temp_dir: str, gcs_port: int) -> None:
-    """Stops only the head this test started (`ray stop` would also stop the session's cluster)."""
-    import psutil
-
-    roots = []
-    for p in psutil.process_iter(["cmdline"]):
-        cmd = " ".join(p.info["cmdline"] or [])
-        if temp_dir in cmd or f":{gcs_port}" in cmd:
-            roots.append(p)
-    procs = {p.pid: p for root in roots for p in [root, *root.children(recursive=True)]}
-    for p in procs.values():
-        with contextlib.suppress(psutil.NoSuchProcess):
-            p.terminate()
-    _, alive = psutil.wait_procs(list(procs.values()), timeout=20)
-    for p in alive:
-        p.kill()
 
 
 @pytest.fixture
@@ -86,7 +55,7 @@ def ray_head(embedded_model):
     try:
         yield f"http://127.0.0.1:{dash}", env
     finally:
-        stop_cluster(temp_dir, gcs)
+        kill_processes_mentioning(temp_dir, f":{gcs}")
         shutil.rmtree(temp_dir, ignore_errors=True)
 
 

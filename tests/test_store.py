@@ -1,0 +1,128 @@
+"""Exactly-once bookkeeping without Ray or a model: shard ids, fingerprints, done records, the
+driver's tracker, and shard-level read errors."""
+
+import json
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from flip_ray import schema
+from flip_ray.io import ColumnMapping, Shard
+from flip_ray.pipeline import ErrorBudgetExceeded, ShardTracker, summarize
+from flip_ray.stages import read_shards, write_parts
+from flip_ray.store import OutputError, OutputStore, config_fingerprint, shard_id
+
+
+def test_shard_id_is_stable_safe_and_distinct():
+    assert shard_id("a/b c.jsonl") == shard_id("a/b c.jsonl")
+    assert shard_id("a/b c.jsonl") != shard_id("a_b c.jsonl")
+    assert "/" not in shard_id("dir/x.parquet") and " " not in shard_id("x y.jsonl")
+
+
+def test_fingerprint_ignores_paths_and_resources_only():
+    base = {
+        "input": {"path": "a", "prompt_column": "prompt", "read_batch_rows": 8},
+        "output": {"path": "o"},
+        "sampling": {"max_tokens": 10},
+        "resources": {"concurrency": 1},
+        "ray": {"address": None},
+    }
+    moved = json.loads(json.dumps(base))
+    moved["input"]["path"], moved["output"]["path"], moved["resources"]["concurrency"] = "s3://b/a", "o2", 8
+    assert config_fingerprint(base) == config_fingerprint(moved)
+    changed = json.loads(json.dumps(base))
+    changed["sampling"]["max_tokens"] = 11
+    assert config_fingerprint(base) != config_fingerprint(changed)
+
+
+def test_output_path_that_is_a_file(tmp_path):
+    (tmp_path / "f").write_text("x")
+    with pytest.raises(OutputError, match="is a file"):
+        OutputStore(str(tmp_path / "f")).check_writable_location()
+
+
+def output_schema():
+    return schema.output_schema(pa.schema([("prompt", pa.string())]))
+
+
+def scored_batch(sid, n, total=None, errors=0):
+    sch = output_schema()
+    rows = []
+    for i in range(n):
+        row = {f.name: None for f in sch}
+        row.update(
+            id=f"{sid}:{i}", prompt="p", flip_score=0.5, parse_status="raw_text", n_output_tokens=3, truncated=False
+        )
+        if i < errors:
+            row.update(flip_score=None, parse_status=None, error="response is empty")
+        rows.append(row | {schema.SHARD: sid, schema.SHARD_TOTAL: None, schema.SHARD_ERROR: None})
+    if total is not None:
+        rows.append(
+            {f.name: None for f in sch} | {schema.SHARD: sid, schema.SHARD_TOTAL: total, schema.SHARD_ERROR: None}
+        )
+    full = pa.schema(list(sch) + list(schema.CONTROL_COLUMNS))
+    return pa.Table.from_pylist(rows, schema=full)
+
+
+def test_tracker_commits_only_complete_shards_and_prunes_orphans(tmp_path):
+    store = OutputStore(str(tmp_path / "out"))
+    shards = [Shard("file:///a", "jsonl", "a.jsonl"), Shard("file:///b", "jsonl", "b.jsonl")]
+    sa, sb = (shard_id(s.key) for s in shards)
+    tracker = ShardTracker(store, shards, "attempt1", max_error_fraction=1.0, min_rows=1)
+    # A retried task's orphan part: written, never reported.
+    write_parts(scored_batch(sa, 2), output_uri=store.uri, output_schema=output_schema())
+    # The end marker can arrive before the last rows.
+    tracker.add(write_parts(scored_batch(sa, 3, total=5), output_uri=store.uri, output_schema=output_schema()))
+    assert store.done_records() == {}
+    tracker.add(write_parts(scored_batch(sa, 2, errors=1), output_uri=store.uri, output_schema=output_schema()))
+    tracker.add(write_parts(scored_batch(sb, 1), output_uri=store.uri, output_schema=output_schema()))
+    done = store.done_records()
+    assert list(done) == [sa]
+    assert done[sa]["rows"] == 5 and done[sa]["errors"] == 1 and done[sa]["attempt"] == "attempt1"
+    files = sorted(p.name for p in (tmp_path / "out" / "data" / sa).iterdir())
+    assert files == done[sa]["files"] and len(files) == 2  # the orphan is gone
+    assert pq.read_table(tmp_path / "out" / "data" / sa).num_rows == 5
+    counts = summarize(done)
+    assert counts["rows"] == 5 and counts["scored"] == 4 and counts["mean_flip_score"] == 0.5
+    assert counts["error_kinds"] == {"response is empty": 1}
+
+
+def test_error_budget_stops_with_a_clear_message(tmp_path):
+    store = OutputStore(str(tmp_path / "out"))
+    shards = [Shard("file:///a", "jsonl", "a.jsonl")]
+    tracker = ShardTracker(store, shards, "x", max_error_fraction=0.2, min_rows=4)
+    tracker.add(
+        write_parts(scored_batch(shard_id("a.jsonl"), 3, errors=3), output_uri=store.uri, output_schema=output_schema())
+    )
+    tracker.check_error_budget()  # under min_rows: no verdict yet
+    tracker.add(
+        write_parts(scored_batch(shard_id("a.jsonl"), 2, errors=1), output_uri=store.uri, output_schema=output_schema())
+    )
+    with pytest.raises(ErrorBudgetExceeded, match=r"4 of 5 rows \(80%\).*max_error_fraction=0.2.*'response is empty'"):
+        tracker.check_error_budget()
+
+
+def test_corrupt_parquet_is_a_shard_error_and_other_shards_go_on(tmp_path):
+    good = tmp_path / "good.parquet"
+    pq.write_table(pa.table({"prompt": ["p1", "p2"], "response": ["r1", "r2"]}), good)
+    bad = tmp_path / "bad.parquet"
+    bad.write_bytes(good.read_bytes()[: len(good.read_bytes()) // 2])  # truncated file
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("")
+    batch = pa.Table.from_pylist(
+        [
+            {"uri": str(p), "format": f, "key": p.name}
+            for p, f in ((bad, "parquet"), (empty, "jsonl"), (good, "parquet"))
+        ]
+    )
+    kept = pa.schema([("prompt", pa.string())])
+    blocks = list(read_shards(batch, mapping=ColumnMapping(keep=("prompt",)), kept=kept, batch_rows=10))
+    markers = [b.to_pylist()[0] for b in blocks if b.column(schema.SHARD_TOTAL).to_pylist()[0] is not None]
+    by_shard = {m[schema.SHARD]: m for m in markers}
+    assert "bad.parquet" in by_shard[shard_id("bad.parquet")][schema.SHARD_ERROR]
+    assert by_shard[shard_id("empty.jsonl")][schema.SHARD_TOTAL] == 0
+    assert by_shard[shard_id("good.parquet")][schema.SHARD_TOTAL] == 2
+    assert by_shard[shard_id("good.parquet")][schema.SHARD_ERROR] is None
+    data = [r for b in blocks for r in b.to_pylist() if r[schema.SHARD_TOTAL] is None]
+    assert [r["id"] for r in data] == ["good.parquet:0", "good.parquet:1"]
