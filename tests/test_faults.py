@@ -190,6 +190,7 @@ def test_s3_outage_mid_run(tmp_path, ray_local, embedded_model, s3_server):
     got = [i for f in files for i in pq.read_table(f, filesystem=fs, columns=["id"]).column("id").to_pylist()]
     assert len(got) == len(set(got)) and set(got) == ids, outcome
     assert manifest["complete"] and manifest["counts"]["rows"] == 18
+    print(f"s3 outage outcome: {outcome}")
 
 
 def test_error_budget_stops_and_keeps_finished_shards(tmp_path, ray_local, embedded_model):
