@@ -41,6 +41,7 @@ def format_summary(manifest: dict) -> str:
         f"  shards: {sh['done']}/{sh['total']} done ({sh['skipped_already_done']} skipped as already done, "
         f"{sh['scored_this_run']} scored now, {len(sh['failed'])} failed)",
         f"  mean flip_score {mean}   parse_status {c['parse_status']}",
+        f"  flagged {c['flagged']}   engine calls saved by dedup: {c['dedup_saved']}",
         f"  this run: {t['rows_this_run']} rows, {t['rows_per_s']} rows/s, {t['output_tokens_per_s']} output tokens/s "
         f"({t['pipeline_s']} s pipeline, {t['total_s']} s total)",
         f"  output: {manifest['output']['data']}  manifest: {manifest['output']['path']}/manifest.json",
@@ -69,6 +70,40 @@ def cmd_score(args: argparse.Namespace) -> int:
     return 1 if manifest["shards"]["failed"] else 0
 
 
+def cmd_filter(args: argparse.Namespace) -> int:
+    from flip_ray.config import FilterJobConfig
+    from flip_ray.downstream import run_filter
+
+    summary = run_filter(load_config(args.config, args.overrides, schema=FilterJobConfig))
+    print(
+        f"flip_ray filter ({summary['mode']}): kept {summary['kept']} of {summary['rows']} rows -> {summary['output']}"
+    )
+    for reason, n in summary["dropped"].items():
+        print(f"  dropped {n}: {reason}")
+    return 0
+
+
+def cmd_pairs(args: argparse.Namespace) -> int:
+    from flip_ray.config import PairsJobConfig
+    from flip_ray.downstream import run_pairs
+
+    summary = run_pairs(load_config(args.config, args.overrides, schema=PairsJobConfig))
+    print(
+        f"flip_ray pairs ({summary['strategy']}): {summary['pairs']} pairs from {summary['eligible']} eligible of "
+        f"{summary['rows']} rows -> {summary['output']}"
+    )
+    for reason, n in summary["dropped"].items():
+        print(f"  left out {n}: {reason}")
+    return 0
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from flip_ray.report import build_report
+
+    print(build_report(args.output))
+    return 0
+
+
 def cmd_prepare_model(args: argparse.Namespace) -> int:
     from flip_ray.model import prepare_default_model
 
@@ -84,6 +119,17 @@ def build_parser() -> argparse.ArgumentParser:
     score.add_argument("--config", help="YAML config (default: built-in defaults, embedded model on CPU)")
     score.add_argument("overrides", nargs="*", help="key=value overrides, e.g. input.path=data.jsonl")
     score.set_defaults(func=cmd_score)
+    for name, func, text in (
+        ("filter", cmd_filter, "keep scored rows by threshold, quantile, top-k or best-of-N"),
+        ("pairs", cmd_pairs, "build DPO preference pairs from scored rows"),
+    ):
+        p = sub.add_parser(name, help=text)
+        p.add_argument("--config", help="YAML config")
+        p.add_argument("overrides", nargs="*", help="key=value overrides, e.g. input.path=outputs/scored")
+        p.set_defaults(func=func)
+    rep = sub.add_parser("report", help="write an HTML report with plots for a scored output")
+    rep.add_argument("output", help="a scoring run's output.path")
+    rep.set_defaults(func=cmd_report)
     prep = sub.add_parser("prepare-model", help="convert the embedded SmolLM2-135M GGUF into an HF checkpoint")
     prep.add_argument("--dir", default=None, help="target directory (default: the flip_ray cache)")
     prep.add_argument("--force", action="store_true", help="rebuild even if already prepared")

@@ -55,6 +55,8 @@ class OutputConfig:
     # Replace an existing run in output.path. Without it, a rerun with the same config resumes
     # (finished shards are skipped) and a rerun with a different config is refused.
     overwrite: bool = False
+    # Write report/index.html with plots at the end of the run.
+    report: bool = True
 
 
 @dataclass
@@ -106,6 +108,24 @@ class ResourcesConfig:
 
 
 @dataclass
+class FlagsConfig:
+    # flag_restates_prompt: at least this share of the prompt copied verbatim, making up at least a
+    # third of the response.
+    copy_threshold: float = 0.6
+    # flag_too_short: fewer words than this.
+    min_response_words: int = 3
+
+
+@dataclass
+class DedupConfig:
+    # Identical (response, history) rows are sent to the engine once per engine actor; the copies
+    # reuse the answer. The FLIP prompt does not contain the instruction, so this also covers one
+    # response given to different prompts.
+    enabled: bool = True
+    cache_size: int = 100_000
+
+
+@dataclass
 class LimitsConfig:
     # Stop the job (keeping every finished shard) once more than this fraction of the rows seen in
     # this run have `error` set, counted after at least `min_rows_for_error_check` rows. 1.0 = never:
@@ -139,6 +159,8 @@ class ScoreConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     sampling: SamplingConfig = field(default_factory=SamplingConfig)
     resources: ResourcesConfig = field(default_factory=ResourcesConfig)
+    flags: FlagsConfig = field(default_factory=FlagsConfig)
+    dedup: DedupConfig = field(default_factory=DedupConfig)
     limits: LimitsConfig = field(default_factory=LimitsConfig)
     storage: StorageConfig = field(default_factory=StorageConfig)
     ray: RayConfig = field(default_factory=RayConfig)
@@ -245,6 +267,9 @@ def validate_score_config(cfg: DictConfig) -> None:
     _require(r.similarity_concurrency >= 1, "`resources.similarity_concurrency` must be >= 1")
     _require(r.similarity_batch_size >= 1, "`resources.similarity_batch_size` must be >= 1")
     _require(r.num_gpus is None or r.num_gpus >= 0, "`resources.num_gpus` must be >= 0")
+    _require(0 < cfg.flags.copy_threshold <= 1, "`flags.copy_threshold` must be in (0, 1]")
+    _require(cfg.flags.min_response_words >= 0, "`flags.min_response_words` must be >= 0")
+    _require(cfg.dedup.cache_size >= 1, "`dedup.cache_size` must be >= 1")
     lim = cfg.limits
     _require(0 <= lim.max_error_fraction <= 1, "`limits.max_error_fraction` must be in [0, 1]")
     _require(lim.min_rows_for_error_check >= 1, "`limits.min_rows_for_error_check` must be >= 1")
@@ -258,3 +283,120 @@ def to_yaml(cfg: DictConfig) -> str:
 
 def to_dict(cfg: DictConfig) -> dict:
     return OmegaConf.to_container(cfg, resolve=True)
+
+
+@dataclass
+class ScoredInputConfig:
+    # A scoring run's output.path (or its data/ directory), local or s3://.
+    path: str = MISSING
+
+
+@dataclass
+class ColumnsConfig:
+    # Column names in the scored output; None: taken from the scoring run's config.
+    prompt: str | None = None
+    response: str | None = None
+    messages: str | None = None
+    id: str = "id"
+    # Column that groups responses to the same prompt; None: a hash of the prompt text (or chat).
+    prompt_key: str | None = None
+    score: str = "flip_score"
+
+
+@dataclass
+class SelectionOutputConfig:
+    path: str = MISSING
+    format: str = "parquet"  # parquet | jsonl
+    overwrite: bool = False
+
+
+@dataclass
+class EligibilityConfig:
+    # Rows with `error` set are left out unless this is true.
+    include_errors: bool = False
+    # Rows with any of these flags set are left out.
+    exclude_flags: list[str] = field(
+        default_factory=lambda: ["flag_restates_prompt", "flag_too_short", "flag_language_mismatch"]
+    )
+
+
+@dataclass
+class FilterConfig:
+    # threshold: score >= threshold; quantile: score >= the score at this global quantile;
+    # top_k: the k best responses per prompt; best_of_n: the best response per prompt.
+    mode: str = "threshold"
+    threshold: float = 0.2
+    quantile: float = 0.5
+    top_k: int = 1
+
+
+@dataclass
+class FilterJobConfig:
+    input: ScoredInputConfig = field(default_factory=ScoredInputConfig)
+    output: SelectionOutputConfig = field(default_factory=SelectionOutputConfig)
+    columns: ColumnsConfig = field(default_factory=ColumnsConfig)
+    eligibility: EligibilityConfig = field(default_factory=EligibilityConfig)
+    filter: FilterConfig = field(default_factory=FilterConfig)
+    ray: RayConfig = field(default_factory=RayConfig)
+
+
+@dataclass
+class PairsConfig:
+    # best_vs_worst | all_pairs | best_vs_random
+    strategy: str = "best_vs_worst"
+    min_margin: float = 0.0
+    max_pairs_per_prompt: int | None = None
+    seed: int = 0
+
+
+@dataclass
+class PairsJobConfig:
+    input: ScoredInputConfig = field(default_factory=ScoredInputConfig)
+    output: SelectionOutputConfig = field(default_factory=SelectionOutputConfig)
+    columns: ColumnsConfig = field(default_factory=ColumnsConfig)
+    eligibility: EligibilityConfig = field(default_factory=EligibilityConfig)
+    pairs: PairsConfig = field(default_factory=PairsConfig)
+    ray: RayConfig = field(default_factory=RayConfig)
+
+
+FILTER_MODES = ("threshold", "quantile", "top_k", "best_of_n")
+OUTPUT_FORMATS = ("parquet", "jsonl")
+FLAG_NAMES = ("flag_restates_prompt", "flag_too_short", "flag_language_mismatch")
+
+
+def _validate_selection(cfg: DictConfig) -> None:
+    for key in ("input.path", "output.path"):
+        _require(bool(OmegaConf.select(cfg, key)), f"`{key}` is required: pass it as an override ({key}=...)")
+    _require(cfg.output.format in OUTPUT_FORMATS, f"`output.format` must be one of {OUTPUT_FORMATS}")
+    unknown = [f for f in cfg.eligibility.exclude_flags if f not in FLAG_NAMES]
+    _require(not unknown, f"`eligibility.exclude_flags` has unknown flags {unknown}; known: {FLAG_NAMES}")
+
+
+def validate_filter_config(cfg: DictConfig) -> None:
+    _validate_selection(cfg)
+    f = cfg.filter
+    _require(f.mode in FILTER_MODES, f"`filter.mode` must be one of {FILTER_MODES}, got {f.mode!r}")
+    _require(0 <= f.quantile <= 1, "`filter.quantile` must be in [0, 1]")
+    _require(f.top_k >= 1, "`filter.top_k` must be >= 1")
+
+
+def validate_pairs_config(cfg: DictConfig) -> None:
+    from flip_ray.selection import STRATEGIES
+
+    _validate_selection(cfg)
+    p = cfg.pairs
+    _require(p.strategy in STRATEGIES, f"`pairs.strategy` must be one of {STRATEGIES}, got {p.strategy!r}")
+    _require(p.min_margin >= 0, "`pairs.min_margin` must be >= 0")
+    _require(p.max_pairs_per_prompt is None or p.max_pairs_per_prompt >= 1, "`pairs.max_pairs_per_prompt` must be >= 1")
+
+
+JOB_SCHEMAS = {"score": ScoreConfig, "filter": FilterJobConfig, "pairs": PairsJobConfig}
+
+
+def schema_for_yaml(path: str | Path) -> type:
+    """The schema of a YAML in configs/, from the job its first line runs (`jobs/<job>.py`)."""
+    first = Path(path).read_text().splitlines()[0] if Path(path).is_file() else ""
+    for job, schema in JOB_SCHEMAS.items():
+        if f"jobs/{job}.py" in first or f"flip-ray {job}" in first:
+            return schema
+    return ScoreConfig

@@ -17,7 +17,10 @@ from flip_ray.metrics import tokens
 # Function words that tell common Latin-script languages apart. A text is assigned the language
 # whose words make up the largest share of its tokens, if that share is large enough.
 _STOPWORDS = {
-    "en": set("the and of to is in that it for you with on are this be as was have not what how can do".split()),
+    "en": set(
+        "the a an and of to is in that it for you with on are this be as was have not what how can do does i me my "
+        "your who where when why which should will would from about please write give tell".split()
+    ),
     "fr": set("le la les et des est un une du que pour dans pas sur vous ce qui au avec sont une il elle".split()),
     "es": set("el la los las y de que en un una es por para con no se del al lo como su más pero".split()),
     "de": set("der die das und ist nicht ein eine zu den mit von sich des auf für im dem sie es ich".split()),
@@ -92,8 +95,18 @@ def language_mismatch(prompt: str, response: str) -> bool:
     if ps != rs:
         return True
     if ps == "LATIN":
-        pl, rl = language_of(_WORD.findall(prompt.lower())), language_of(_WORD.findall(response.lower()))
-        return pl is not None and rl is not None and pl != rl
+        pw, rw = _WORD.findall(prompt.lower()), _WORD.findall(response.lower())
+        rl = language_of(rw)
+        if rl is None:
+            return False
+        pl = language_of(pw)
+        if pl is not None:
+            return pl != rl
+        # A prompt too short to classify: a mismatch when it has function words of another
+        # language and none of the response's.
+        words = set(pw)
+        others = any(len(words & stop) >= 2 for lang, stop in _STOPWORDS.items() if lang != rl)
+        return others and not (words & _STOPWORDS[rl])
     return False
 
 

@@ -259,6 +259,7 @@ def engine_stage_kwargs(cfg: DictConfig, device: str, model_path: str | None) ->
         seed=s.seed,
         n=s.n,
         chat_template_kwargs=to_dict_plain(m.chat_template_kwargs),
+        dedup_cache_size=cfg.dedup.cache_size if cfg.dedup.enabled else 0,
     )
 
 
@@ -305,7 +306,12 @@ def build_dataset(plan: RunPlan, cfg: DictConfig, device: str, model_path: str |
     )
     scored = inferred.map_batches(
         SimilarityStage,
-        fn_constructor_kwargs=dict(aggregate=cfg.sampling.aggregate, output_schema=plan.output_schema),
+        fn_constructor_kwargs=dict(
+            aggregate=cfg.sampling.aggregate,
+            output_schema=plan.output_schema,
+            copy_threshold=cfg.flags.copy_threshold,
+            min_response_words=cfg.flags.min_response_words,
+        ),
         batch_size=r.similarity_batch_size,
         batch_format="pyarrow",
         concurrency=r.similarity_concurrency,
@@ -341,7 +347,7 @@ def find_duplicate_ids(plan: RunPlan, cfg: DictConfig, limit: int = 5) -> list[t
     return [(r[schema.ID], r["count()"]) for r in repeated.take(limit)]
 
 
-_SUMMED = ("rows", "scored", "errors", "score_sum", "output_tokens", "truncated")
+_SUMMED = ("rows", "scored", "errors", "score_sum", "output_tokens", "truncated", "dedup_saved")
 
 
 def _merge_counts(into: dict, encoded: str | dict | None) -> None:
@@ -376,6 +382,7 @@ class ShardTracker:
                 "files": [],
                 "parse_status": {},
                 "error_kinds": {},
+                "flagged": {},
                 "total": None,
             }
         return self.open[sid]
@@ -393,6 +400,7 @@ class ShardTracker:
                 for k in _SUMMED:
                     entry[k] += m[k]
                 _merge_counts(entry["parse_status"], m["parse_status"])
+                _merge_counts(entry["flagged"], m["flagged"])
                 _merge_counts(entry["error_kinds"], m["error_kinds"])
                 _merge_counts(self.error_kinds, m["error_kinds"])
                 self.rows += m["rows"]
@@ -411,6 +419,7 @@ class ShardTracker:
             **{k: entry[k] for k in _SUMMED},
             "parse_status": entry["parse_status"],
             "error_kinds": entry["error_kinds"],
+            "flagged": entry["flagged"],
             "files": sorted(entry["files"]),
             "attempt": self.attempt,
             "finished_at": time.time(),
@@ -435,16 +444,19 @@ def summarize(done: dict[str, dict]) -> dict:
     totals = {k: 0 for k in _SUMMED}
     parse_status: dict[str, int] = {}
     error_kinds: dict[str, int] = {}
+    flagged: dict[str, int] = {}
     for record in done.values():
         for k in _SUMMED:
-            totals[k] += record[k]
+            totals[k] += record.get(k, 0)
         _merge_counts(parse_status, record["parse_status"])
+        _merge_counts(flagged, record.get("flagged"))
         _merge_counts(error_kinds, record["error_kinds"])
     score_sum = totals.pop("score_sum")
     return {
         **totals,
         "error_kinds": dict(sorted(error_kinds.items(), key=lambda kv: -kv[1])),
         "parse_status": dict(sorted(parse_status.items())),
+        "flagged": dict(sorted(flagged.items())),
         "mean_flip_score": score_sum / totals["scored"] if totals["scored"] else None,
     }
 
@@ -570,4 +582,11 @@ def run_score(cfg: DictConfig) -> dict:
         "notes": plan.notes,
     }
     store.write_json(manifest, MANIFEST)
+    if cfg.output.report and done:
+        from flip_ray.report import build_report
+
+        try:
+            manifest["report"] = build_report(store.uri)
+        except Exception as e:  # a plot failure must not fail a finished run
+            logger.warning("could not write the run report: %s", e)
     return manifest

@@ -20,8 +20,14 @@ SHARD = "_flip_shard"  # id of the shard the row came from (store.shard_id)
 # SHARD_ERROR = why it could not be read to the end, if so. Stages pass markers through untouched.
 SHARD_TOTAL = "_flip_shard_total"
 SHARD_ERROR = "_flip_shard_error"
+DEDUP = "_flip_dedup"  # true when the engine result was reused from an identical earlier row
 CONTROL_COLUMNS = pa.schema(
-    [pa.field(SHARD, pa.string()), pa.field(SHARD_TOTAL, pa.int64()), pa.field(SHARD_ERROR, pa.string())]
+    [
+        pa.field(SHARD, pa.string()),
+        pa.field(SHARD_TOTAL, pa.int64()),
+        pa.field(SHARD_ERROR, pa.string()),
+        pa.field(DEDUP, pa.bool_()),
+    ]
 )
 
 FLIP_COLUMNS = pa.schema(
@@ -36,6 +42,11 @@ FLIP_COLUMNS = pa.schema(
         pa.field("n_prompt_tokens", pa.int64()),
         pa.field("n_output_tokens", pa.int64()),
         pa.field("truncated", pa.bool_()),
+        pa.field("prompt_copy_fraction", pa.float64()),
+        pa.field("response_words", pa.int64()),
+        pa.field("flag_restates_prompt", pa.bool_()),
+        pa.field("flag_too_short", pa.bool_()),
+        pa.field("flag_language_mismatch", pa.bool_()),
         pa.field("error", pa.string()),
     ]
 )
@@ -66,6 +77,8 @@ PART_META = pa.schema(
         pa.field("score_sum", pa.float64()),
         pa.field("output_tokens", pa.int64()),
         pa.field("truncated", pa.int64()),
+        pa.field("dedup_saved", pa.int64()),
+        pa.field("flagged", pa.string()),  # JSON object: flag -> count
         pa.field("parse_status", pa.string()),  # JSON object: status -> count
         pa.field("error_kinds", pa.string()),  # JSON object: error kind -> count
         pa.field("total", pa.int64()),  # marker only

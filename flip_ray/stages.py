@@ -23,10 +23,12 @@ the engine.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import re
 import uuid
+from collections import OrderedDict
 from collections.abc import Iterator
 
 import fsspec
@@ -52,7 +54,7 @@ def conform(table: pa.Table, target: pa.Schema, sid: str) -> pa.Table:
     for f in target:
         if f.name == schema.SHARD:
             columns[f.name] = pa.array([sid] * n, f.type)
-        elif f.name in (schema.SHARD_TOTAL, schema.SHARD_ERROR):
+        elif f.name in (schema.SHARD_TOTAL, schema.SHARD_ERROR, schema.DEDUP):
             columns[f.name] = pa.nulls(n, f.type)
         elif f.name in table.column_names:
             columns[f.name] = table.column(f.name).cast(f.type)
@@ -124,6 +126,8 @@ class BackwardInferenceStage:
         dtype, max_model_len, tensor_parallel_size, gpu_memory_utilization, enable_prefix_caching,
         enforce_eager, trust_remote_code: vLLM engine arguments.
         temperature, top_p, max_tokens, seed, n: Sampling parameters.
+        dedup_cache_size: Answers remembered per actor for identical (response, history) rows;
+            0 turns deduplication off.
     """
 
     def __init__(
@@ -143,8 +147,12 @@ class BackwardInferenceStage:
         seed: int,
         n: int,
         chat_template_kwargs: dict | None = None,
+        dedup_cache_size: int = 0,
     ):
         from flip_ray.engine import FlipGenerator, build_llm
+
+        self.cache: OrderedDict[str, object] = OrderedDict()
+        self.cache_size = dedup_cache_size
 
         if model is None:
             from flip_ray.model import prepare_default_model
@@ -179,19 +187,21 @@ class BackwardInferenceStage:
         todo = _work_rows(batch)
         responses = batch.column(schema.RESPONSE).to_pylist()
         contexts = batch.column(schema.CONTEXT).to_pylist()
-        generations = self.generator.generate(
-            [responses[i] for i in todo], [json.loads(contexts[i]) if contexts[i] else None for i in todo]
-        )
+        results, reused = self._generate_deduplicated(todo, responses, contexts)
         n = batch.num_rows
         cols: dict[str, list] = {name: [None] * n for name in schema.ENGINE_COLUMNS.names}
         cols["error"] = list(errors)
-        for i, g in zip(todo, generations, strict=False):
+        dedup = [None] * n
+        for i in todo:
+            g = results[i]
             cols[schema.GENERATIONS][i] = g.texts
             cols["finish_reason"][i] = g.finish_reason
             cols["n_prompt_tokens"][i] = g.n_prompt_tokens
-            cols["n_output_tokens"][i] = g.n_output_tokens
+            cols["n_output_tokens"][i] = 0 if i in reused else g.n_output_tokens
             cols["truncated"][i] = g.truncated
             cols["error"][i] = g.error
+            dedup[i] = i in reused
+        batch = batch.set_column(batch.schema.get_field_index(schema.DEDUP), schema.DEDUP, pa.array(dedup, pa.bool_()))
         for f in schema.ENGINE_COLUMNS:
             array = pa.array(cols[f.name], f.type)
             if f.name in batch.column_names:
@@ -199,6 +209,37 @@ class BackwardInferenceStage:
             else:
                 batch = batch.append_column(f, array)
         return batch
+
+    def _generate_deduplicated(self, todo: list[int], responses: list, contexts: list):
+        """Engine answers for rows `todo`; rows whose (response, history) was already answered by
+        this actor, or appears earlier in the batch, reuse that answer. Returns (answers by row,
+        rows that reused)."""
+        keys = {i: hashlib.sha1(f"{contexts[i] or ''}\x1f{responses[i]}".encode()).hexdigest() for i in todo}
+        results, reused, first_of = {}, set(), {}
+        for i in todo:
+            k = keys[i]
+            if self.cache_size and k in self.cache:
+                self.cache.move_to_end(k)
+                results[i] = self.cache[k]
+                reused.add(i)
+            elif self.cache_size and k in first_of:
+                reused.add(i)
+            else:
+                first_of[k] = i
+        fresh = list(first_of.values())
+        generations = self.generator.generate(
+            [responses[i] for i in fresh], [json.loads(contexts[i]) if contexts[i] else None for i in fresh]
+        )
+        for i, g in zip(fresh, generations, strict=True):
+            results[i] = g
+            if self.cache_size and g.error is None:
+                self.cache[keys[i]] = g
+                if len(self.cache) > self.cache_size:
+                    self.cache.popitem(last=False)
+        for i in todo:
+            if i not in results:
+                results[i] = results[first_of[keys[i]]]
+        return results, reused
 
 
 class SimilarityStage:
@@ -208,26 +249,49 @@ class SimilarityStage:
     Args:
         aggregate: How F1 over n samples is combined (`mean` or `max`).
         output_schema: The schema every output block is cast to.
+        copy_threshold, min_response_words: Thresholds of the reward-hacking flags (`flags.py`).
     """
 
-    def __init__(self, *, aggregate: str, output_schema: pa.Schema):
+    def __init__(
+        self,
+        *,
+        aggregate: str,
+        output_schema: pa.Schema,
+        copy_threshold: float = 0.6,
+        min_response_words: int = 3,
+    ):
         self.aggregate = aggregate
         self.output_schema = output_schema
+        self.copy_threshold = copy_threshold
+        self.min_response_words = min_response_words
 
     def __call__(self, batch: pa.Table) -> pa.Table:
+        from flip_ray.flags import Flags, compute_flags
         from flip_ray.scoring import score_generations
 
         _require_columns(
-            "SimilarityStage", batch, [schema.INSTRUCTION, schema.GENERATIONS, "error", schema.SHARD_TOTAL]
+            "SimilarityStage",
+            batch,
+            [schema.INSTRUCTION, schema.RESPONSE, schema.GENERATIONS, "error", schema.SHARD_TOTAL],
         )
         n = batch.num_rows
         errors = _errors(batch)
         work = set(_work_rows(batch))
         instructions = batch.column(schema.INSTRUCTION).to_pylist()
         generations = batch.column(schema.GENERATIONS).to_pylist()
+        responses = batch.column(schema.RESPONSE).to_pylist()
         names = ["inferred_instruction", "reasoning", "flip_score", "flip_precision", "flip_recall", "parse_status"]
-        cols: dict[str, list] = {name: [None] * n for name in names}
+        cols: dict[str, list] = {name: [None] * n for name in [*names, *Flags._fields]}
         for i in range(n):
+            if instructions[i] is not None and responses[i] is not None:
+                flags = compute_flags(
+                    instructions[i],
+                    responses[i],
+                    copy_threshold=self.copy_threshold,
+                    min_response_words=self.min_response_words,
+                )
+                for name, value in zip(Flags._fields, flags, strict=True):
+                    cols[name][i] = value
             if i not in work:
                 continue
             if not generations[i]:
@@ -252,6 +316,7 @@ class SimilarityStage:
 
 
 _NUMBERS = re.compile(r"\d+")
+FLAG_NAMES = ("flag_restates_prompt", "flag_too_short", "flag_language_mismatch")
 
 
 def error_kind(message: str) -> str:
@@ -271,6 +336,7 @@ def _counts(values: list) -> str:
 def part_stats(table: pa.Table) -> dict:
     """Counts of one part file, summed by the driver into done records and the manifest."""
     d = table.select(["error", "flip_score", "n_output_tokens", "truncated", "parse_status"]).to_pydict()
+    flagged = {f: sum(bool(v) for v in table.column(f).to_pylist()) for f in FLAG_NAMES}
     scores = [s for s in d["flip_score"] if s is not None]
     return {
         "rows": table.num_rows,
@@ -279,6 +345,7 @@ def part_stats(table: pa.Table) -> dict:
         "score_sum": float(sum(scores)),
         "output_tokens": sum(t or 0 for t in d["n_output_tokens"]),
         "truncated": sum(bool(t) for t in d["truncated"]),
+        "flagged": json.dumps(flagged, sort_keys=True),
         "parse_status": _counts(d["parse_status"]),
         "error_kinds": _counts([error_kind(e) if e is not None else None for e in d["error"]]),
     }
@@ -303,5 +370,6 @@ def write_parts(batch: pa.Table, *, output_uri: str, output_schema: pa.Schema) -
         part = batch.take(pa.array(idx)).select(output_schema.names).cast(output_schema)
         name = f"part-{uuid.uuid4().hex}.parquet"
         write_bytes_durably(fs, f"{root.rstrip('/')}/{DATA}/{sid}/{name}", parquet_bytes(part))
-        meta.append({"shard_id": sid, "file": name, **part_stats(part)})
+        saved = sum(bool(batch.column(schema.DEDUP)[i].as_py()) for i in idx)
+        meta.append({"shard_id": sid, "file": name, "dedup_saved": saved, **part_stats(part)})
     return pa.Table.from_pylist(meta, schema=schema.PART_META)

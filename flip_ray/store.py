@@ -49,6 +49,7 @@ _FINGERPRINT_EXCLUDES = {
     "ray": None,
     "storage": None,
     "limits": None,
+    "dedup": None,
 }
 
 

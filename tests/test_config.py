@@ -3,7 +3,23 @@ from pathlib import Path
 import pytest
 from omegaconf import OmegaConf
 
-from flip_ray.config import ConfigError, ScoreConfig, load_config, validate_score_config
+from flip_ray.config import (
+    ConfigError,
+    FilterJobConfig,
+    PairsJobConfig,
+    ScoreConfig,
+    load_config,
+    schema_for_yaml,
+    validate_filter_config,
+    validate_pairs_config,
+    validate_score_config,
+)
+
+VALIDATORS = {
+    ScoreConfig: validate_score_config,
+    FilterJobConfig: validate_filter_config,
+    PairsJobConfig: validate_pairs_config,
+}
 
 CONFIGS = sorted(Path("configs").glob("*.yaml"))
 
@@ -16,9 +32,10 @@ def test_there_are_configs():
 def test_every_yaml_loads_through_the_schema(path):
     text = path.read_text()
     assert text.startswith("# Run:"), f"{path} must begin with the command that runs it"
-    cfg = load_config(path)
+    schema = schema_for_yaml(path)
+    cfg = load_config(path, schema=schema)
     if not OmegaConf.missing_keys(cfg):
-        validate_score_config(cfg)
+        VALIDATORS[schema](cfg)
 
 
 def test_defaults_need_only_paths():
@@ -87,3 +104,17 @@ def test_schema_has_fixed_keys():
     cfg = OmegaConf.structured(ScoreConfig)
     # Declared, and required (MISSING) until a YAML or override sets them.
     assert OmegaConf.is_missing(cfg.input, "path") and OmegaConf.is_missing(cfg.output, "path")
+
+
+def test_filter_and_pairs_configs_refuse_bad_values():
+    cfg = load_config(None, ["input.path=x", "output.path=y", "filter.mode=median"], schema=FilterJobConfig)
+    with pytest.raises(ConfigError, match="filter.mode"):
+        validate_filter_config(cfg)
+    cfg = load_config(None, ["input.path=x", "output.path=y", "pairs.strategy=nope"], schema=PairsJobConfig)
+    with pytest.raises(ConfigError, match="pairs.strategy"):
+        validate_pairs_config(cfg)
+    cfg = load_config(
+        None, ["input.path=x", "output.path=y", "eligibility.exclude_flags=[flag_typo]"], schema=PairsJobConfig
+    )
+    with pytest.raises(ConfigError, match="flag_typo"):
+        validate_pairs_config(cfg)
