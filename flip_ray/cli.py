@@ -46,6 +46,8 @@ def format_summary(manifest: dict) -> str:
         f"({t['pipeline_s']} s pipeline, {t['total_s']} s total)",
         f"  output: {manifest['output']['data']}  manifest: {manifest['output']['path']}/manifest.json",
     ]
+    if manifest.get("report"):
+        lines.append(f"  report: {manifest['report']}")
     for kind, count in list(c["error_kinds"].items())[:5]:
         lines.append(f"  error x{count}: {kind}")
     for failure in sh["failed"]:
