@@ -587,6 +587,7 @@ def run_score(cfg: DictConfig) -> dict:
 
         try:
             manifest["report"] = build_report(store.uri)
+            store.write_json(manifest, MANIFEST)
         except Exception as e:  # a plot failure must not fail a finished run
             logger.warning("could not write the run report: %s", e)
     return manifest
