@@ -29,7 +29,13 @@ _STOPWORDS = {
     "nl": set("de het een en van is dat niet op te in voor met zijn er aan ook als maar om dan".split()),
 }
 _MIN_WORDS_FOR_LANGUAGE = 8
+# Letters looked at to decide a script, and words to guess a language: enough for a clear majority,
+# and flags stay cheap on long responses.
+_SCRIPT_SAMPLE = 2000
+_LANGUAGE_SAMPLE = 400
 _WORD = re.compile(r"\w+")
+_ASCII_LETTER = re.compile(r"[A-Za-z]")
+_NON_ASCII = re.compile(r"[^\x00-\x7f]")
 _MIN_STOPWORD_SHARE = 0.08
 
 
@@ -60,8 +66,12 @@ def copied_fraction(prompt_tokens: list[str], response_tokens: list[str], min_ru
 
 def script_of(text: str) -> str | None:
     """The dominant Unicode script of the letters in `text` (LATIN, CYRILLIC, CJK, ...), or None."""
+    text = text[: _SCRIPT_SAMPLE * 4]
     counts: dict[str, int] = {}
-    for ch in text:
+    ascii_letters = len(_ASCII_LETTER.findall(text))  # C speed for the common case
+    if ascii_letters:
+        counts["LATIN"] = ascii_letters
+    for ch in _NON_ASCII.findall(text):
         if not ch.isalpha():
             continue
         name = unicodedata.name(ch, "")
@@ -95,7 +105,8 @@ def language_mismatch(prompt: str, response: str) -> bool:
     if ps != rs:
         return True
     if ps == "LATIN":
-        pw, rw = _WORD.findall(prompt.lower()), _WORD.findall(response.lower())
+        pw = _WORD.findall(prompt.lower())[:_LANGUAGE_SAMPLE]
+        rw = _WORD.findall(response[: _LANGUAGE_SAMPLE * 12].lower())[:_LANGUAGE_SAMPLE]
         rl = language_of(rw)
         if rl is None:
             return False

@@ -3,7 +3,8 @@
 SQuAD-style normalisation: lowercase, delete ASCII punctuation, replace the articles a/an/the with a
 space, collapse whitespace. Precision and recall count shared tokens with multiplicity; with no
 shared token all three are 0. The implementation is the same algorithm with the per-character
-generator replaced by `str.translate` and a precompiled regex (same output, several times faster);
+generator replaced by a byte-level deletion and a precompiled regex (same output, several times
+faster);
 `tests/test_metrics.py` checks parity against a direct, unoptimised implementation of that algorithm.
 """
 
@@ -15,6 +16,7 @@ from collections import Counter
 from typing import NamedTuple
 
 _PUNCT_TABLE = str.maketrans("", "", string.punctuation)
+_PUNCT_BYTES = string.punctuation.encode()
 _ARTICLES = re.compile(r"\b(a|an|the)\b")
 
 
@@ -27,20 +29,52 @@ class F1(NamedTuple):
 ZERO = F1(0.0, 0.0, 0.0)
 
 
+def _strip_punctuation(lowered: str) -> str:
+    # ASCII punctuation bytes never occur inside a multi-byte UTF-8 sequence, so deleting them from
+    # the encoded bytes equals deleting the characters, and bytes.translate runs at C speed
+    # (str.translate with deletions does not).
+    return lowered.encode("utf-8", "surrogatepass").translate(None, _PUNCT_BYTES).decode("utf-8", "surrogatepass")
+
+
 def normalize_answer(text: str) -> str:
     """Lowercase, strip punctuation, drop articles and collapse whitespace (SQuAD normalisation)."""
-    return " ".join(_ARTICLES.sub(" ", text.lower().translate(_PUNCT_TABLE)).split())
+    return " ".join(_ARTICLES.sub(" ", _strip_punctuation(text.lower())).split())
+
+
+_ARTICLE_WORDS = frozenset(("a", "an", "the"))
+_NON_WORD = re.compile(r"[^\w\s]")
 
 
 def tokens(text: str) -> list[str]:
-    return normalize_answer(text).split()
+    """`normalize_answer(text).split()`, computed per token.
+
+    After punctuation removal, a token made only of word characters (`str.isalnum`, which is what
+    the regex's `\\w` means) can hold an article only as the whole token; other tokens (with, say, an
+    em dash inside) go through the reference regex. Same result, without rebuilding the string.
+    """
+    stripped = _strip_punctuation(text.lower())
+    words = stripped.split()
+    if _NON_WORD.search(stripped) is None:  # the common case: plain words only
+        return [w for w in words if w not in _ARTICLE_WORDS]
+    out: list[str] = []
+    for w in words:
+        if w.isalnum():
+            if w not in _ARTICLE_WORDS:
+                out.append(w)
+        else:
+            out.extend(_ARTICLES.sub(" ", w).split())
+    return out
 
 
 def f1_from_tokens(pred: list[str], ref: list[str]) -> F1:
     if not pred or not ref:
         return ZERO
-    common = Counter(pred) & Counter(ref)
-    num_same = sum(common.values())
+    pred_counts, ref_counts = Counter(pred), Counter(ref)
+    # Loop over the shared words only (a C-level key intersection), not over every word.
+    num_same = 0
+    for w in pred_counts.keys() & ref_counts.keys():
+        a, b = pred_counts[w], ref_counts[w]
+        num_same += a if a < b else b
     if num_same == 0:
         return ZERO
     precision = num_same / len(pred)

@@ -104,3 +104,14 @@ def test_real_text_pairs_match_reference():
     for r in rows:
         for a, b in ((r["response"], r["prompt"]), (r["prompt"], r["response"][:200])):
             assert tuple(f1_score(a, b)) == pytest.approx(reference_f1(a, b), abs=1e-15)
+
+
+def test_fast_tokens_equal_the_normalised_split():
+    from flip_ray.metrics import tokens
+
+    rng = random.Random(99)
+    alphabet = list("aAnNtThHeE _-—–“”…’'.,!?0123456789 ") + ["é", "ß", "İ", "ǅ", "\u0301", "汉", "字", "©", "\u00a0"]
+    cases = ["the—end", "a“quote”", "x_the", "the", "An", "THE_A", "théâtre", "a\u0301", "ǅthe", "the…an a"]
+    cases += ["".join(rng.choice(alphabet) for _ in range(rng.randint(0, 30))) for _ in range(20000)]
+    for text in cases:
+        assert tokens(text) == reference_normalize(text).split(), repr(text)

@@ -1,0 +1,136 @@
+"""Streaming memory: peak RSS of the driver and of the whole Ray node for 10k, 100k and 1M rows,
+with the engine replaced by a cheap stand-in (`standin.py`; the shipped job never does this).
+
+    .venv/bin/python benchmarks/streaming_memory.py [--rows 10000,100000,1000000]
+
+Input: Parquet shards of 50k rows built from ../shared/data AlpacaEval outputs (responses cut to 600
+characters), unique ids. Each size runs in a fresh process that starts its own local Ray; a thread
+samples the RSS of that process and of every process under it (raylet, workers, object store).
+Target: driver peak at 1M <= 1.2x the peak at 10k, i.e. no stage materialises the dataset.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import gzip
+import json
+import os
+import resource
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+HERE = Path(__file__).resolve().parent
+DATA = HERE.parents[1] / "shared" / "data"
+SHARD_ROWS = 50_000
+
+
+def make_input(directory: Path, rows: int) -> None:
+    with gzip.open(DATA / "alpacaeval_outputs" / "data.jsonl.gz", "rt") as f:
+        base = [json.loads(line) for line in f]
+    directory.mkdir(parents=True, exist_ok=True)
+    written = 0
+    while written < rows:
+        n = min(SHARD_ROWS, rows - written)
+        chunk = [base[(written + i) % len(base)] for i in range(n)]
+        table = pa.table(
+            {
+                "id": [f"row-{written + i}" for i in range(n)],
+                "prompt": [r["prompt"] for r in chunk],
+                "response": [r["response"][:600] for r in chunk],
+                "model": [r["model"] for r in chunk],
+            }
+        )
+        pq.write_table(table, directory / f"part-{written // SHARD_ROWS:05d}.parquet")
+        written += n
+
+
+def child(input_dir: str, output_dir: str) -> None:
+    import psutil
+
+    sys.path.insert(0, str(HERE))
+    import standin
+
+    standin.install()
+    from flip_ray.config import load_config
+    from flip_ray.pipeline import run_score
+
+    me = psutil.Process()
+    peak = {"node": 0}
+    stop = threading.Event()
+
+    def sample():
+        while not stop.is_set():
+            total = 0
+            for p in [me, *me.children(recursive=True)]:
+                with contextlib.suppress(psutil.Error):
+                    total += p.memory_info().rss
+            peak["node"] = max(peak["node"], total)
+            time.sleep(0.5)
+
+    t = threading.Thread(target=sample, daemon=True)
+    t.start()
+    cfg = load_config(
+        None,
+        [
+            f"input.path={input_dir}",
+            f"output.path={output_dir}",
+            "input.id_column=id",
+            "input.check_duplicate_ids=false",
+            "model.device=cpu",
+            "resources.batch_size=1024",
+            "output.report=false",
+        ],
+    )
+    t0 = time.perf_counter()
+    manifest = run_score(cfg)
+    elapsed = time.perf_counter() - t0
+    stop.set()
+    t.join()
+    result = {
+        "rows": manifest["counts"]["rows"],
+        "seconds": elapsed,
+        "driver_peak_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        "node_peak_mib": peak["node"] / 2**20,
+    }
+    print("RESULT " + json.dumps(result), flush=True)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--rows", default="10000,100000,1000000")
+    parser.add_argument("--child", nargs=2, metavar=("INPUT", "OUTPUT"))
+    args = parser.parse_args()
+    if args.child:
+        child(*args.child)
+        return
+    results = []
+    for rows in (int(x) for x in args.rows.split(",")):
+        with tempfile.TemporaryDirectory(dir=os.environ.get("TMPDIR", "/tmp")) as tmp:
+            make_input(Path(tmp) / "in", rows)
+            cmd = [sys.executable, __file__, "--child", f"{tmp}/in", f"{tmp}/out"]
+            env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0"}
+            out = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=3600)
+            line = next((x for x in out.stdout.splitlines() if x.startswith("RESULT ")), None)
+            if line is None:
+                raise RuntimeError(out.stdout[-3000:] + out.stderr[-3000:])
+            r = json.loads(line[7:])
+            results.append(r)
+            print(
+                f"{r['rows']:>9,} rows: {r['seconds']:7.1f} s ({r['rows'] / r['seconds']:,.0f} rows/s), "
+                f"driver peak {r['driver_peak_mib']:,.0f} MiB, node peak {r['node_peak_mib']:,.0f} MiB",
+                flush=True,
+            )
+    if len(results) > 1:
+        print(f"driver peak, largest / smallest: {results[-1]['driver_peak_mib'] / results[0]['driver_peak_mib']:.2f}x")
+
+
+if __name__ == "__main__":
+    main()
