@@ -40,7 +40,11 @@ class StandInEngineStage:
             cols["truncated"][i] = False
             dedup[i] = False
         for f in schema.ENGINE_COLUMNS:
-            batch = batch.append_column(f, pa.array(cols[f.name], f.type))
+            array = pa.array(cols[f.name], f.type)
+            if f.name in batch.column_names:
+                batch = batch.set_column(batch.schema.get_field_index(f.name), f, array)
+            else:
+                batch = batch.append_column(f, array)
         return batch.set_column(batch.schema.get_field_index(schema.DEDUP), schema.DEDUP, pa.array(dedup, pa.bool_()))
 
 

