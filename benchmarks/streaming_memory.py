@@ -1,7 +1,7 @@
 """Streaming memory: peak RSS of the driver and of the whole Ray node for 10k, 100k and 1M rows,
 with the engine replaced by a cheap stand-in (`standin.py`; the shipped job never does this).
 
-    .venv/bin/python benchmarks/streaming_memory.py [--rows 10000,100000,1000000]
+    .venv/bin/python benchmarks/streaming_memory.py [--rows 10000,100000,1000000] [key=value ...]
 
 Input: Parquet shards of 50k rows built from ../shared/data AlpacaEval outputs (responses cut to 600
 characters), unique ids. Each size runs in a fresh process that starts its own local Ray; a thread
@@ -52,7 +52,7 @@ def make_input(directory: Path, rows: int) -> None:
         written += n
 
 
-def child(input_dir: str, output_dir: str) -> None:
+def child(input_dir: str, output_dir: str, extra: list[str]) -> None:
     import psutil
 
     sys.path.insert(0, str(HERE))
@@ -87,6 +87,7 @@ def child(input_dir: str, output_dir: str) -> None:
             "model.device=cpu",
             "resources.batch_size=1024",
             "output.report=false",
+            *extra,
         ],
     )
     t0 = time.perf_counter()
@@ -107,15 +108,16 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--rows", default="10000,100000,1000000")
     parser.add_argument("--child", nargs=2, metavar=("INPUT", "OUTPUT"))
+    parser.add_argument("overrides", nargs="*", help="extra key=value config overrides for the job")
     args = parser.parse_args()
     if args.child:
-        child(*args.child)
+        child(*args.child, args.overrides)
         return
     results = []
     for rows in (int(x) for x in args.rows.split(",")):
         with tempfile.TemporaryDirectory(dir=os.environ.get("TMPDIR", "/tmp")) as tmp:
             make_input(Path(tmp) / "in", rows)
-            cmd = [sys.executable, __file__, "--child", f"{tmp}/in", f"{tmp}/out"]
+            cmd = [sys.executable, __file__, "--child", f"{tmp}/in", f"{tmp}/out", *args.overrides]
             env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0"}
             out = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=3600)
             line = next((x for x in out.stdout.splitlines() if x.startswith("RESULT ")), None)
