@@ -40,12 +40,8 @@ class StandInEngineStage:
             cols["truncated"][i] = False
             dedup[i] = False
         for f in schema.ENGINE_COLUMNS:
-            array = pa.array(cols[f.name], f.type)
-            if f.name in batch.column_names:
-                batch = batch.set_column(batch.schema.get_field_index(f.name), f, array)
-            else:
-                batch = batch.append_column(f, array)
-        return batch.set_column(batch.schema.get_field_index(schema.DEDUP), schema.DEDUP, pa.array(dedup, pa.bool_()))
+            batch = schema.put_column(batch, f, pa.array(cols[f.name], f.type))
+        return schema.put_column(batch, schema.CONTROL_COLUMNS.field(schema.DEDUP), pa.array(dedup, pa.bool_()))
 
 
 def install() -> None:

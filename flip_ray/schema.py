@@ -110,3 +110,10 @@ def normalized_schema(kept: pa.Schema) -> pa.Schema:
         pa.field("error", pa.string()),
     ]
     return pa.schema(fields + list(CONTROL_COLUMNS))
+
+
+def put_column(table: pa.Table, field: pa.Field, array: pa.Array) -> pa.Table:
+    """`table` with `field` set to `array`: replaces a column of that name, or appends it."""
+    if field.name in table.column_names:
+        return table.set_column(table.schema.get_field_index(field.name), field, array)
+    return table.append_column(field, array)

@@ -205,13 +205,9 @@ class BackwardInferenceStage:
             cols["truncated"][i] = g.truncated
             cols["error"][i] = g.error
             dedup[i] = i in reused
-        batch = batch.set_column(batch.schema.get_field_index(schema.DEDUP), schema.DEDUP, pa.array(dedup, pa.bool_()))
+        batch = schema.put_column(batch, schema.CONTROL_COLUMNS.field(schema.DEDUP), pa.array(dedup, pa.bool_()))
         for f in schema.ENGINE_COLUMNS:
-            array = pa.array(cols[f.name], f.type)
-            if f.name in batch.column_names:
-                batch = batch.set_column(batch.schema.get_field_index(f.name), f, array)
-            else:
-                batch = batch.append_column(f, array)
+            batch = schema.put_column(batch, f, pa.array(cols[f.name], f.type))
         return batch
 
     def _generate_deduplicated(self, todo: list[int], responses: list, contexts: list):

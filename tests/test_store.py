@@ -9,9 +9,9 @@ import pytest
 
 from flip_ray import schema
 from flip_ray.io import ColumnMapping, Shard
-from flip_ray.pipeline import ErrorBudgetExceeded, ShardTracker, summarize
 from flip_ray.stages import read_shards, write_parts
 from flip_ray.store import OutputError, OutputStore, config_fingerprint, shard_id
+from flip_ray.tracker import ErrorBudgetExceeded, ShardTracker, summarize
 
 
 def test_shard_id_is_stable_safe_and_distinct():

@@ -1,0 +1,130 @@
+"""Driver-side bookkeeping of a scoring run: per-shard sums of the part records the writer reports,
+commits of finished shards (done records), the error budget, and run-wide counts.
+
+Memory is one small entry per shard in flight, never one per row.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+
+import pyarrow as pa
+
+from flip_ray.io import Shard
+from flip_ray.store import OutputStore, shard_id
+
+
+class ErrorBudgetExceeded(RuntimeError):
+    """Too many rows failed; finished shards are kept and a rerun resumes."""
+
+
+_SUMMED = ("rows", "scored", "errors", "score_sum", "output_tokens", "truncated", "dedup_saved")
+
+
+def _merge_counts(into: dict, encoded: str | dict | None) -> None:
+    counts = json.loads(encoded) if isinstance(encoded, str) else (encoded or {})
+    for key, value in counts.items():
+        into[key] = into.get(key, 0) + value
+
+
+class ShardTracker:
+    """Sums part records per shard and commits a shard (its done record) once all its rows are in."""
+
+    def __init__(
+        self, store: OutputStore, pending: list[Shard], attempt: str, max_error_fraction: float, min_rows: int
+    ):
+        self.store = store
+        self.shards = {shard_id(s.key): s for s in pending}
+        self.attempt = attempt
+        self.max_error_fraction = max_error_fraction
+        self.min_rows = min_rows
+        self.open: dict[str, dict] = {}
+        self.failed: dict[str, str] = {}
+        self.completed = 0
+        self.rows = self.errors = self.output_tokens = 0
+        self.error_kinds: dict[str, int] = {}
+
+    def _entry(self, sid: str) -> dict:
+        if sid not in self.open:
+            self.open[sid] = {k: 0 for k in _SUMMED} | {
+                "files": [],
+                "parse_status": {},
+                "error_kinds": {},
+                "flagged": {},
+                "total": None,
+            }
+        return self.open[sid]
+
+    def add(self, meta: pa.Table) -> None:
+        for m in meta.to_pylist():
+            sid = m["shard_id"]
+            entry = self._entry(sid)
+            if m["total"] is not None:
+                entry["total"] = m["total"]
+                if m["shard_error"]:
+                    self.failed[sid] = m["shard_error"]
+            if m["file"]:
+                entry["files"].append(m["file"])
+                for k in _SUMMED:
+                    entry[k] += m[k]
+                _merge_counts(entry["parse_status"], m["parse_status"])
+                _merge_counts(entry["flagged"], m["flagged"])
+                _merge_counts(entry["error_kinds"], m["error_kinds"])
+                _merge_counts(self.error_kinds, m["error_kinds"])
+                self.rows += m["rows"]
+                self.errors += m["errors"]
+                self.output_tokens += m["output_tokens"]
+            if sid not in self.failed and entry["total"] is not None and entry["rows"] == entry["total"]:
+                self._commit(sid, self.open.pop(sid))
+
+    def _commit(self, sid: str, entry: dict) -> None:
+        shard = self.shards[sid]
+        self.store.prune_parts(sid, entry["files"])
+        record = {
+            "shard_id": sid,
+            "key": shard.key,
+            "uri": shard.uri,
+            **{k: entry[k] for k in _SUMMED},
+            "parse_status": entry["parse_status"],
+            "error_kinds": entry["error_kinds"],
+            "flagged": entry["flagged"],
+            "files": sorted(entry["files"]),
+            "attempt": self.attempt,
+            "finished_at": time.time(),
+        }
+        self.store.write_done(record)
+        self.completed += 1
+
+    def check_error_budget(self) -> None:
+        if self.rows < self.min_rows or self.errors <= self.max_error_fraction * self.rows:
+            return
+        top = ", ".join(f"{k!r} x{v}" for k, v in sorted(self.error_kinds.items(), key=lambda kv: -kv[1])[:3])
+        raise ErrorBudgetExceeded(
+            f"stopped: {self.errors} of {self.rows} rows ({self.errors / self.rows:.0%}) have errors, above "
+            f"limits.max_error_fraction={self.max_error_fraction}; most common: {top}. "
+            f"{self.completed} finished shard(s) are kept in {self.store.uri}; fix the input or raise the "
+            "limit, then rerun with the same config to resume"
+        )
+
+
+def summarize(done: dict[str, dict]) -> dict:
+    """Run-wide counts from the done records (one per shard; no data is re-read)."""
+    totals = {k: 0 for k in _SUMMED}
+    parse_status: dict[str, int] = {}
+    error_kinds: dict[str, int] = {}
+    flagged: dict[str, int] = {}
+    for record in done.values():
+        for k in _SUMMED:
+            totals[k] += record.get(k, 0)
+        _merge_counts(parse_status, record["parse_status"])
+        _merge_counts(flagged, record.get("flagged"))
+        _merge_counts(error_kinds, record["error_kinds"])
+    score_sum = totals.pop("score_sum")
+    return {
+        **totals,
+        "error_kinds": dict(sorted(error_kinds.items(), key=lambda kv: -kv[1])),
+        "parse_status": dict(sorted(parse_status.items())),
+        "flagged": dict(sorted(flagged.items())),
+        "mean_flip_score": score_sum / totals["scored"] if totals["scored"] else None,
+    }
