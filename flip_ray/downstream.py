@@ -48,10 +48,9 @@ def resolve_scored(path: str) -> tuple[str, dict | None]:
     if not fs.exists(root):
         raise InputError(f"input.path {path} does not exist")
     scoring = None
-    for name in ("manifest.json",):
-        if fs.exists(f"{root}/{name}"):
-            with fs.open(f"{root}/{name}", "rb") as f:
-                scoring = json.loads(f.read()).get("config")
+    if fs.exists(f"{root}/manifest.json"):
+        with fs.open(f"{root}/manifest.json", "rb") as f:
+            scoring = json.loads(f.read()).get("config")
     data = f"{path}/data" if fs.isdir(f"{root}/data") else path
     return data, scoring
 
@@ -154,6 +153,11 @@ def _reason_counts(ds) -> dict[str, int]:
     return dict(sorted(counts.items()))
 
 
+def _eligible_by_prompt(ds, reasons: dict[str, int]):
+    """Eligible rows grouped by prompt key, with a partition count sized to them."""
+    return ds.filter(lambda r: r[DROP] == "").groupby(KEY, num_partitions=_partitions(reasons.get("", 0)))
+
+
 def score_quantile(ds, cols: Columns, q: float) -> float:
     """The score at global quantile q over eligible rows, from a streamed histogram (the driver
     holds 10k counters, not the scores)."""
@@ -202,8 +206,7 @@ def run_filter(cfg: DictConfig) -> dict:
             rows = top_k(group.to_pylist(), k, score_column=score, id_column=cols.id)
             return pa.Table.from_pylist(rows, schema=group.schema)
 
-        groups = ds.filter(lambda r: r[DROP] == "").groupby(KEY, num_partitions=_partitions(reasons.get("", 0)))
-        kept = groups.map_groups(best, batch_format="pyarrow")
+        kept = _eligible_by_prompt(ds, reasons).map_groups(best, batch_format="pyarrow")
         below = "not_top_k" if f.mode == "top_k" else "not_best_of_n"
     _write(kept.map_batches(_strip, batch_format="pyarrow"), out, cfg.output.format)
     n_kept = _count_written(out, cfg.output.format)
@@ -280,16 +283,12 @@ def run_pairs(cfg: DictConfig) -> dict:
     ds, cols = _load(cfg)
     reasons = _reason_counts(ds)
     p = cfg.pairs
-    pairs = (
-        ds.filter(lambda r: r[DROP] == "")
-        .groupby(KEY, num_partitions=_partitions(reasons.get("", 0)))
-        .map_groups(
-            pairs_for_group,
-            batch_format="pyarrow",
-            fn_kwargs=dict(
-                cols=cols, strategy=p.strategy, min_margin=p.min_margin, max_pairs=p.max_pairs_per_prompt, seed=p.seed
-            ),
-        )
+    pairs = _eligible_by_prompt(ds, reasons).map_groups(
+        pairs_for_group,
+        batch_format="pyarrow",
+        fn_kwargs=dict(
+            cols=cols, strategy=p.strategy, min_margin=p.min_margin, max_pairs=p.max_pairs_per_prompt, seed=p.seed
+        ),
     )
     _write(pairs, out, cfg.output.format)
     eligible = reasons.pop("", 0)
