@@ -19,6 +19,12 @@ from omegaconf.errors import OmegaConfBaseException
 INPUT_FORMATS = ("auto", "parquet", "jsonl", "hf")
 DEVICES = ("auto", "cpu", "gpu")
 AGGREGATES = ("mean", "max")
+# Per-row rewards the scoring job computes (in one engine pass).
+SCORE_METHODS = ("flip", "flip_logprob", "judge_pointwise")
+PROMPT_VARIANTS = ("flip", "no_reasoning")
+SIMILARITIES = ("f1", "rouge_l", "bleu", "embedding")
+LOGPROB_FORMATS = ("plain", "json")
+MAX_FEW_SHOT = 3
 
 
 class ConfigError(ValueError):
@@ -98,6 +104,29 @@ class SamplingConfig:
 
 
 @dataclass
+class RewardConfig:
+    # Rewards computed for every row, in one engine pass:
+    #   flip: generate the inferred instruction and compare it with the real one (flip_score);
+    #   flip_logprob: log-probability of the real instruction as the model's answer to the FLIP
+    #     question, teacher-forced, one prefill and no decoding (flip_logprob_mean/_sum/_tokens);
+    #   judge_pointwise: the same model as a 1-10 judge with the authors' prompt (judge_score): a baseline.
+    methods: list[str] = field(default_factory=lambda: ["flip"])
+    # FLIP prompt: flip (the authors': reasoning, then the instruction, as JSON) or no_reasoning.
+    prompt: str = "flip"
+    # Worked examples given before the response (0 to 3).
+    few_shot: int = 0
+    # Constrain flip and judge answers to their JSON format (vLLM structured outputs).
+    guided_json: bool = False
+    # flip_score metric: f1 (the paper's word-level F1), rouge_l, bleu (no brevity penalty) or embedding
+    # (cosine of all-MiniLM-L6-v2 embeddings, on the CPU similarity actors).
+    similarity: str = "f1"
+    # flip_logprob: the instruction is scored as the whole answer (plain) or inside the JSON answer (json).
+    logprob_format: str = "plain"
+    # judge_pointwise: tokens for the verdict (the prompt asks for reasoning first).
+    judge_max_tokens: int = 256
+
+
+@dataclass
 class ResourcesConfig:
     # GPUs per engine actor; None: tensor_parallel_size on GPU, 0 on CPU.
     num_gpus: float | None = None
@@ -162,6 +191,7 @@ class ScoreConfig:
     output: OutputConfig = field(default_factory=OutputConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     sampling: SamplingConfig = field(default_factory=SamplingConfig)
+    reward: RewardConfig = field(default_factory=RewardConfig)
     resources: ResourcesConfig = field(default_factory=ResourcesConfig)
     flags: FlagsConfig = field(default_factory=FlagsConfig)
     dedup: DedupConfig = field(default_factory=DedupConfig)
@@ -266,6 +296,7 @@ def validate_score_config(cfg: DictConfig) -> None:
         "answers; set sampling.temperature > 0",
     )
     _require(s.aggregate in AGGREGATES, f"`sampling.aggregate` must be one of {AGGREGATES}")
+    validate_reward(cfg.reward)
     _require(r.concurrency >= 1, "`resources.concurrency` must be >= 1")
     _require(r.batch_size >= 1, "`resources.batch_size` must be >= 1")
     _require(r.similarity_concurrency >= 1, "`resources.similarity_concurrency` must be >= 1")
@@ -279,6 +310,21 @@ def validate_score_config(cfg: DictConfig) -> None:
     _require(lim.min_rows_for_error_check >= 1, "`limits.min_rows_for_error_check` must be >= 1")
     if i.keep_columns is not None:
         _require(all(isinstance(c, str) and c for c in i.keep_columns), "`input.keep_columns` must list column names")
+
+
+def validate_reward(w: DictConfig, allowed: tuple[str, ...] = SCORE_METHODS, key: str = "reward.methods") -> None:
+    _require(len(w.methods) >= 1, f"`{key}` must name at least one of {allowed}")
+    unknown = [m for m in w.methods if m not in allowed]
+    _require(not unknown, f"`{key}` has unknown method(s) {unknown}; choose from {allowed}")
+    _require(len(set(w.methods)) == len(w.methods), f"`{key}` names a method twice")
+    _require(w.prompt in PROMPT_VARIANTS, f"`reward.prompt` must be one of {PROMPT_VARIANTS}, got {w.prompt!r}")
+    _require(0 <= w.few_shot <= MAX_FEW_SHOT, f"`reward.few_shot` must be in [0, {MAX_FEW_SHOT}]")
+    _require(w.similarity in SIMILARITIES, f"`reward.similarity` must be one of {SIMILARITIES}, got {w.similarity!r}")
+    _require(
+        w.logprob_format in LOGPROB_FORMATS,
+        f"`reward.logprob_format` must be one of {LOGPROB_FORMATS}, got {w.logprob_format!r}",
+    )
+    _require(w.judge_max_tokens >= 1, "`reward.judge_max_tokens` must be >= 1")
 
 
 def to_yaml(cfg: DictConfig) -> str:

@@ -8,9 +8,10 @@ and generates. vllm is imported here only, inside functions, so CPU-side modules
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 
-from flip_ray.prompts import build_flip_messages
+from flip_ray.prompts import build_flip_messages, flip_answer_prefix
 from flip_ray.records import RowError
 
 logger = logging.getLogger(__name__)
@@ -63,6 +64,90 @@ def build_llm(
     return LLM(**kwargs)
 
 
+class PromptFitter:
+    """Renders chat messages to token ids with the model's chat template, and fits them in a budget.
+
+    `fit` drops the oldest context turns first, then cuts the longest text at a token boundary, and
+    says whether anything was cut.
+    """
+
+    def __init__(self, tokenizer, chat_template_kwargs: dict | None = None):
+        self.tokenizer = tokenizer
+        self.chat_template_kwargs = dict(chat_template_kwargs or {})
+
+    def ids(self, messages: list[dict]) -> list[int]:
+        text = self.tokenizer.apply_chat_template(
+            messages, tokenize=False, add_generation_prompt=True, **self.chat_template_kwargs
+        )
+        return self.tokenizer.encode(text, add_special_tokens=False)
+
+    def fit(
+        self,
+        build: Callable[[list[str], list[dict] | None], list[dict]],
+        texts: list[str],
+        context: list[dict] | None,
+        budget: int,
+        what: str,
+    ) -> tuple[list[int], bool]:
+        """Token ids of `build(texts, context)` in at most `budget` tokens, and whether anything was cut.
+
+        Raises:
+            RowError: Even with every text cut to nothing the prompt does not fit.
+        """
+        ids = self.ids(build(texts, context))
+        if len(ids) <= budget:
+            return ids, False
+        context = list(context or [])
+        while context and len(ids) > budget:
+            context.pop(0)
+            ids = self.ids(build(texts, context))
+        if len(ids) <= budget:
+            return ids, True
+        pieces = [self.tokenizer.encode(t, add_special_tokens=False) for t in texts]
+        while len(ids) > budget:
+            longest = max(range(len(pieces)), key=lambda k: len(pieces[k]))
+            keep = len(pieces[longest]) - (len(ids) - budget) - _TRUNCATION_MARGIN
+            if keep <= 0:
+                raise RowError(f"{what} does not fit the model window even with the response cut to nothing")
+            pieces[longest] = pieces[longest][:keep]
+            ids = self.ids(build([self.tokenizer.decode(p) for p in pieces], context))
+        return ids, True
+
+
+def _generate_isolated(llm, prompts: list, params) -> list:
+    """One engine call for the batch; if it raises, each prompt alone, so one bad row fails alone.
+    `params` is one SamplingParams or a list with one per prompt."""
+    if not prompts:
+        return []
+    try:
+        return llm.generate(prompts, params, use_tqdm=False)
+    except Exception as e:
+        logger.warning("batch generation failed (%s); retrying %d prompts one by one", e, len(prompts))
+    outs = []
+    for k, p in enumerate(prompts):
+        try:
+            outs.append(llm.generate([p], params[k] if isinstance(params, list) else params, use_tqdm=False)[0])
+        except Exception as e:
+            outs.append(e)
+    return outs
+
+
+def _structured(schema: dict | None):
+    if schema is None:
+        return None
+    from vllm.sampling_params import StructuredOutputsParams
+
+    return StructuredOutputsParams(json=schema)
+
+
+def flip_answer_schema(variant: str) -> dict:
+    """JSON schema of the answer the FLIP prompt asks for (guided decoding)."""
+    props = {"INFERRED INSTRUCTION": {"type": "string"}}
+    if variant == "flip":
+        props = {"REASONING": {"type": "string"}, **props}
+    return {"type": "object", "properties": props, "required": list(props), "additionalProperties": False}
+
+
 class FlipGenerator:
     """Renders FLIP prompts for a `vllm.LLM` and generates inferred instructions.
 
@@ -70,6 +155,9 @@ class FlipGenerator:
         llm: A built `vllm.LLM`.
         temperature, top_p, max_tokens, seed, n: Sampling parameters (greedy when temperature is 0).
         chat_template_kwargs: Extra chat-template arguments (e.g. `{"enable_thinking": False}`).
+        ignore_eos: Generate exactly max_tokens tokens (throughput benchmarks only).
+        variant, few_shot: The FLIP prompt (`prompts.build_flip_messages`).
+        guided_json: Constrain decoding to the JSON answer the prompt asks for (vLLM structured outputs).
     """
 
     def __init__(
@@ -83,15 +171,25 @@ class FlipGenerator:
         n: int = 1,
         chat_template_kwargs: dict | None = None,
         ignore_eos: bool = False,
+        variant: str = "flip",
+        few_shot: int = 0,
+        guided_json: bool = False,
     ):
         from vllm import SamplingParams
 
         self.llm = llm
         self.tokenizer = llm.get_tokenizer()
-        self.chat_template_kwargs = dict(chat_template_kwargs or {})
+        self.fitter = PromptFitter(self.tokenizer, chat_template_kwargs)
         self.max_model_len = llm.llm_engine.model_config.max_model_len
+        self.variant, self.few_shot = variant, few_shot
         self.params = SamplingParams(
-            n=n, temperature=temperature, top_p=top_p, max_tokens=max_tokens, seed=seed, ignore_eos=ignore_eos
+            n=n,
+            temperature=temperature,
+            top_p=top_p,
+            max_tokens=max_tokens,
+            seed=seed,
+            ignore_eos=ignore_eos,
+            structured_outputs=_structured(flip_answer_schema(variant) if guided_json else None),
         )
         self.prompt_budget = self.max_model_len - max_tokens
         if self.prompt_budget <= _TRUNCATION_MARGIN:
@@ -99,14 +197,8 @@ class FlipGenerator:
                 f"max_tokens={max_tokens} leaves no room for a prompt in a {self.max_model_len}-token window"
             )
 
-    def _prompt_ids(self, response: str, context: list[dict] | None) -> list[int]:
-        text = self.tokenizer.apply_chat_template(
-            build_flip_messages(response, context),
-            tokenize=False,
-            add_generation_prompt=True,
-            **self.chat_template_kwargs,
-        )
-        return self.tokenizer.encode(text, add_special_tokens=False)
+    def _messages(self, texts: list[str], context: list[dict] | None) -> list[dict]:
+        return build_flip_messages(texts[0], context, variant=self.variant, few_shot=self.few_shot)
 
     def render(self, response: str, context: list[dict] | None = None) -> tuple[list[int], bool]:
         """Token ids of the FLIP prompt, cut to fit the window, and whether anything was cut.
@@ -116,75 +208,236 @@ class FlipGenerator:
         Raises:
             RowError: Even an empty response would not fit (the window is too small).
         """
-        ids = self._prompt_ids(response, context)
-        if len(ids) <= self.prompt_budget:
-            return ids, False
-        context = list(context or [])
-        while context and len(ids) > self.prompt_budget:
-            context.pop(0)
-            ids = self._prompt_ids(response, context)
-        if len(ids) <= self.prompt_budget:
-            return ids, True
-        response_ids = self.tokenizer.encode(response, add_special_tokens=False)
-        overflow = len(ids) - self.prompt_budget
-        keep = len(response_ids) - overflow - _TRUNCATION_MARGIN
-        while keep > 0:
-            ids = self._prompt_ids(self.tokenizer.decode(response_ids[:keep]), context)
-            if len(ids) <= self.prompt_budget:
-                return ids, True
-            keep -= max(_TRUNCATION_MARGIN, len(ids) - self.prompt_budget)
-        raise RowError(
-            f"the FLIP prompt does not fit the model window ({self.max_model_len} tokens) with "
-            f"max_tokens={self.params.max_tokens}, even with the response cut to nothing"
+        return self.fitter.fit(
+            self._messages,
+            [response],
+            context,
+            self.prompt_budget,
+            f"the FLIP prompt (window {self.max_model_len} tokens, max_tokens={self.params.max_tokens})",
         )
 
     def generate(self, responses: list[str], contexts: list[list[dict] | None] | None = None) -> list[Generation]:
         """Generates for each response; a row that fails is returned with `error` set."""
+        contexts = contexts if contexts is not None else [None] * len(responses)
+        return _render_and_generate(
+            self.llm,
+            [(lambda r=r, c=c: self.render(r, c)) for r, c in zip(responses, contexts, strict=True)],
+            self.params,
+        )
+
+
+def _render_and_generate(llm, renders: list[Callable[[], tuple[list[int], bool]]], params) -> list[Generation]:
+    """Renders each row (a row that cannot be rendered fails alone) and generates for the rest."""
+    from vllm.inputs import TokensPrompt
+
+    results: list[Generation | None] = [None] * len(renders)
+    prompts, slots, flags = [], [], []
+    for i, render in enumerate(renders):
+        try:
+            ids, truncated = render()
+        except RowError as e:
+            results[i] = Generation(texts=[], error=str(e))
+            continue
+        except Exception as e:  # a tokenizer or template failure on one row
+            results[i] = Generation(texts=[], error=f"prompt rendering failed: {type(e).__name__}: {e}")
+            continue
+        prompts.append(TokensPrompt(prompt_token_ids=ids))
+        slots.append(i)
+        flags.append(truncated)
+    for i, truncated, out in zip(slots, flags, _generate_isolated(llm, prompts, params), strict=True):
+        if isinstance(out, Exception):
+            results[i] = Generation(texts=[], truncated=truncated, error=f"engine error: {type(out).__name__}: {out}")
+            continue
+        finish = [c.finish_reason for c in out.outputs]
+        results[i] = Generation(
+            texts=[c.text for c in out.outputs],
+            finish_reason="length" if "length" in finish else (finish[0] if finish else None),
+            n_prompt_tokens=len(out.prompt_token_ids),
+            n_output_tokens=sum(len(c.token_ids) for c in out.outputs),
+            truncated=truncated,
+        )
+    return results  # type: ignore[return-value]
+
+
+@dataclass
+class Likelihood:
+    """Log-probability of the real instruction as the answer to the FLIP question about a response."""
+
+    logprob_sum: float | None = None
+    logprob_mean: float | None = None
+    tokens: int | None = None
+    n_prompt_tokens: int | None = None
+    truncated: bool = False
+    error: str | None = None
+
+
+class FlipLikelihood:
+    """The likelihood form of backward inference: no decoding, one prefill per row.
+
+    The FLIP prompt about the response is followed by the real instruction as the assistant's answer
+    (teacher-forced); the reward is the mean log-probability of the instruction's tokens. For rows
+    that share an instruction this ranks responses by how much they raise the instruction's
+    probability (pointwise mutual information), and it never fails on answer format.
+
+    Args:
+        llm: A built `vllm.LLM`.
+        chat_template_kwargs, variant, few_shot: The FLIP prompt, as in `FlipGenerator`.
+        logprob_format: `plain` (the answer is the instruction) or `json` (the instruction follows the
+            opening of the JSON answer, `{"INFERRED INSTRUCTION": "`; that opening is not scored).
+    """
+
+    def __init__(
+        self,
+        llm,
+        *,
+        chat_template_kwargs: dict | None = None,
+        variant: str = "flip",
+        few_shot: int = 0,
+        logprob_format: str = "plain",
+    ):
+        from vllm import SamplingParams
+
+        self.llm = llm
+        self.tokenizer = llm.get_tokenizer()
+        self.fitter = PromptFitter(self.tokenizer, chat_template_kwargs)
+        self.max_model_len = llm.llm_engine.model_config.max_model_len
+        self.variant, self.few_shot = variant, few_shot
+        self.prefix_ids = self.tokenizer.encode(flip_answer_prefix(logprob_format), add_special_tokens=False)
+        # prompt_logprobs=0 returns the log-probability of each prompt token as it stands.
+        self.params = SamplingParams(max_tokens=1, temperature=0.0, prompt_logprobs=0, detokenize=False)
+
+    def _render(self, instruction: str, response: str, context: list[dict] | None) -> tuple[list[int], list[int], bool]:
+        target = self.tokenizer.encode(instruction, add_special_tokens=False)
+        if not target:
+            raise RowError("instruction has no tokens")
+        budget = self.max_model_len - 1 - len(self.prefix_ids) - len(target)
+        if budget <= _TRUNCATION_MARGIN * 8:
+            raise RowError(f"instruction ({len(target)} tokens) is too long for the {self.max_model_len}-token window")
+        ids, truncated = self.fitter.fit(
+            lambda texts, ctx: build_flip_messages(texts[0], ctx, variant=self.variant, few_shot=self.few_shot),
+            [response],
+            context,
+            budget,
+            f"the FLIP prompt with the instruction (window {self.max_model_len} tokens)",
+        )
+        return ids + self.prefix_ids, target, truncated
+
+    def score(
+        self, instructions: list[str], responses: list[str], contexts: list[list[dict] | None] | None = None
+    ) -> list[Likelihood]:
+        """Scores each row; a row that fails is returned with `error` set."""
         from vllm.inputs import TokensPrompt
 
         contexts = contexts if contexts is not None else [None] * len(responses)
-        results: list[Generation | None] = [None] * len(responses)
-        prompts, slots, flags = [], [], []
-        for i, (response, context) in enumerate(zip(responses, contexts, strict=False)):
+        results: list[Likelihood | None] = [None] * len(responses)
+        prompts, slots = [], []
+        for i, (instruction, response, context) in enumerate(zip(instructions, responses, contexts, strict=True)):
             try:
-                ids, truncated = self.render(response, context)
+                ids, target, truncated = self._render(instruction, response, context)
             except RowError as e:
-                results[i] = Generation(texts=[], error=str(e))
+                results[i] = Likelihood(error=str(e))
                 continue
-            except Exception as e:  # a tokenizer or template failure on one row
-                results[i] = Generation(texts=[], error=f"prompt rendering failed: {type(e).__name__}: {e}")
+            except Exception as e:
+                results[i] = Likelihood(error=f"prompt rendering failed: {type(e).__name__}: {e}")
                 continue
-            prompts.append(TokensPrompt(prompt_token_ids=ids))
-            slots.append(i)
-            flags.append(truncated)
-        for i, truncated, out in zip(slots, flags, self._generate_isolated(prompts), strict=False):
+            prompts.append(TokensPrompt(prompt_token_ids=ids + target))
+            slots.append((i, target, truncated))
+        for (i, target, truncated), out in zip(slots, _generate_isolated(self.llm, prompts, self.params), strict=True):
             if isinstance(out, Exception):
-                results[i] = Generation(
-                    texts=[], truncated=truncated, error=f"engine error: {type(out).__name__}: {out}"
-                )
+                results[i] = Likelihood(truncated=truncated, error=f"engine error: {type(out).__name__}: {out}")
                 continue
-            finish = [c.finish_reason for c in out.outputs]
-            results[i] = Generation(
-                texts=[c.text for c in out.outputs],
-                finish_reason="length" if "length" in finish else (finish[0] if finish else None),
+            positions = out.prompt_logprobs[-len(target) :]
+            values = [pos[tok].logprob for pos, tok in zip(positions, target, strict=True)]
+            total = float(sum(values))
+            results[i] = Likelihood(
+                logprob_sum=total,
+                logprob_mean=total / len(values),
+                tokens=len(values),
                 n_prompt_tokens=len(out.prompt_token_ids),
-                n_output_tokens=sum(len(c.token_ids) for c in out.outputs),
                 truncated=truncated,
             )
         return results  # type: ignore[return-value]
 
-    def _generate_isolated(self, prompts: list) -> list:
-        """One engine call for the batch; if it raises, each prompt alone, so one bad row fails alone."""
-        if not prompts:
-            return []
-        try:
-            return self.llm.generate(prompts, self.params, use_tqdm=False)
-        except Exception as e:
-            logger.warning("batch generation failed (%s); retrying %d prompts one by one", e, len(prompts))
-        outs = []
-        for p in prompts:
-            try:
-                outs.append(self.llm.generate([p], self.params, use_tqdm=False)[0])
-            except Exception as e:
-                outs.append(e)
-        return outs
+
+class Judge:
+    """The same model as an LLM judge (the authors' prompts, `judge.py`): a baseline for FLIP.
+
+    Args:
+        llm: A built `vllm.LLM`.
+        max_tokens, temperature, seed: Sampling parameters of the verdict.
+        chat_template_kwargs: Extra chat-template arguments.
+        guided_json: Constrain decoding to the JSON verdict the prompt asks for.
+    """
+
+    def __init__(
+        self,
+        llm,
+        *,
+        max_tokens: int = 256,
+        temperature: float = 0.0,
+        seed: int = 0,
+        chat_template_kwargs: dict | None = None,
+        guided_json: bool = False,
+    ):
+        self.llm = llm
+        self.fitter = PromptFitter(llm.get_tokenizer(), chat_template_kwargs)
+        self.max_model_len = llm.llm_engine.model_config.max_model_len
+        self.max_tokens, self.temperature, self.seed = max_tokens, temperature, seed
+        self.guided_json = guided_json
+
+    def _params(self, schema: dict):
+        from vllm import SamplingParams
+
+        return SamplingParams(
+            max_tokens=self.max_tokens,
+            temperature=self.temperature,
+            seed=self.seed,
+            structured_outputs=_structured(schema if self.guided_json else None),
+        )
+
+    def _fit(self, build, texts: list[str], context: list[dict] | None) -> tuple[list[int], bool]:
+        budget = self.max_model_len - self.max_tokens
+        return self.fitter.fit(build, texts, context, budget, f"the judge prompt (window {self.max_model_len} tokens)")
+
+    def pointwise(
+        self, instructions: list[str], responses: list[str], contexts: list[list[dict] | None] | None = None
+    ) -> list[Generation]:
+        """1-10 verdicts, one per (instruction, response); parse with `judge.parse_pointwise`."""
+        from flip_ray.judge import POINTWISE_JSON_SCHEMA, pointwise_messages
+
+        contexts = contexts if contexts is not None else [None] * len(responses)
+        renders = [
+            (lambda q=q, r=r, c=c: self._fit(lambda t, ctx, q=q: pointwise_messages(q, t[0], ctx), [r], c))
+            for q, r, c in zip(instructions, responses, contexts, strict=True)
+        ]
+        return _render_and_generate(self.llm, renders, self._params(POINTWISE_JSON_SCHEMA))
+
+    def pairwise(
+        self, instructions: list[str], pairs: list[tuple[str, str]], contexts: list[list[dict] | None] | None = None
+    ) -> list[Generation]:
+        """A/B verdicts, one per (instruction, (response A, response B)); parse with `judge.parse_pairwise`."""
+        from flip_ray.judge import PAIRWISE_JSON_SCHEMA, pairwise_messages
+
+        contexts = contexts if contexts is not None else [None] * len(pairs)
+        renders = [
+            (lambda q=q, p=p, c=c: self._fit(lambda t, ctx, q=q: pairwise_messages(q, t[0], t[1], ctx), list(p), c))
+            for q, p, c in zip(instructions, pairs, contexts, strict=True)
+        ]
+        return _render_and_generate(self.llm, renders, self._params(PAIRWISE_JSON_SCHEMA))
+
+    def listwise(
+        self, instructions: list[str], candidates: list[list[str]], contexts: list[list[dict] | None] | None = None
+    ) -> list[Generation]:
+        """Best-index verdicts, one per (instruction, responses); parse with `judge.parse_listwise`."""
+        from flip_ray.judge import listwise_json_schema, listwise_messages
+
+        contexts = contexts if contexts is not None else [None] * len(candidates)
+        renders, params = [], []
+        for q, cands, c in zip(instructions, candidates, contexts, strict=True):
+            renders.append(
+                lambda q=q, cands=cands, c=c: self._fit(
+                    lambda t, ctx, q=q: listwise_messages(q, t, ctx), list(cands), c
+                )
+            )
+            params.append(self._params(listwise_json_schema(len(cands))))
+        return _render_and_generate(self.llm, renders, params)

@@ -28,6 +28,7 @@ from omegaconf import DictConfig
 from flip_ray import __version__, schema
 from flip_ray.config import to_dict, to_yaml, validate_score_config
 from flip_ray.io import ColumnMapping, InputError, Shard, check_columns, list_shards
+from flip_ray.judge import JUDGE_PROMPT_VERSION
 from flip_ray.prompts import PROMPT_TEMPLATE_VERSION
 from flip_ray.store import CONFIG_COPY, MANIFEST, RUN, OutputError, OutputStore, config_fingerprint, shard_id
 from flip_ray.tracker import ErrorBudgetExceeded, ShardTracker, summarize
@@ -142,7 +143,7 @@ def plan_run(cfg: DictConfig) -> RunPlan:
             f"output.path {store.uri} is inside input.path {cfg.input.path}: a rerun would read the output as "
             "input. Choose an output.path outside the input"
         )
-    fingerprint = config_fingerprint(to_dict(cfg), PROMPT_TEMPLATE_VERSION)
+    fingerprint = config_fingerprint(to_dict(cfg), f"{PROMPT_TEMPLATE_VERSION}+{JUDGE_PROMPT_VERSION}")
     done: dict[str, dict] = {}
     if store.has_run() and not cfg.output.overwrite:
         run = store.read_json(RUN)
@@ -258,6 +259,12 @@ def engine_stage_kwargs(cfg: DictConfig, device: str, model_path: str | None) ->
         dedup_cache_size=cfg.dedup.cache_size if cfg.dedup.enabled else 0,
         load_format=m.load_format,
         ignore_eos=s.ignore_eos,
+        methods=tuple(cfg.reward.methods),
+        prompt_variant=cfg.reward.prompt,
+        few_shot=cfg.reward.few_shot,
+        guided_json=cfg.reward.guided_json,
+        logprob_format=cfg.reward.logprob_format,
+        judge_max_tokens=cfg.reward.judge_max_tokens,
     )
 
 
@@ -309,6 +316,8 @@ def build_dataset(plan: RunPlan, cfg: DictConfig, device: str, model_path: str |
             output_schema=plan.output_schema,
             copy_threshold=cfg.flags.copy_threshold,
             min_response_words=cfg.flags.min_response_words,
+            similarity=cfg.reward.similarity,
+            methods=tuple(cfg.reward.methods),
         ),
         batch_size=r.similarity_batch_size,
         batch_format="pyarrow",
@@ -434,11 +443,14 @@ def run_score(cfg: DictConfig) -> dict:
     current = {shard_id(s.key) for s in plan.shards}
     done = {sid: r for sid, r in store.done_records().items() if sid in current}
     counts = summarize(done)
+    if "flip" not in cfg.reward.methods:
+        counts["mean_flip_score"] = None
     run_rows = tracker.rows if tracker else 0
     failed = [{"key": tracker.shards[sid].key, "error": err} for sid, err in tracker.failed.items()] if tracker else []
     manifest = {
         "flip_ray_version": __version__,
         "prompt_template_version": PROMPT_TEMPLATE_VERSION,
+        "judge_prompt_version": JUDGE_PROMPT_VERSION,
         "config": to_dict(cfg),
         "config_fingerprint": plan.fingerprint,
         "attempt": attempt,

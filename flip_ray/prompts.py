@@ -7,6 +7,8 @@ the authors' GRPO variant, so the model reconstructs only the last user turn.
 
 from __future__ import annotations
 
+import json
+
 # Recorded in every run manifest; bump on any change to the text below.
 PROMPT_TEMPLATE_VERSION = "flip-v1"
 
@@ -32,6 +34,50 @@ FLIP_USER_TEMPLATE = "[Response]\n{response}\n\n[Your Inferred Instruction]\n" +
     "{", "{{"
 ).replace("}", "}}")
 
+# A prompt that asks for the instruction alone: no reasoning to spend the token budget on.
+NO_REASONING_SYSTEM_PROMPT = (
+    "### Task Description\n"
+    "Please act as an instruction reconstructor. You will receive a model\u2011generated response. "
+    "Read it carefully and infer the instruction or prompt that produced it.\n"
+    "\n"
+    "Notes:\n"
+    "- Reconstruct a single instruction that would most plausibly generate the given response.\n"
+    "- Specify the user\u2019s intent, required output format, and any constraints.\n"
+    "- Be concise and concrete.\n"
+    "- Do not add information or assumptions beyond what appears in the response.\n"
+    "- Do not explain your answer.\n"
+    '- Please respond in the following JSON format: {"INFERRED INSTRUCTION": "<instruction>"}'
+)
+NO_REASONING_USER_TEMPLATE = (
+    "[Response]\n{response}\n\n[Your Inferred Instruction]\n"
+    'Respond in JSON format. {{"INFERRED INSTRUCTION": "<instruction>"}}'
+)
+PROMPT_VARIANTS = ("flip", "no_reasoning")
+_SYSTEM_PROMPTS = {"flip": FLIP_SYSTEM_PROMPT, "no_reasoning": NO_REASONING_SYSTEM_PROMPT}
+_USER_TEMPLATES = {"flip": FLIP_USER_TEMPLATE, "no_reasoning": NO_REASONING_USER_TEMPLATE}
+
+# Worked examples for few-shot prompting, written for flip_ray (not taken from any evaluation set).
+FEW_SHOT_EXAMPLES = (
+    {
+        "response": "Crimson leaves let go,\ndrifting on the cooling wind:\nthe maple exhales.",
+        "reasoning": "A three-line poem in 5-7-5 syllables about falling autumn leaves: a haiku.",
+        "instruction": "Write a haiku about autumn leaves.",
+    },
+    {
+        "response": 'def reverse_words(s: str) -> str:\n    return " ".join(reversed(s.split()))\n\n'
+        "This splits the sentence on whitespace, reverses the list of words and joins them back.",
+        "reasoning": "A short Python function that reverses word order, followed by a one-line explanation.",
+        "instruction": "Write a Python function that reverses the order of the words in a sentence "
+        "and explain how it works.",
+    },
+    {
+        "response": "1. Keep a fixed wake-up time, even at weekends.\n2. Avoid screens for an hour before bed.\n"
+        "3. Keep the bedroom cool, dark and quiet.",
+        "reasoning": "A numbered list of exactly three practical sleep tips.",
+        "instruction": "Give me three tips for sleeping better.",
+    },
+)
+
 _HISTORY_HEADER = "[Conversation History]\n"
 _ROLE_NAMES = {"system": "System", "user": "User", "assistant": "Assistant"}
 
@@ -44,26 +90,57 @@ def render_history(context: list[dict] | None) -> str:
     return "\n\n".join(turns)
 
 
-def build_flip_user_message(response: str, context: list[dict] | None = None) -> str:
+def build_flip_user_message(response: str, context: list[dict] | None = None, variant: str = "flip") -> str:
     """The FLIP user message for one response, with the conversation history first if any."""
-    body = FLIP_USER_TEMPLATE.format(response=response)
+    body = _USER_TEMPLATES[variant].format(response=response)
     history = render_history(context)
     if history:
         return f"{_HISTORY_HEADER}{history}\n\n{body}"
     return body
 
 
-def build_flip_messages(response: str, context: list[dict] | None = None) -> list[dict]:
+def _few_shot_turns(variant: str, few_shot: int) -> list[dict]:
+    turns = []
+    for example in FEW_SHOT_EXAMPLES[:few_shot]:
+        answer = {"INFERRED INSTRUCTION": example["instruction"]}
+        if variant == "flip":
+            answer = {"REASONING": example["reasoning"], **answer}
+        turns.append({"role": "user", "content": build_flip_user_message(example["response"], None, variant)})
+        turns.append({"role": "assistant", "content": json.dumps(answer, ensure_ascii=False)})
+    return turns
+
+
+def build_flip_messages(
+    response: str, context: list[dict] | None = None, *, variant: str = "flip", few_shot: int = 0
+) -> list[dict]:
     """Chat messages asking the model to infer the instruction behind `response`.
 
     Args:
         response: The model response to read backwards.
         context: Earlier turns of a multi-turn conversation (`{role, content}` dicts), or None.
+        variant: `flip` (the authors' prompt: reasoning, then the instruction, as JSON) or
+            `no_reasoning` (the instruction alone, as JSON with one key).
+        few_shot: Worked examples (from `FEW_SHOT_EXAMPLES`) given as earlier turns, 0 to 3.
 
     Returns:
-        `[system, user]` messages, ready for the model's chat template.
+        `[system, (user, assistant) * few_shot, user]` messages, ready for the model's chat template.
     """
+    if variant not in PROMPT_VARIANTS:
+        raise ValueError(f"unknown FLIP prompt variant {variant!r}; expected one of {PROMPT_VARIANTS}")
     return [
-        {"role": "system", "content": FLIP_SYSTEM_PROMPT},
-        {"role": "user", "content": build_flip_user_message(response, context)},
+        {"role": "system", "content": _SYSTEM_PROMPTS[variant]},
+        *_few_shot_turns(variant, few_shot),
+        {"role": "user", "content": build_flip_user_message(response, context, variant)},
     ]
+
+
+LOGPROB_FORMATS = ("plain", "json")
+
+
+def flip_answer_prefix(logprob_format: str) -> str:
+    """What the likelihood method teacher-forces ahead of the real instruction, unscored: nothing
+    (`plain`: the answer is the instruction itself) or the opening of the JSON answer the prompt asks
+    for (`json`)."""
+    if logprob_format not in LOGPROB_FORMATS:
+        raise ValueError(f"unknown logprob format {logprob_format!r}; expected one of {LOGPROB_FORMATS}")
+    return "" if logprob_format == "plain" else '{"INFERRED INSTRUCTION": "'

@@ -38,6 +38,11 @@ FLIP_COLUMNS = pa.schema(
         pa.field("flip_precision", pa.float64()),
         pa.field("flip_recall", pa.float64()),
         pa.field("parse_status", pa.string()),
+        pa.field("flip_logprob_mean", pa.float64()),
+        pa.field("flip_logprob_sum", pa.float64()),
+        pa.field("flip_logprob_tokens", pa.int64()),
+        pa.field("judge_score", pa.float64()),
+        pa.field("judge_parse_status", pa.string()),
         pa.field("finish_reason", pa.string()),
         pa.field("n_prompt_tokens", pa.int64()),
         pa.field("n_output_tokens", pa.int64()),
@@ -57,6 +62,11 @@ RESERVED = {ID, *FLIP_COLUMN_NAMES}
 ENGINE_COLUMNS = pa.schema(
     [
         pa.field(GENERATIONS, pa.list_(pa.string())),
+        pa.field("flip_logprob_mean", pa.float64()),
+        pa.field("flip_logprob_sum", pa.float64()),
+        pa.field("flip_logprob_tokens", pa.int64()),
+        pa.field("judge_score", pa.float64()),
+        pa.field("judge_parse_status", pa.string()),
         pa.field("finish_reason", pa.string()),
         pa.field("n_prompt_tokens", pa.int64()),
         pa.field("n_output_tokens", pa.int64()),

@@ -46,3 +46,39 @@ def score_generations(instruction: str, generations: list[str], aggregate: str =
         raise ValueError(f"unknown aggregate {aggregate!r}; expected mean or max")
     p = parsed[best]
     return FlipScore(p.instruction, p.reasoning, f1, precision, recall, p.status)
+
+
+def score_batch(
+    instructions: list[str],
+    generations: list[list[str]],
+    aggregate: str = "mean",
+    similarity: str = "f1",
+    embedder=None,
+) -> list[FlipScore]:
+    """`score_generations` for many rows, with `flip_score` measured by `similarity`.
+
+    Precision and recall stay the word-level ones whatever the metric. With `embedding`, every
+    (inferred, real) pair of the batch goes through `embedder` (a `similarity.EmbeddingSimilarity`)
+    in one call.
+    """
+    base = [score_generations(q, g, aggregate) for q, g in zip(instructions, generations, strict=True)]
+    if similarity == "f1":
+        return base
+    parsed = [[parse_inferred_instruction(x).instruction for x in g] for g in generations]
+    if similarity == "embedding":
+        if embedder is None:
+            raise ValueError("similarity 'embedding' needs an embedder")
+        flat_pred = [p for ps in parsed for p in ps]
+        flat_ref = [q for q, ps in zip(instructions, parsed, strict=True) for _ in ps]
+        flat = iter(embedder(flat_pred, flat_ref))
+        values = [[next(flat) for _ in ps] for ps in parsed]
+    else:
+        from flip_ray.similarity import pairwise_metric
+
+        metric = pairwise_metric(similarity)
+        values = [[metric(p, q) for p in ps] for q, ps in zip(instructions, parsed, strict=True)]
+    out = []
+    for s, v in zip(base, values, strict=True):
+        score = max(v) if aggregate == "max" else sum(v) / len(v)
+        out.append(s._replace(flip_score=float(score)))
+    return out

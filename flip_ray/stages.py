@@ -119,14 +119,16 @@ def _errors(batch: pa.Table) -> list[str | None]:
 
 
 class BackwardInferenceStage:
-    """Engine actor: one `vllm.LLM` per actor, built once; generates FLIP answers per batch.
+    """Engine actor: one `vllm.LLM` per actor, built once; computes the configured rewards per batch.
 
     Args:
         model: Checkpoint directory or model name; None prepares and uses the embedded model.
         dtype, max_model_len, tensor_parallel_size, gpu_memory_utilization, enable_prefix_caching,
-        enforce_eager, trust_remote_code: vLLM engine arguments.
-        temperature, top_p, max_tokens, seed, n: Sampling parameters.
-        dedup_cache_size: Answers remembered per actor for identical (response, history) rows;
+        enforce_eager, trust_remote_code, load_format: vLLM engine arguments.
+        temperature, top_p, max_tokens, seed, n, ignore_eos: Sampling parameters of `flip`.
+        methods: Rewards to compute (`config.SCORE_METHODS`).
+        prompt_variant, few_shot, guided_json, logprob_format, judge_max_tokens: See `config.RewardConfig`.
+        dedup_cache_size: `flip` answers remembered per actor for identical (response, history) rows;
             0 turns deduplication off.
     """
 
@@ -150,11 +152,18 @@ class BackwardInferenceStage:
         dedup_cache_size: int = 0,
         load_format: str = "auto",
         ignore_eos: bool = False,
+        methods: tuple[str, ...] = ("flip",),
+        prompt_variant: str = "flip",
+        few_shot: int = 0,
+        guided_json: bool = False,
+        logprob_format: str = "plain",
+        judge_max_tokens: int = 256,
     ):
-        from flip_ray.engine import FlipGenerator, build_llm
+        from flip_ray.engine import FlipGenerator, FlipLikelihood, Judge, build_llm
 
         self.cache: OrderedDict[str, object] = OrderedDict()
         self.cache_size = dedup_cache_size
+        self.methods = tuple(methods)
 
         if model is None:
             from flip_ray.model import prepare_default_model
@@ -172,39 +181,86 @@ class BackwardInferenceStage:
             seed=seed,
             load_format=load_format,
         )
-        self.generator = FlipGenerator(
-            llm,
-            temperature=temperature,
-            top_p=top_p,
-            max_tokens=max_tokens,
-            seed=seed,
-            n=n,
-            chat_template_kwargs=chat_template_kwargs,
-            ignore_eos=ignore_eos,
+        prompt = dict(chat_template_kwargs=chat_template_kwargs, variant=prompt_variant, few_shot=few_shot)
+        self.generator = None
+        if "flip" in self.methods:
+            self.generator = FlipGenerator(
+                llm,
+                temperature=temperature,
+                top_p=top_p,
+                max_tokens=max_tokens,
+                seed=seed,
+                n=n,
+                ignore_eos=ignore_eos,
+                guided_json=guided_json,
+                **prompt,
+            )
+        self.likelihood = (
+            FlipLikelihood(llm, logprob_format=logprob_format, **prompt) if "flip_logprob" in self.methods else None
         )
+        self.judge = None
+        if "judge_pointwise" in self.methods:
+            self.judge = Judge(
+                llm,
+                max_tokens=judge_max_tokens,
+                seed=seed,
+                chat_template_kwargs=chat_template_kwargs,
+                guided_json=guided_json,
+            )
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         _require_columns(
-            "BackwardInferenceStage", batch, [schema.RESPONSE, schema.CONTEXT, "error", schema.SHARD_TOTAL]
+            "BackwardInferenceStage",
+            batch,
+            [schema.INSTRUCTION, schema.RESPONSE, schema.CONTEXT, "error", schema.SHARD_TOTAL],
         )
         errors = _errors(batch)
         todo = _work_rows(batch)
+        instructions = batch.column(schema.INSTRUCTION).to_pylist()
         responses = batch.column(schema.RESPONSE).to_pylist()
         contexts = batch.column(schema.CONTEXT).to_pylist()
-        results, reused = self._generate_deduplicated(todo, responses, contexts)
         n = batch.num_rows
         cols: dict[str, list] = {name: [None] * n for name in schema.ENGINE_COLUMNS.names}
         cols["error"] = list(errors)
         dedup = [None] * n
-        for i in todo:
-            g = results[i]
-            cols[schema.GENERATIONS][i] = g.texts
-            cols["finish_reason"][i] = g.finish_reason
-            cols["n_prompt_tokens"][i] = g.n_prompt_tokens
-            cols["n_output_tokens"][i] = 0 if i in reused else g.n_output_tokens
-            cols["truncated"][i] = g.truncated
-            cols["error"][i] = g.error
-            dedup[i] = i in reused
+        row_errors: dict[int, list[str]] = {i: [] for i in todo}
+        if self.generator is not None:
+            results, reused = self._generate_deduplicated(todo, responses, contexts)
+            for i in todo:
+                g = results[i]
+                cols[schema.GENERATIONS][i] = g.texts
+                cols["finish_reason"][i] = g.finish_reason
+                cols["n_prompt_tokens"][i] = g.n_prompt_tokens
+                cols["n_output_tokens"][i] = 0 if i in reused else g.n_output_tokens
+                cols["truncated"][i] = g.truncated
+                dedup[i] = i in reused
+                if g.error:
+                    row_errors[i].append(("flip", g.error))
+        if self.likelihood is not None or self.judge is not None:
+            parsed = [json.loads(contexts[i]) if contexts[i] else None for i in todo]
+            rows = ([instructions[i] for i in todo], [responses[i] for i in todo], parsed)
+        if self.likelihood is not None:
+            for i, lk in zip(todo, self.likelihood.score(*rows), strict=True):
+                cols["flip_logprob_mean"][i] = lk.logprob_mean
+                cols["flip_logprob_sum"][i] = lk.logprob_sum
+                cols["flip_logprob_tokens"][i] = lk.tokens
+                cols["n_prompt_tokens"][i] = cols["n_prompt_tokens"][i] or lk.n_prompt_tokens
+                cols["truncated"][i] = bool(cols["truncated"][i]) or lk.truncated
+                if lk.error:
+                    row_errors[i].append(("flip_logprob", lk.error))
+        if self.judge is not None:
+            from flip_ray.judge import parse_pointwise
+
+            for i, g in zip(todo, self.judge.pointwise(*rows), strict=True):
+                cols["truncated"][i] = bool(cols["truncated"][i]) or g.truncated
+                if g.error:
+                    row_errors[i].append(("judge_pointwise", g.error))
+                    continue
+                cols["judge_score"][i], cols["judge_parse_status"][i] = parse_pointwise(g.texts[0] if g.texts else "")
+        for i, errs in row_errors.items():
+            if errs:
+                # One method failing fails the row: its rewards would not be comparable with other rows'.
+                cols["error"][i] = "; ".join(f"{m}: {e}" if len(self.methods) > 1 else e for m, e in errs)
         batch = schema.put_column(batch, schema.CONTROL_COLUMNS.field(schema.DEDUP), pa.array(dedup, pa.bool_()))
         for f in schema.ENGINE_COLUMNS:
             batch = schema.put_column(batch, f, pa.array(cols[f.name], f.type))
@@ -250,6 +306,8 @@ class SimilarityStage:
         aggregate: How F1 over n samples is combined (`mean` or `max`).
         output_schema: The schema every output block is cast to.
         copy_threshold, min_response_words: Thresholds of the reward-hacking flags (`flags.py`).
+        similarity: The `flip_score` metric (`config.SIMILARITIES`).
+        methods: The rewards the engine stage computed; without `flip` there is nothing to compare.
     """
 
     def __init__(
@@ -259,7 +317,16 @@ class SimilarityStage:
         output_schema: pa.Schema,
         copy_threshold: float = 0.6,
         min_response_words: int = 3,
+        similarity: str = "f1",
+        methods: tuple[str, ...] = ("flip",),
     ):
+        self.embedder = None
+        if similarity == "embedding" and "flip" in methods:
+            from flip_ray.similarity import EmbeddingSimilarity
+
+            self.embedder = EmbeddingSimilarity()
+        self.similarity = similarity
+        self.compare = "flip" in methods
         self.aggregate = aggregate
         self.output_schema = output_schema
         self.copy_threshold = copy_threshold
@@ -267,7 +334,7 @@ class SimilarityStage:
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         from flip_ray.flags import Flags, compute_flags
-        from flip_ray.scoring import score_generations
+        from flip_ray.scoring import score_batch
 
         _require_columns(
             "SimilarityStage",
@@ -282,6 +349,7 @@ class SimilarityStage:
         responses = batch.column(schema.RESPONSE).to_pylist()
         names = ["inferred_instruction", "reasoning", "flip_score", "flip_precision", "flip_recall", "parse_status"]
         cols: dict[str, list] = {name: [None] * n for name in [*names, *Flags._fields]}
+        scorable = []
         for i in range(n):
             if instructions[i] is not None and responses[i] is not None:
                 flags = compute_flags(
@@ -292,12 +360,20 @@ class SimilarityStage:
                 )
                 for name, value in zip(Flags._fields, flags, strict=True):
                     cols[name][i] = value
-            if i not in work:
+            if i not in work or not self.compare:
                 continue
             if not generations[i]:
                 errors[i] = "engine returned no output"
                 continue
-            s = score_generations(instructions[i], generations[i], self.aggregate)
+            scorable.append(i)
+        scores = score_batch(
+            [instructions[i] for i in scorable],
+            [generations[i] for i in scorable],
+            self.aggregate,
+            self.similarity,
+            self.embedder,
+        )
+        for i, s in zip(scorable, scores, strict=True):
             for name, value in zip(names, s, strict=False):
                 cols[name][i] = value
         out = {}
@@ -337,10 +413,10 @@ def part_stats(table: pa.Table) -> dict:
     """Counts of one part file, summed by the driver into done records and the manifest."""
     d = table.select(["error", "flip_score", "n_output_tokens", "truncated", "parse_status"]).to_pydict()
     flagged = {f: sum(bool(v) for v in table.column(f).to_pylist()) for f in FLAG_NAMES}
-    scores = [s for s in d["flip_score"] if s is not None]
+    scores = [s for s, e in zip(d["flip_score"], d["error"], strict=True) if s is not None and e is None]
     return {
         "rows": table.num_rows,
-        "scored": len(scores),
+        "scored": sum(e is None for e in d["error"]),
         "errors": sum(e is not None for e in d["error"]),
         "score_sum": float(sum(scores)),
         "output_tokens": sum(t or 0 for t in d["n_output_tokens"]),
