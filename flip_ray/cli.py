@@ -1,6 +1,7 @@
 """`flip-ray` command line: `score` runs the job, `prepare-model` converts the embedded model.
 
 flip-ray score [--config configs/local.yaml] [key=value ...]
+flip-ray filter|pairs|evaluate [--config configs/<job>.yaml] [key=value ...]
 flip-ray prepare-model [--force]
 """
 
@@ -85,6 +86,26 @@ def cmd_filter(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    from flip_ray.config import EvalJobConfig
+    from flip_ray.evaluate import run_evaluate
+    from flip_ray.pipeline import ErrorBudgetExceeded, RunInterrupted
+
+    cfg = load_config(args.config, args.overrides, schema=EvalJobConfig)
+    try:
+        result = run_evaluate(cfg)
+    except (ErrorBudgetExceeded, RunInterrupted) as e:
+        print(f"flip-ray: {e}", file=sys.stderr)
+        return 3
+    m = result["manifest"]
+    print(result["table"])
+    print(
+        f"flip_ray evaluate: {m['pairs']} pairs ({m['responses']} responses, {m['bad_rows']} bad rows) in "
+        f"{m['total_s']} s -> {m['output']['summary']}"
+    )
+    return 0
+
+
 def cmd_pairs(args: argparse.Namespace) -> int:
     from flip_ray.config import PairsJobConfig
     from flip_ray.downstream import run_pairs
@@ -124,6 +145,7 @@ def build_parser() -> argparse.ArgumentParser:
     for name, func, text in (
         ("filter", cmd_filter, "keep scored rows by threshold, quantile, top-k or best-of-N"),
         ("pairs", cmd_pairs, "build DPO preference pairs from scored rows"),
+        ("evaluate", cmd_evaluate, "measure reward methods' accuracy on preference data (chosen vs rejected)"),
     ):
         p = sub.add_parser(name, help=text)
         p.add_argument("--config", help="YAML config")

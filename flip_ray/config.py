@@ -440,7 +440,96 @@ def validate_pairs_config(cfg: DictConfig) -> None:
     _require(p.max_pairs_per_prompt is None or p.max_pairs_per_prompt >= 1, "`pairs.max_pairs_per_prompt` must be >= 1")
 
 
-JOB_SCHEMAS = {"score": ScoreConfig, "filter": FilterJobConfig, "pairs": PairsJobConfig}
+EVAL_METHODS = (
+    "flip",
+    "flip_logprob",
+    "judge_pointwise",
+    "judge_pairwise",
+    "judge_listwise",
+    "longer",
+    "shorter",
+    "prompt_overlap",
+)
+SUBSET_SOURCES = ("auto", "column", "file")
+
+
+@dataclass
+class PairsInputConfig:
+    # Preference data: a file, directory or glob; local or s3://; Parquet, JSONL, .json arrays, HF save_to_disk.
+    path: str = MISSING
+    format: str = "auto"
+    # Pair id column; None: "<file>:<row>".
+    id_column: str | None = "id"
+    # A string, a chat (list of {role, content} ending with the user turn), or an HH-RLHF
+    # "Human: ... Assistant: ..." transcript (its last Human turn is the instruction).
+    prompt_column: str = "prompt"
+    chosen_column: str = "chosen"
+    # A string, or a list of strings (best-of-N: correct only if chosen outscores every one).
+    rejected_column: str = "rejected"
+    subset_column: str = "subset"
+    # Evaluate a seeded random sample of at most this many pairs per file; None: all of them.
+    sample_per_file: int | None = None
+    sample_seed: int = 0
+
+
+@dataclass
+class EvalOutputConfig:
+    # Directory (local or s3://): summary.json, summary.md, pairs.parquet, errors.jsonl, and one
+    # scoring run per engine method under scores/<method>/ (resumable like any scoring run).
+    path: str = MISSING
+    overwrite: bool = False
+
+
+@dataclass
+class EvaluationConfig:
+    # flip, flip_logprob, judge_pointwise (per response, through the scoring job); judge_pairwise
+    # (both orders), judge_listwise (per pair, through the same engine); longer, shorter, prompt_overlap
+    # (trivial baselines).
+    methods: list[str] = field(
+        default_factory=lambda: ["flip", "flip_logprob", "judge_pointwise", "longer", "prompt_overlap"]
+    )
+    # per_subset key: auto (the subset column where present, else the file), column, or file.
+    subset_from: str = "auto"
+    bootstrap: int = 2000
+    seed: int = 0
+    # Tokens for pairwise/listwise verdicts.
+    judge_max_tokens: int = 256
+
+
+@dataclass
+class EvalJobConfig:
+    input: PairsInputConfig = field(default_factory=PairsInputConfig)
+    output: EvalOutputConfig = field(default_factory=EvalOutputConfig)
+    evaluation: EvaluationConfig = field(default_factory=EvaluationConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    sampling: SamplingConfig = field(default_factory=lambda: SamplingConfig(max_tokens=128))
+    # reward.methods is set per pass from evaluation.methods; the other reward keys apply.
+    reward: RewardConfig = field(default_factory=RewardConfig)
+    resources: ResourcesConfig = field(default_factory=ResourcesConfig)
+    flags: FlagsConfig = field(default_factory=FlagsConfig)
+    dedup: DedupConfig = field(default_factory=DedupConfig)
+    limits: LimitsConfig = field(default_factory=LimitsConfig)
+    storage: StorageConfig = field(default_factory=StorageConfig)
+    ray: RayConfig = field(default_factory=RayConfig)
+
+
+def validate_eval_config(cfg: DictConfig) -> None:
+    for key in ("input.path", "output.path"):
+        _require(bool(OmegaConf.select(cfg, key)), f"`{key}` is required: pass it as an override ({key}=...)")
+    _require(cfg.input.format in INPUT_FORMATS, f"`input.format` must be one of {INPUT_FORMATS}")
+    _require(
+        cfg.input.sample_per_file is None or cfg.input.sample_per_file >= 1, "`input.sample_per_file` must be >= 1"
+    )
+    e = cfg.evaluation
+    validate_reward(
+        OmegaConf.merge(cfg.reward, {"methods": list(e.methods)}), allowed=EVAL_METHODS, key="evaluation.methods"
+    )
+    _require(e.subset_from in SUBSET_SOURCES, f"`evaluation.subset_from` must be one of {SUBSET_SOURCES}")
+    _require(e.bootstrap >= 100, "`evaluation.bootstrap` must be >= 100")
+    _require(e.judge_max_tokens >= 1, "`evaluation.judge_max_tokens` must be >= 1")
+
+
+JOB_SCHEMAS = {"score": ScoreConfig, "filter": FilterJobConfig, "pairs": PairsJobConfig, "evaluate": EvalJobConfig}
 
 
 def schema_for_yaml(path: str | Path) -> type:

@@ -1,0 +1,563 @@
+"""The evaluation job: how well each reward method ranks responses on preference data.
+
+    flip-ray evaluate input.path=pairs.jsonl output.path=outputs/eval
+
+Input rows are `{id, prompt, chosen, rejected[, subset]}`; `rejected` is a string or a list
+(best-of-N: an item counts as correct only if chosen outscores every rejected response). The job
+
+1. reads and checks the pairs on the driver (bad rows go to `errors.jsonl` with their reason),
+2. writes one row per response to `responses.parquet` (a chat: earlier turns, the instruction,
+   the response) and scores it with the scoring job, one run per engine method under
+   `scores/<method>/` (so each method's speed is measured alone, and a rerun resumes),
+3. runs the per-pair judges (`judge_pairwise` in both orders, `judge_listwise` with a seeded
+   shuffle) through the same engine on Ray Data,
+4. computes the trivial baselines (`longer`, `shorter`, `prompt_overlap`) and writes
+   `summary.json` (keyed by method: accuracy, n, ties, 95% bootstrap CI, per subset, agreement
+   with the length rules, rows/s), `summary.md` and `eval_manifest.json`.
+
+Evaluation sets are small (thousands of pairs): the driver holds one score per response.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import posixpath
+import random
+import re
+import time
+from dataclasses import dataclass, field
+
+import pyarrow as pa
+from omegaconf import DictConfig, OmegaConf
+
+from flip_ray import __version__
+from flip_ray.config import ScoreConfig, to_dict, validate_eval_config
+from flip_ray.evalstats import agreement, markdown_table, outcome_from_pick, pair_outcome, pick_from_scores, summarize
+from flip_ray.io import JSONL, PARQUET, InputError, Shard, _json_lines, _open, list_shards
+from flip_ray.metrics import f1_score
+from flip_ray.records import ROLES, RowError, text_field
+from flip_ray.store import OutputError, OutputStore, parquet_bytes, write_bytes_durably
+
+logger = logging.getLogger(__name__)
+
+ENGINE_METHODS = ("flip", "flip_logprob", "judge_pointwise")
+PAIR_JUDGES = ("judge_pairwise", "judge_listwise")
+# The column each per-response engine method ranks by (higher is better).
+SCORE_COLUMNS = {"flip": "flip_score", "flip_logprob": "flip_logprob_mean", "judge_pointwise": "judge_score"}
+RESPONSES = "responses.parquet"
+SUMMARY, SUMMARY_MD, EVAL_MANIFEST, ERRORS = "summary.json", "summary.md", "eval_manifest.json", "errors.jsonl"
+
+_HH_TURN = re.compile(r"(?:^|\n\n)(Human|Assistant): ", re.MULTILINE)
+
+
+@dataclass
+class Item:
+    """One preference item: candidates[0] is the chosen response, the rest were rejected."""
+
+    id: str
+    instruction: str
+    context: list[dict]
+    candidates: list[str]
+    subset: str
+    prompt_text: str = ""
+    extra: dict = field(default_factory=dict)
+
+
+def parse_transcript(text: str) -> list[dict] | None:
+    """An HH-RLHF style transcript ("Human: ...\\n\\nAssistant: ...") as chat turns, or None if
+    `text` is not one."""
+    if not text.lstrip().startswith("Human:"):
+        return None
+    marks = list(_HH_TURN.finditer(text.lstrip()))
+    body = text.lstrip()
+    turns = []
+    for k, m in enumerate(marks):
+        end = marks[k + 1].start() if k + 1 < len(marks) else len(body)
+        content = body[m.end() : end].strip()
+        turns.append({"role": "user" if m.group(1) == "Human" else "assistant", "content": content})
+    if len(turns) < 1 or turns[-1]["role"] != "user":
+        return None
+    return turns
+
+
+def prompt_parts(prompt) -> tuple[str, list[dict]]:
+    """(instruction, earlier turns) of a pair's prompt: a string, an HH transcript or a chat.
+
+    Raises:
+        RowError: An empty prompt, or a chat that does not end with a user turn.
+    """
+    if isinstance(prompt, str):
+        turns = parse_transcript(prompt)
+        if turns is None:
+            return text_field(prompt, "prompt"), []
+        prompt = turns
+    if not isinstance(prompt, (list, tuple)) or not prompt:
+        raise RowError(f"prompt is {type(prompt).__name__}, expected a string or a list of {{role, content}}")
+    turns = []
+    for i, m in enumerate(prompt):
+        if not isinstance(m, dict) or m.get("role") not in ROLES:
+            raise RowError(f"prompt[{i}] is not a {{role, content}} turn with a role in {ROLES}")
+        turns.append({"role": m["role"], "content": text_field(m.get("content"), f"prompt[{i}].content")})
+    if turns[-1]["role"] != "user":
+        raise RowError(f"prompt ends with a {turns[-1]['role']} turn; the last turn must be the user's instruction")
+    return turns[-1]["content"], turns[:-1]
+
+
+def _records(shard: Shard):
+    """(row index, record or None, read error) for every row of a shard."""
+    if shard.format == JSONL:
+        with _open(shard.uri, compression="infer") as f:
+            index = 0
+            for lineno, raw in _json_lines(f, shard):
+                if not raw.strip():
+                    continue
+                try:
+                    obj = json.loads(raw.decode("utf-8") if isinstance(raw, bytes) else raw)
+                    if not isinstance(obj, dict):
+                        raise ValueError(f"expected a JSON object, got {type(obj).__name__}")
+                    yield index, obj, None
+                except (ValueError, UnicodeDecodeError) as e:
+                    yield index, None, f"{shard.key} line {lineno}: {e}"
+                index += 1
+        return
+    import pyarrow.parquet as pq
+
+    with _open(shard.uri) as f:
+        table = pq.read_table(f) if shard.format == PARQUET else pa.ipc.open_stream(f).read_all()
+    yield from ((i, r, None) for i, r in enumerate(table.to_pylist()))
+
+
+def _candidates(row: dict, chosen_col: str, rejected_col: str) -> list[str]:
+    chosen = text_field(row.get(chosen_col), chosen_col)
+    rejected = row.get(rejected_col)
+    if isinstance(rejected, str) and rejected.lstrip().startswith("["):
+        try:  # a list stored as JSON text (JSONL readers, CSV exports)
+            rejected = json.loads(rejected)
+        except json.JSONDecodeError:
+            pass
+    if isinstance(rejected, (list, tuple)):
+        if not rejected:
+            raise RowError(f"{rejected_col} is an empty list")
+        rejected = [text_field(r, f"{rejected_col}[{k}]") for k, r in enumerate(rejected)]
+    else:
+        rejected = [text_field(rejected, rejected_col)]
+    if any(r == chosen for r in rejected):
+        raise RowError(f"{rejected_col} repeats the chosen response; the pair cannot be ranked")
+    return [chosen, *rejected]
+
+
+def load_items(cfg: DictConfig) -> tuple[list[Item], list[dict]]:
+    """Reads and checks every pair. Returns (good items, bad rows with their reason).
+
+    Raises:
+        InputError: No input, or a pair id that repeats.
+    """
+    i = cfg.input
+    shards = list_shards(i.path, i.format)
+    items: list[Item] = []
+    bad: list[dict] = []
+    for shard in shards:
+        rows = list(_records(shard))
+        if i.sample_per_file is not None and len(rows) > i.sample_per_file:
+            rows = sorted(random.Random(f"{i.sample_seed}:{shard.key}").sample(rows, i.sample_per_file))
+        file_subset = posixpath.basename(shard.key).split(".")[0] if "/" not in shard.key else shard.key.split("/")[0]
+        for index, row, error in rows:
+            where = f"{shard.key}:{index}"
+            if error is not None:
+                bad.append({"row": where, "id": None, "error": error})
+                continue
+            pid = row.get(i.id_column) if i.id_column else where
+            try:
+                if i.id_column and (pid is None or (isinstance(pid, str) and not pid.strip())):
+                    raise RowError(f"{i.id_column} is missing")
+                instruction, context = prompt_parts(row.get(i.prompt_column))
+                candidates = _candidates(row, i.chosen_column, i.rejected_column)
+            except RowError as e:
+                bad.append({"row": where, "id": None if pid is None else str(pid), "error": str(e)})
+                continue
+            column_subset = row.get(i.subset_column)
+            how = cfg.evaluation.subset_from
+            subset = (
+                str(column_subset)
+                if how == "column" or (how == "auto" and column_subset not in (None, ""))
+                else file_subset
+            )
+            prompt = row.get(i.prompt_column)
+            items.append(
+                Item(
+                    str(pid),
+                    instruction,
+                    context,
+                    candidates,
+                    subset,
+                    prompt if isinstance(prompt, str) else instruction,
+                )
+            )
+    seen: dict[str, int] = {}
+    for item in items:
+        seen[item.id] = seen.get(item.id, 0) + 1
+    repeated = [k for k, n in seen.items() if n > 1]
+    if repeated:
+        raise InputError(
+            f"input.id_column {i.id_column!r} repeats ids ({', '.join(map(repr, repeated[:5]))}); "
+            "deduplicate the input or set input.id_column=null to use <file>:<row> ids"
+        )
+    return items, bad
+
+
+def response_id(item_id: str, candidate: int) -> str:
+    return f"{item_id}#{candidate}"
+
+
+def responses_table(items: list[Item]) -> pa.Table:
+    """One row per response: id, pair id, candidate index (0 = chosen), subset, and the chat
+    (earlier turns, the instruction, the response) that the scoring job reads."""
+    rows = {"id": [], "pair_id": [], "candidate": [], "subset": [], "messages": []}
+    for item in items:
+        for k, text in enumerate(item.candidates):
+            rows["id"].append(response_id(item.id, k))
+            rows["pair_id"].append(item.id)
+            rows["candidate"].append(k)
+            rows["subset"].append(item.subset)
+            rows["messages"].append(
+                [*item.context, {"role": "user", "content": item.instruction}, {"role": "assistant", "content": text}]
+            )
+    turn = pa.struct([("role", pa.string()), ("content", pa.string())])
+    return pa.table(
+        {
+            "id": pa.array(rows["id"], pa.string()),
+            "pair_id": pa.array(rows["pair_id"], pa.string()),
+            "candidate": pa.array(rows["candidate"], pa.int64()),
+            "subset": pa.array(rows["subset"], pa.string()),
+            "messages": pa.array(rows["messages"], pa.list_(turn)),
+        }
+    )
+
+
+def scoring_config(cfg: DictConfig, method: str, store: OutputStore) -> DictConfig:
+    """The scoring-job config of one engine method's pass over `responses.parquet`."""
+    base = OmegaConf.structured(ScoreConfig)
+    shared = {
+        k: cfg[k] for k in ("model", "sampling", "reward", "resources", "flags", "dedup", "limits", "storage", "ray")
+    }
+    sc = OmegaConf.merge(base, shared)
+    sc.reward.methods = [method]
+    sc.input.path = store.uri_of(RESPONSES)
+    sc.input.messages_column = "messages"
+    sc.input.id_column = "id"
+    sc.input.keep_columns = ["pair_id", "candidate", "subset"]
+    sc.output.path = store.uri_of("scores", method)
+    sc.output.overwrite = bool(cfg.output.overwrite)
+    sc.output.report = False
+    return sc
+
+
+def read_scores(uri: str, column: str) -> dict[str, float | None]:
+    """Response id -> value of `column` (None where the row has an error) from a scoring run."""
+    import pyarrow.dataset as pads
+
+    from flip_ray.downstream import resolve_scored
+
+    data, _ = resolve_scored(uri)
+    import fsspec
+
+    fs, root = fsspec.core.url_to_fs(data)
+    table = pads.dataset(root, filesystem=fs, format="parquet").to_table(columns=["id", column, "error"])
+    out = {}
+    for rid, value, error in zip(*(table.column(c).to_pylist() for c in ("id", column, "error")), strict=True):
+        out[rid] = None if error is not None else value
+    return out
+
+
+class PairJudgeStage:
+    """Engine actor for the per-pair judges: one `vllm.LLM`, the authors' pairwise/listwise prompts."""
+
+    def __init__(self, *, engine: dict, max_tokens: int, guided_json: bool, chat_template_kwargs: dict | None):
+        from flip_ray.engine import Judge, build_llm
+
+        engine = dict(engine)
+        model = engine.pop("model")
+        if model is None:
+            from flip_ray.model import prepare_default_model
+
+            model = str(prepare_default_model())
+        llm = build_llm(model, **engine)
+        self.judge = Judge(
+            llm, max_tokens=max_tokens, chat_template_kwargs=chat_template_kwargs, guided_json=guided_json
+        )
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        from flip_ray.judge import parse_listwise, parse_pairwise
+
+        rows = batch.to_pylist()
+        instr = [r["instruction"] for r in rows]
+        ctx = [json.loads(r["context"]) or None for r in rows]
+        cands = [json.loads(r["candidates"]) for r in rows]
+        picks, statuses, errors = [None] * len(rows), [None] * len(rows), [None] * len(rows)
+        pair_rows = [k for k, r in enumerate(rows) if r["kind"] == "pairwise"]
+        list_rows = [k for k, r in enumerate(rows) if r["kind"] == "listwise"]
+        if pair_rows:
+            gens = self.judge.pairwise(
+                [instr[k] for k in pair_rows], [tuple(cands[k]) for k in pair_rows], [ctx[k] for k in pair_rows]
+            )
+            for k, g in zip(pair_rows, gens, strict=True):
+                if g.error:
+                    errors[k] = g.error
+                    continue
+                choice, statuses[k] = parse_pairwise(g.texts[0] if g.texts else "")
+                picks[k] = None if choice is None else "AB".index(choice)
+        if list_rows:
+            gens = self.judge.listwise(
+                [instr[k] for k in list_rows], [cands[k] for k in list_rows], [ctx[k] for k in list_rows]
+            )
+            for k, g in zip(list_rows, gens, strict=True):
+                if g.error:
+                    errors[k] = g.error
+                    continue
+                picks[k], statuses[k] = parse_listwise(g.texts[0] if g.texts else "", len(cands[k]))
+        return pa.table(
+            {
+                "job": batch.column("job"),
+                "pick": pa.array(picks, pa.int64()),
+                "status": pa.array(statuses, pa.string()),
+                "error": pa.array(errors, pa.string()),
+            }
+        )
+
+
+def listwise_order(item: Item, seed: int) -> list[int]:
+    """Seeded shuffle of an item's candidates for the listwise judge (chosen is not always first)."""
+    order = list(range(len(item.candidates)))
+    random.Random(f"{seed}:{item.id}").shuffle(order)
+    return order
+
+
+def pair_judge_jobs(items: list[Item], methods: list[str], seed: int) -> list[dict]:
+    """Engine requests of the per-pair judges: pairwise chosen-vs-each-rejected in both orders,
+    listwise over a shuffled list."""
+    jobs = []
+    for n, item in enumerate(items):
+        base = {"instruction": item.instruction, "context": json.dumps(item.context)}
+        if "judge_pairwise" in methods:
+            for r in range(1, len(item.candidates)):
+                for order in ((0, r), (r, 0)):
+                    jobs.append(
+                        {
+                            **base,
+                            "job": f"p:{n}:{order[0]}:{order[1]}",
+                            "kind": "pairwise",
+                            "candidates": json.dumps([item.candidates[k] for k in order]),
+                        }
+                    )
+        if "judge_listwise" in methods:
+            order = listwise_order(item, seed)
+            jobs.append(
+                {
+                    **base,
+                    "job": f"l:{n}",
+                    "kind": "listwise",
+                    "candidates": json.dumps([item.candidates[k] for k in order]),
+                }
+            )
+    return jobs
+
+
+def run_pair_judges(cfg: DictConfig, items: list[Item], methods: list[str]) -> tuple[dict[str, dict], float]:
+    """Runs the per-pair judges on Ray Data; returns (job id -> result, wall seconds)."""
+    from flip_ray.pipeline import engine_env, engine_stage_kwargs, init_ray, resolve_device, storage_env
+
+    jobs = pair_judge_jobs(items, methods, cfg.evaluation.seed)
+    if not jobs:
+        return {}, 0.0
+    ray = init_ray(cfg.ray.address, cfg.ray.local_num_cpus)
+    import os
+
+    device = resolve_device(cfg.model.device, ray.cluster_resources().get("GPU", 0))
+    from flip_ray.model import prepare_default_model
+
+    model_path = cfg.model.path or str(prepare_default_model())
+    kw = engine_stage_kwargs(
+        OmegaConf.merge(
+            OmegaConf.structured(ScoreConfig), {k: cfg[k] for k in ("model", "sampling", "reward", "dedup")}
+        ),
+        device,
+        model_path,
+    )
+    engine = {
+        k: kw[k]
+        for k in (
+            "model",
+            "dtype",
+            "max_model_len",
+            "tensor_parallel_size",
+            "gpu_memory_utilization",
+            "enable_prefix_caching",
+            "enforce_eager",
+            "trust_remote_code",
+            "seed",
+            "load_format",
+        )
+    }
+    r = cfg.resources
+    num_gpus = r.num_gpus if r.num_gpus is not None else (cfg.model.tensor_parallel_size if device == "gpu" else 0)
+    env = engine_env(
+        device,
+        cpu_threads=cfg.model.cpu_threads,
+        cpu_kvcache_space_gib=cfg.model.cpu_kvcache_space_gib,
+        offline=os.path.isdir(model_path),
+    )
+    t0 = time.time()
+    ds = ray.data.from_items(jobs).map_batches(
+        PairJudgeStage,
+        fn_constructor_kwargs=dict(
+            engine=engine,
+            max_tokens=cfg.evaluation.judge_max_tokens,
+            guided_json=cfg.reward.guided_json,
+            chat_template_kwargs=kw["chat_template_kwargs"],
+        ),
+        batch_size=r.batch_size,
+        batch_format="pyarrow",
+        concurrency=r.concurrency,
+        num_gpus=num_gpus,
+        num_cpus=r.num_cpus,
+        runtime_env={"env_vars": {**env, **storage_env()}},
+    )
+    results = {row["job"]: row for row in ds.take_all()}
+    return results, time.time() - t0
+
+
+def pairwise_outcome(item_index: int, item: Item, results: dict[str, dict]) -> tuple[float | None, int | None]:
+    """Outcome and pick of the pairwise judge: chosen against each rejected in both orders; a
+    comparison is won by the response preferred in more orders (a split is a tie)."""
+    per_rejected = []
+    for r in range(1, len(item.candidates)):
+        votes = {0: 0, r: 0}
+        for order in ((0, r), (r, 0)):
+            res = results.get(f"p:{item_index}:{order[0]}:{order[1]}")
+            if res is None or res["error"] is not None:
+                return None, None
+            if res["pick"] is not None:
+                votes[order[res["pick"]]] += 1
+        per_rejected.append(pair_outcome(float(votes[0]), [float(votes[r])]))
+    outcome = min(per_rejected)
+    pick = 0 if outcome == 1.0 else (None if outcome > 0 else next(k + 1 for k, o in enumerate(per_rejected) if o == 0))
+    return outcome, pick
+
+
+def listwise_outcome(
+    item_index: int, item: Item, results: dict[str, dict], seed: int
+) -> tuple[float | None, int | None]:
+    res = results.get(f"l:{item_index}")
+    if res is None or res["error"] is not None:
+        return None, None
+    order = listwise_order(item, seed)
+    pick = None if res["pick"] is None else order[res["pick"]]
+    return outcome_from_pick(pick, len(item.candidates)), pick
+
+
+def baseline_scores(item: Item, method: str) -> list[float]:
+    if method == "longer":
+        return [float(len(c)) for c in item.candidates]
+    if method == "shorter":
+        return [-float(len(c)) for c in item.candidates]
+    if method == "prompt_overlap":
+        return [f1_score(c, item.prompt_text).f1 for c in item.candidates]
+    raise ValueError(f"not a baseline: {method}")
+
+
+def _write_errors(store: OutputStore, bad: list[dict]) -> None:
+    text = "".join(json.dumps(b, ensure_ascii=False) + "\n" for b in bad)
+    write_bytes_durably(store.fs, store.path(ERRORS), text.encode())
+
+
+def run_evaluate(cfg: DictConfig) -> dict:
+    """Runs the evaluation described by `cfg`; returns the summary (also written as summary.json).
+
+    Raises:
+        ConfigError, InputError, OutputError: Before any model loads.
+    """
+    from flip_ray.pipeline import apply_storage_config, run_score
+
+    started = time.time()
+    validate_eval_config(cfg)
+    apply_storage_config(cfg)
+    methods = list(cfg.evaluation.methods)
+    store = OutputStore(cfg.output.path)
+    store.check_writable_location()
+    if store.fs.exists(store.path(SUMMARY)) and not cfg.output.overwrite:
+        raise OutputError(
+            f"output.path {store.uri} holds a finished evaluation; choose another output.path or pass "
+            "output.overwrite=true"
+        )
+    items, bad = load_items(cfg)
+    if not items:
+        raise InputError(f"input.path {cfg.input.path} holds no usable pairs ({len(bad)} bad row(s))")
+    logger.info("%d pairs (%d responses), %d bad row(s)", len(items), sum(len(x.candidates) for x in items), len(bad))
+    store.fs.makedirs(store.root, exist_ok=True)
+    _write_errors(store, bad)
+    write_bytes_durably(store.fs, store.path(RESPONSES), parquet_bytes(responses_table(items)))
+
+    outcomes: dict[str, list[float | None]] = {}
+    picks: dict[str, list[int | None]] = {}
+    extra: dict[str, dict] = {m: {} for m in methods}
+    for method in [m for m in methods if m in ENGINE_METHODS]:
+        manifest = run_score(scoring_config(cfg, method, store))
+        values = read_scores(store.uri_of("scores", method), SCORE_COLUMNS[method])
+        scores = [[values.get(response_id(it.id, k)) for k in range(len(it.candidates))] for it in items]
+        outcomes[method] = [pair_outcome(s[0], s[1:]) for s in scores]
+        picks[method] = [pick_from_scores(s) for s in scores]
+        t = manifest["timings"]
+        extra[method] = {
+            "rows_per_s": t["rows_per_s"],
+            "pipeline_s": t["pipeline_s"],
+            "parse_status": manifest["counts"]["parse_status"] if method == "flip" else None,
+            "errors": manifest["counts"]["errors"],
+        }
+    judges = [m for m in methods if m in PAIR_JUDGES]
+    if judges:
+        results, wall = run_pair_judges(cfg, items, judges)
+        for method in judges:
+            pairs = [
+                pairwise_outcome(n, it, results)
+                if method == "judge_pairwise"
+                else listwise_outcome(n, it, results, cfg.evaluation.seed)
+                for n, it in enumerate(items)
+            ]
+            outcomes[method] = [o for o, _ in pairs]
+            picks[method] = [p for _, p in pairs]
+            statuses: dict[str, int] = {}
+            for job, res in results.items():
+                if job.startswith("p:" if method == "judge_pairwise" else "l:") and res["status"]:
+                    statuses[res["status"]] = statuses.get(res["status"], 0) + 1
+            extra[method] = {"pipeline_s": round(wall, 3), "parse_status": statuses}
+    for method in ("longer", "shorter", "prompt_overlap"):
+        scores = [baseline_scores(it, method) for it in items]
+        if method in methods:
+            outcomes[method] = [pair_outcome(s[0], s[1:]) for s in scores]
+        picks[method] = [pick_from_scores(s) for s in scores]
+
+    subsets = [it.subset for it in items]
+    summary = {}
+    for method in methods:
+        s = summarize(outcomes[method], subsets, n_boot=cfg.evaluation.bootstrap, seed=cfg.evaluation.seed)
+        for rule in ("longer", "shorter"):
+            value, n = agreement(picks[method], picks[rule])
+            s[f"agree_{rule}"] = None if value is None else round(value, 4)
+        s.update({k: v for k, v in extra[method].items() if v is not None})
+        summary[method] = s
+    write_bytes_durably(store.fs, store.path(SUMMARY), json.dumps(summary, indent=2).encode())
+    table = markdown_table(summary, title=f"flip_ray evaluation of {cfg.input.path}")
+    write_bytes_durably(store.fs, store.path(SUMMARY_MD), table.encode())
+    manifest = {
+        "flip_ray_version": __version__,
+        "config": to_dict(cfg),
+        "pairs": len(items),
+        "responses": sum(len(x.candidates) for x in items),
+        "bad_rows": len(bad),
+        "best_of_n_items": sum(len(x.candidates) > 2 for x in items),
+        "total_s": round(time.time() - started, 3),
+        "output": {"summary": store.uri_of(SUMMARY), "table": store.uri_of(SUMMARY_MD), "errors": store.uri_of(ERRORS)},
+    }
+    write_bytes_durably(store.fs, store.path(EVAL_MANIFEST), json.dumps(manifest, indent=2).encode())
+    return {"summary": summary, "manifest": manifest, "table": table}
