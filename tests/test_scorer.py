@@ -58,3 +58,62 @@ def test_render_truncates_to_the_window(llm):
     tight = FlipGenerator(llm, max_tokens=400)  # the prompt template alone does not fit in 112 tokens
     with pytest.raises(RowError, match="does not fit"):
         tight.render("anything")
+
+
+def test_flip_likelihood_equals_a_transformers_forward_pass(llm, embedded_model):
+    """flip_logprob is the log-probability of the real instruction's tokens after the FLIP prompt,
+    checked against an independent forward pass of the same checkpoint in transformers."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from flip_ray.engine import FlipLikelihood
+
+    lk = FlipLikelihood(llm)
+    instruction = "Write a haiku about autumn leaves."
+    responses = ["Crimson leaves drift down,\nthe maple lets go at last,\nwind carries the year.", "2 + 2 = 4."]
+    out = lk.score([instruction] * 2, responses)
+    ids, target, truncated = lk._render(instruction, responses[0], None)
+    assert not truncated and out[0].tokens == len(target) and out[0].error is None
+    model = AutoModelForCausalLM.from_pretrained(embedded_model, torch_dtype=torch.float32)
+    with torch.no_grad():
+        logits = model(torch.tensor([ids + target])).logits[0]
+    logprobs = torch.log_softmax(logits, dim=-1)
+    expected = sum(float(logprobs[len(ids) - 1 + k, t]) for k, t in enumerate(target))
+    assert abs(out[0].logprob_sum - expected) < 1e-2 * len(target)
+    assert out[0].logprob_mean == pytest.approx(out[0].logprob_sum / len(target))
+    # The haiku explains the instruction better than an arithmetic answer does.
+    assert out[0].logprob_mean > out[1].logprob_mean
+
+
+def test_flip_likelihood_truncates_long_responses_and_records_errors(llm):
+    from flip_ray.engine import FlipLikelihood
+
+    lk = FlipLikelihood(llm, logprob_format="json")
+    out = lk.score(["Summarise this.", "x " * 600], ["word " * 2000, "fine"])
+    assert out[0].error is None and out[0].truncated and out[0].n_prompt_tokens <= 512
+    assert out[1].error is not None and "too long" in out[1].error
+
+
+def test_judge_and_prompt_levers_on_the_real_engine(llm):
+    from flip_ray.engine import FlipGenerator, Judge
+    from flip_ray.judge import parse_pairwise, parse_pointwise
+    from flip_ray.parsing import parse_inferred_instruction
+
+    judge = Judge(llm, max_tokens=160, guided_json=True)
+    g = judge.pointwise(["Name a primary colour."], ["Red is a primary colour."])[0]
+    score, status = parse_pointwise(g.texts[0])
+    assert status == "json" and 1 <= score <= 10, g.texts[0]
+    g = judge.pairwise(["Name a primary colour."], [("Red.", "Bananas are yellow fruit.")])[0]
+    choice, status = parse_pairwise(g.texts[0])
+    assert status == "json" and choice in ("A", "B"), g.texts[0]
+    g = judge.listwise(["Name a primary colour."], [["Red.", "Green tea.", "Blue."]])[0]
+    assert json.loads(g.texts[0])["BEST_RESPONSE_INDEX"] in (0, 1, 2)
+    # Guided decoding always yields the JSON the prompt asks for, with or without the reasoning key.
+    for variant in ("flip", "no_reasoning"):
+        gen = FlipGenerator(llm, max_tokens=128, guided_json=True, variant=variant, few_shot=1)
+        g = gen.generate(["Crimson leaves drift down,\nthe maple lets go at last."])[0]
+        assert g.error is None, g.error
+        text = g.texts[0]
+        parsed = parse_inferred_instruction(text)
+        assert parsed.status in ("json", "partial_json"), text
+        assert ("REASONING" in text) == (variant == "flip") or parsed.status == "partial_json"

@@ -1,0 +1,47 @@
+#!/usr/bin/env bash
+# The evaluation table of docs/EVAL.md: reward methods x human-labelled preference sets, then the
+# reward-quality levers, all with the embedded SmolLM2-135M on CPU (greedy unless a lever says
+# otherwise). Each run is one `flip-ray evaluate`; summaries land in $OUT/<run>/summary.json and
+# benchmarks/eval_collect.py turns them into the tables.
+#
+#   bash benchmarks/eval_table.sh [DATA_DIR=../shared/data] [OUT=outputs/eval_table] [RUNS="main levers"]
+set -euo pipefail
+DATA=${1:-../shared/data}
+OUT=${2:-outputs/eval_table}
+RUNS=${3:-"main levers"}
+FR=${FR:-.venv/bin/flip-ray}
+HUMAN="mtbench_human llmeval2_human pandalm_test faireval_human ifeval_pairs hh_rlhf_harmless_test"
+mkdir -p "$OUT/sets/human" "$OUT/sets/all"
+for d in $HUMAN alpacaeval2_gpt4turbo_pairs; do
+  for ext in jsonl jsonl.gz; do
+    if [ -f "$DATA/$d/data.$ext" ]; then
+      src=$(cd "$DATA/$d" && pwd)/data.$ext
+      ln -sf "$src" "$OUT/sets/all/$d.$ext"
+      case " $HUMAN " in *" $d "*) ln -sf "$src" "$OUT/sets/human/$d.$ext" ;; esac
+    fi
+  done
+done
+
+run() {  # run NAME SETS key=value ...
+  local name=$1 sets=$2; shift 2
+  local t0=$SECONDS
+  "$FR" evaluate input.path="$OUT/sets/$sets" output.path="$OUT/$name" output.overwrite=true \
+    evaluation.subset_from=file input.sample_seed=0 reward.judge_max_tokens=128 evaluation.judge_max_tokens=128 \
+    "$@" >"$OUT/$name.log" 2>&1
+  echo "$name: $((SECONDS - t0)) s wall" | tee -a "$OUT/walltimes.txt"
+}
+
+case " $RUNS " in *" main "*)
+  run main all input.sample_per_file=60 sampling.max_tokens=128 \
+    'evaluation.methods=[flip,flip_logprob,judge_pointwise,longer,shorter,prompt_overlap]'
+;; esac
+case " $RUNS " in *" levers "*)
+  L=(input.sample_per_file=40 sampling.max_tokens=128)
+  run lever_base human "${L[@]}" 'evaluation.methods=[flip,flip_logprob,judge_pointwise,longer,shorter,prompt_overlap]'
+  run lever_guided human "${L[@]}" reward.guided_json=true 'evaluation.methods=[flip,judge_pointwise]'
+  run lever_no_reasoning human "${L[@]}" reward.prompt=no_reasoning 'evaluation.methods=[flip,flip_logprob]'
+  run lever_few_shot human "${L[@]}" reward.few_shot=3 'evaluation.methods=[flip,flip_logprob]'
+  run lever_logprob_json human "${L[@]}" reward.logprob_format=json 'evaluation.methods=[flip_logprob]'
+  run lever_n4 human "${L[@]}" sampling.n=4 sampling.temperature=0.7 'evaluation.methods=[flip]'
+  run lever_judges human "${L[@]}" 'evaluation.methods=[judge_pairwise,judge_listwise]'
+;; esac
