@@ -1,0 +1,142 @@
+"""Tables for docs/EVAL.md from the runs of benchmarks/eval_table.sh.
+
+    python benchmarks/eval_collect.py [OUT=outputs/eval_table]
+
+Prints, as markdown:
+1. the main run: methods x sets accuracy % [95% CI], the aggregate over the human-labelled sets
+   (pooled over pairs, and the mean of the per-set accuracies), agreement with the length rules,
+   and rows/s of each engine method;
+2. the levers: each lever run against the lever baseline on the same pairs;
+3. the similarity-metric lever, recomputed from the baseline's stored inferred instructions
+   (greedy decoding: the generations are the same whatever the metric).
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+HUMAN = ("mtbench_human", "llmeval2_human", "pandalm_test", "faireval_human", "ifeval_pairs", "hh_rlhf_harmless_test")
+
+
+def pct(x) -> str:
+    return "n/a" if x is None else f"{100 * x:.1f}"
+
+
+def cell(s: dict | None) -> str:
+    if not s or s.get("accuracy") is None:
+        return "n/a"
+    return f"{pct(s['accuracy'])} [{pct(s['ci_low'])}, {pct(s['ci_high'])}]"
+
+
+def human_aggregate(s: dict) -> tuple[float | None, float | None, int]:
+    """(pooled accuracy, mean of per-set accuracies, n) over the human-labelled sets."""
+    subs = [s["per_subset"][k] for k in HUMAN if k in s.get("per_subset", {}) and s["per_subset"][k]["n"]]
+    if not subs:
+        return None, None, 0
+    n = sum(x["n"] for x in subs)
+    pooled = sum(x["accuracy"] * x["n"] for x in subs) / n
+    macro = sum(x["accuracy"] for x in subs) / len(subs)
+    return pooled, macro, n
+
+
+def main_table(summary: dict) -> str:
+    sets = [k for k in (*HUMAN, "alpacaeval2_gpt4turbo_pairs") if any(k in s["per_subset"] for s in summary.values())]
+    head = "| method | " + " | ".join(sets) + " | human pooled | human mean | agree longer | agree shorter | rows/s |"
+    lines = [head, "|---|" + "---:|" * (len(sets) + 5)]
+    for method, s in summary.items():
+        pooled, macro, _ = human_aggregate(s)
+        row = [cell(s["per_subset"].get(k)) for k in sets]
+        lines.append(
+            f"| {method} | " + " | ".join(row) + f" | {pct(pooled)} | {pct(macro)} | {pct(s.get('agree_longer'))} | "
+            f"{pct(s.get('agree_shorter'))} | {s.get('rows_per_s', '')} |"
+        )
+    return "\n".join(lines)
+
+
+def metric_lever(run: Path) -> str:
+    """flip accuracy per similarity metric, from the run's stored inferred instructions."""
+    import pyarrow.dataset as pads
+    import pyarrow.parquet as pq
+
+    from flip_ray.evalstats import pair_outcome, summarize
+    from flip_ray.similarity import EmbeddingSimilarity, pairwise_metric
+
+    responses = pq.read_table(run / "responses.parquet").to_pylist()
+    instruction = {r["id"]: r["messages"][-2]["content"] for r in responses}
+    scored = pads.dataset(str(run / "scores" / "flip" / "data"), format="parquet").to_table(
+        columns=["id", "inferred_instruction", "error"]
+    )
+    inferred = {
+        i: (x if e is None else None)
+        for i, x, e in zip(
+            *(scored.column(c).to_pylist() for c in ("id", "inferred_instruction", "error")), strict=True
+        )
+    }
+    pairs: dict[str, list[str]] = {}
+    subset: dict[str, str] = {}
+    for r in responses:
+        pairs.setdefault(r["pair_id"], []).append(r["id"])
+        subset[r["pair_id"]] = r["subset"]
+    ids = [i for i in instruction if inferred.get(i) is not None]
+    lines = ["| metric | " + " | ".join(HUMAN) + " | human pooled | human mean |", "|---|" + "---:|" * (len(HUMAN) + 2)]
+    embedder = EmbeddingSimilarity()
+    for metric in ("f1", "rouge_l", "bleu", "embedding"):
+        if metric == "embedding":
+            values = dict(zip(ids, embedder([inferred[i] for i in ids], [instruction[i] for i in ids]), strict=True))
+        else:
+            fn = pairwise_metric(metric)
+            values = {i: fn(inferred[i], instruction[i]) for i in ids}
+        keys = sorted(pairs)
+        outcomes = [pair_outcome(values.get(pairs[k][0]), [values.get(x) for x in pairs[k][1:]]) for k in keys]
+        s = summarize(outcomes, [subset[k] for k in keys], n_boot=1000)
+        pooled, macro, _ = human_aggregate(s)
+        lines.append(
+            f"| {metric} | "
+            + " | ".join(cell(s["per_subset"].get(k)) for k in HUMAN)
+            + f" | {pct(pooled)} | {pct(macro)} |"
+        )
+    return "\n".join(lines)
+
+
+def lever_table(out: Path) -> str:
+    runs = sorted(p.parent for p in out.glob("lever_*/summary.json"))
+    lines = [
+        "| run | method | human pooled | human mean | ties | agree longer | rows/s | parse_status |",
+        "|---|---|---:|---:|---:|---:|---:|---|",
+    ]
+    for run in runs:
+        summary = json.loads((run / "summary.json").read_text())
+        for method, s in summary.items():
+            if method in ("longer", "shorter", "prompt_overlap") and run.name != "lever_base":
+                continue
+            pooled, macro, _ = human_aggregate(s)
+            agree = pct(s.get("agree_longer"))
+            lines.append(
+                f"| {run.name} | {method} | {pct(pooled)} | {pct(macro)} | {s['ties']} | {agree} | "
+                f"{s.get('rows_per_s', '')} | {json.dumps(s.get('parse_status', ''))} |"
+            )
+    return "\n".join(lines)
+
+
+def main() -> None:
+    out = Path(sys.argv[1] if len(sys.argv) > 1 else "outputs/eval_table")
+    if (out / "main" / "summary.json").exists():
+        print("## Main table\n")
+        print(main_table(json.loads((out / "main" / "summary.json").read_text())))
+    if list(out.glob("lever_*/summary.json")):
+        print("\n## Levers\n")
+        print(lever_table(out))
+    if (out / "lever_base" / "scores" / "flip" / "data").exists():
+        print("\n## Similarity metric (lever_base generations)\n")
+        print(metric_lever(out / "lever_base"))
+    if (out / "walltimes.txt").exists():
+        print("\n## Wall times\n")
+        print((out / "walltimes.txt").read_text())
+
+
+if __name__ == "__main__":
+    main()
