@@ -65,7 +65,8 @@ def metric_lever(run: Path) -> str:
     from flip_ray.evalstats import pair_outcome, summarize
     from flip_ray.similarity import EmbeddingSimilarity, pairwise_metric
 
-    responses = pq.read_table(run / "responses.parquet").to_pylist()
+    source = run / "responses" if (run / "responses").is_dir() else run / "responses.parquet"
+    responses = pq.read_table(source).to_pylist()
     instruction = {r["id"]: r["messages"][-2]["content"] for r in responses}
     scored = pads.dataset(str(run / "scores" / "flip" / "data"), format="parquet").to_table(
         columns=["id", "inferred_instruction", "error"]

@@ -6,8 +6,8 @@ Input rows are `{id, prompt, chosen, rejected[, subset]}`; `rejected` is a strin
 (best-of-N: an item counts as correct only if chosen outscores every rejected response). The job
 
 1. reads and checks the pairs on the driver (bad rows go to `errors.jsonl` with their reason),
-2. writes one row per response to `responses.parquet` (a chat: earlier turns, the instruction,
-   the response) and scores it with the scoring job, one run per engine method under
+2. writes one row per response to `responses/part-*.parquet` (a chat: earlier turns, the
+   instruction, the response) and scores it with the scoring job, one run per engine method under
    `scores/<method>/` (so each method's speed is measured alone, and a rerun resumes),
 3. runs the per-pair judges (`judge_pairwise` in both orders, `judge_listwise` with a seeded
    shuffle) through the same engine on Ray Data,
@@ -46,7 +46,8 @@ ENGINE_METHODS = ("flip", "flip_logprob", "judge_pointwise")
 PAIR_JUDGES = ("judge_pairwise", "judge_listwise")
 # The column each per-response engine method ranks by (higher is better).
 SCORE_COLUMNS = {"flip": "flip_score", "flip_logprob": "flip_logprob_mean", "judge_pointwise": "judge_score"}
-RESPONSES = "responses.parquet"
+RESPONSES = "responses"  # directory of Parquet parts, one scoring shard each
+RESPONSES_PER_PART = 2000
 SUMMARY, SUMMARY_MD, EVAL_MANIFEST, ERRORS = "summary.json", "summary.md", "eval_manifest.json", "errors.jsonl"
 
 _HH_TURN = re.compile(r"(?:^|\n\n)(Human|Assistant): ", re.MULTILINE)
@@ -235,7 +236,7 @@ def responses_table(items: list[Item]) -> pa.Table:
 
 
 def scoring_config(cfg: DictConfig, method: str, store: OutputStore) -> DictConfig:
-    """The scoring-job config of one engine method's pass over `responses.parquet`."""
+    """The scoring-job config of one engine method's pass over `responses/`."""
     base = OmegaConf.structured(ScoreConfig)
     shared = {
         k: cfg[k] for k in ("model", "sampling", "reward", "resources", "flags", "dedup", "limits", "storage", "ray")
@@ -495,7 +496,13 @@ def run_evaluate(cfg: DictConfig) -> dict:
     logger.info("%d pairs (%d responses), %d bad row(s)", len(items), sum(len(x.candidates) for x in items), len(bad))
     store.fs.makedirs(store.root, exist_ok=True)
     _write_errors(store, bad)
-    write_bytes_durably(store.fs, store.path(RESPONSES), parquet_bytes(responses_table(items)))
+    table = responses_table(items)
+    if store.fs.exists(store.path(RESPONSES)):
+        store.fs.rm(store.path(RESPONSES), recursive=True)
+    store.fs.makedirs(store.path(RESPONSES), exist_ok=True)
+    for k, start in enumerate(range(0, table.num_rows, RESPONSES_PER_PART)):
+        part = parquet_bytes(table.slice(start, RESPONSES_PER_PART))
+        write_bytes_durably(store.fs, store.path(RESPONSES, f"part-{k:05d}.parquet"), part)
 
     outcomes: dict[str, list[float | None]] = {}
     picks: dict[str, list[int | None]] = {}
