@@ -20,7 +20,6 @@ Evaluation sets are small (thousands of pairs): the driver holds one score per r
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import posixpath
@@ -133,9 +132,6 @@ def _records(shard: Shard):
 def _candidates(row: dict, chosen_col: str, rejected_col: str) -> list[str]:
     chosen = text_field(row.get(chosen_col), chosen_col)
     rejected = row.get(rejected_col)
-    if isinstance(rejected, str) and rejected.lstrip().startswith("["):
-        with contextlib.suppress(json.JSONDecodeError):  # a list stored as JSON text (CSV exports)
-            rejected = json.loads(rejected)
     if isinstance(rejected, (list, tuple)):
         if not rejected:
             raise RowError(f"{rejected_col} is an empty list")

@@ -54,12 +54,14 @@ def test_load_items_records_bad_rows_and_keeps_good_ones(tmp_path):
         {"id": "d", "prompt": "Q", "chosen": "same", "rejected": "same"},
         {"id": "e", "prompt": "Q", "chosen": "A", "rejected": []},
         {"id": None, "prompt": "Q", "chosen": "A", "rejected": "B"},
-        {"id": "g", "prompt": "Q", "chosen": "A", "rejected": '["B", "C"]'},
+        {"id": "g", "prompt": "Q", "chosen": "A", "rejected": ["B", "C"]},
+        {"id": "h", "prompt": "Q", "chosen": "A", "rejected": "[1, 2, 3]"},  # a response that looks like JSON
     ]
     path = tmp_path / "pairs.jsonl"
     path.write_text("\n".join(json.dumps(r) for r in rows) + "\n{not json\n")
     items, bad = load_items(_cfg(path))
-    assert [i.id for i in items] == ["a", "b", "g"]
+    assert [i.id for i in items] == ["a", "b", "g", "h"]
+    assert items[3].candidates == ["A", "[1, 2, 3]"]
     assert items[1].candidates == ["One.", "Two.", "Three."] and items[1].subset == "bon"
     assert items[0].subset == "pairs"  # no subset column: the file
     assert items[2].candidates == ["A", "B", "C"]
@@ -68,7 +70,7 @@ def test_load_items_records_bad_rows_and_keeps_good_ones(tmp_path):
     assert "repeats the chosen" in reasons["d"]
     assert "empty list" in reasons["e"]
     assert any("id is missing" in b["error"] for b in bad)
-    assert any("line 8" in b["error"] for b in bad)
+    assert any("line 9" in b["error"] for b in bad)
     assert len(bad) == 5
 
 
