@@ -124,6 +124,9 @@ class RewardConfig:
     logprob_format: str = "plain"
     # judge_pointwise: tokens for the verdict (the prompt asks for reasoning first).
     judge_max_tokens: int = 256
+    # flip_logprob: also score this many generic contrast instructions after each response and write
+    # flip_logprob_contrast (own minus their mean log-probability); 0 = off. One prefill each.
+    logprob_distractors: int = 0
 
 
 @dataclass
@@ -325,6 +328,7 @@ def validate_reward(w: DictConfig, allowed: tuple[str, ...] = SCORE_METHODS, key
         f"`reward.logprob_format` must be one of {LOGPROB_FORMATS}, got {w.logprob_format!r}",
     )
     _require(w.judge_max_tokens >= 1, "`reward.judge_max_tokens` must be >= 1")
+    _require(0 <= w.logprob_distractors <= 16, "`reward.logprob_distractors` must be in [0, 16]")
 
 
 def to_yaml(cfg: DictConfig) -> str:

@@ -266,6 +266,8 @@ class Likelihood:
     logprob_sum: float | None = None
     logprob_mean: float | None = None
     tokens: int | None = None
+    # logprob_mean minus the mean of the contrast instructions' logprob_mean (with distractors > 0)
+    contrast: float | None = None
     n_prompt_tokens: int | None = None
     truncated: bool = False
     error: str | None = None
@@ -284,6 +286,10 @@ class FlipLikelihood:
         chat_template_kwargs, variant, few_shot: The FLIP prompt, as in `FlipGenerator`.
         logprob_format: `plain` (the answer is the instruction) or `json` (the instruction follows the
             opening of the JSON answer, `{"INFERRED INSTRUCTION": "`; that opening is not scored).
+        distractors: Also score this many contrast instructions (`prompts.distractors_for`) after the
+            same response, and report `contrast` = the real instruction's mean log-probability minus
+            theirs: how much better the response explains its own instruction than generic ones.
+            Costs one more prefill per distractor.
     """
 
     def __init__(
@@ -294,10 +300,12 @@ class FlipLikelihood:
         variant: str = "flip",
         few_shot: int = 0,
         logprob_format: str = "plain",
+        distractors: int = 0,
     ):
         from vllm import SamplingParams
 
         self.llm = llm
+        self.distractors = distractors
         self.tokenizer = llm.get_tokenizer()
         self.fitter = PromptFitter(self.tokenizer, chat_template_kwargs)
         self.max_model_len = llm.llm_engine.model_config.max_model_len
@@ -326,9 +334,33 @@ class FlipLikelihood:
         self, instructions: list[str], responses: list[str], contexts: list[list[dict] | None] | None = None
     ) -> list[Likelihood]:
         """Scores each row; a row that fails is returned with `error` set."""
+        contexts = contexts if contexts is not None else [None] * len(responses)
+        if not self.distractors:
+            return self._score(instructions, responses, contexts)
+        from flip_ray.prompts import distractors_for
+
+        k = self.distractors
+        flat_i, flat_r, flat_c = [], [], []
+        for instruction, response, context in zip(instructions, responses, contexts, strict=True):
+            for candidate in [instruction, *distractors_for(instruction, k)]:
+                flat_i.append(candidate)
+                flat_r.append(response)
+                flat_c.append(context)
+        flat = self._score(flat_i, flat_r, flat_c)
+        out = []
+        for row in range(len(instructions)):
+            own, *others = flat[row * (k + 1) : (row + 1) * (k + 1)]
+            failed = next((o.error for o in others if o.error), None)
+            if own.error is None and failed is not None:
+                own = Likelihood(truncated=own.truncated, error=f"contrast instruction: {failed}")
+            elif own.error is None:
+                own.contrast = own.logprob_mean - sum(o.logprob_mean for o in others) / len(others)
+            out.append(own)
+        return out
+
+    def _score(self, instructions: list[str], responses: list[str], contexts: list) -> list[Likelihood]:
         from vllm.inputs import TokensPrompt
 
-        contexts = contexts if contexts is not None else [None] * len(responses)
         results: list[Likelihood | None] = [None] * len(responses)
         prompts, slots = [], []
         for i, (instruction, response, context) in enumerate(zip(instructions, responses, contexts, strict=True)):

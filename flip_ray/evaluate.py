@@ -505,7 +505,10 @@ def run_evaluate(cfg: DictConfig) -> dict:
     extra: dict[str, dict] = {m: {} for m in methods}
     for method in [m for m in methods if m in ENGINE_METHODS]:
         manifest = run_score(scoring_config(cfg, method, store))
-        values = read_scores(store.uri_of("scores", method), SCORE_COLUMNS[method])
+        column = SCORE_COLUMNS[method]
+        if method == "flip_logprob" and cfg.reward.logprob_distractors:
+            column = "flip_logprob_contrast"
+        values = read_scores(store.uri_of("scores", method), column)
         scores = [[values.get(response_id(it.id, k)) for k in range(len(it.candidates))] for it in items]
         outcomes[method] = [pair_outcome(s[0], s[1:]) for s in scores]
         picks[method] = [pick_from_scores(s) for s in scores]

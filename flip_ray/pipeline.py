@@ -265,6 +265,7 @@ def engine_stage_kwargs(cfg: DictConfig, device: str, model_path: str | None) ->
         guided_json=cfg.reward.guided_json,
         logprob_format=cfg.reward.logprob_format,
         judge_max_tokens=cfg.reward.judge_max_tokens,
+        logprob_distractors=cfg.reward.logprob_distractors,
     )
 
 

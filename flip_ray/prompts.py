@@ -134,6 +134,48 @@ def build_flip_messages(
     ]
 
 
+# Contrast instructions for the likelihood method (`reward.logprob_distractors`): generic requests of
+# many kinds, written for flip_ray. A response that makes every instruction likely is not evidence for
+# its own; the contrast score subtracts how likely these are given the same response.
+DISTRACTOR_INSTRUCTIONS = (
+    "Write a short poem about the ocean.",
+    "Explain how vaccines train the immune system.",
+    "Write a Python function that checks whether a number is prime.",
+    "Summarize the plot of a famous novel in three sentences.",
+    "Give me five ideas for a child's birthday party.",
+    "Translate the sentence 'Where is the train station?' into French.",
+    "What are the pros and cons of working from home?",
+    "Write a polite email asking my manager for a day off.",
+    "Solve for x: 3x + 7 = 22.",
+    "Describe the water cycle for a ten-year-old.",
+    "Recommend three books for someone who likes science fiction.",
+    "Write a product description for a reusable water bottle.",
+    "What caused the fall of the Roman Empire?",
+    "Create a weekly workout plan for a beginner.",
+    "Write a SQL query that returns the ten most recent orders.",
+    "Give me a recipe for a vegetarian pasta dish.",
+    "Explain the difference between weather and climate.",
+    "Write a short story about a robot who learns to paint.",
+    "How do I change a flat tire on a bicycle?",
+    "List the planets of the solar system in order from the sun.",
+    "Write a cover letter for a junior accountant position.",
+    "What is the capital of Australia, and why was it chosen?",
+    "Suggest a name for a coffee shop and explain the choice.",
+    "Rewrite this sentence to be more formal: 'gonna be late, sorry'.",
+)
+
+
+def distractors_for(instruction: str, k: int) -> list[str]:
+    """`k` contrast instructions for `instruction`, the same every time for the same instruction (so
+    every response to one prompt is contrasted with the same ones)."""
+    import hashlib
+    import random
+
+    pool = [d for d in DISTRACTOR_INSTRUCTIONS if d.strip().lower() != instruction.strip().lower()]
+    seed = int.from_bytes(hashlib.sha1(instruction.encode()).digest()[:8], "big")
+    return random.Random(seed).sample(pool, min(k, len(pool)))
+
+
 LOGPROB_FORMATS = ("plain", "json")
 
 

@@ -127,7 +127,8 @@ class BackwardInferenceStage:
         enforce_eager, trust_remote_code, load_format: vLLM engine arguments.
         temperature, top_p, max_tokens, seed, n, ignore_eos: Sampling parameters of `flip`.
         methods: Rewards to compute (`config.SCORE_METHODS`).
-        prompt_variant, few_shot, guided_json, logprob_format, judge_max_tokens: See `config.RewardConfig`.
+        prompt_variant, few_shot, guided_json, logprob_format, judge_max_tokens, logprob_distractors: See
+            `config.RewardConfig`.
         dedup_cache_size: `flip` answers remembered per actor for identical (response, history) rows;
             0 turns deduplication off.
     """
@@ -158,6 +159,7 @@ class BackwardInferenceStage:
         guided_json: bool = False,
         logprob_format: str = "plain",
         judge_max_tokens: int = 256,
+        logprob_distractors: int = 0,
     ):
         from flip_ray.engine import FlipGenerator, FlipLikelihood, Judge, build_llm
 
@@ -196,7 +198,9 @@ class BackwardInferenceStage:
                 **prompt,
             )
         self.likelihood = (
-            FlipLikelihood(llm, logprob_format=logprob_format, **prompt) if "flip_logprob" in self.methods else None
+            FlipLikelihood(llm, logprob_format=logprob_format, distractors=logprob_distractors, **prompt)
+            if "flip_logprob" in self.methods
+            else None
         )
         self.judge = None
         if "judge_pointwise" in self.methods:
@@ -244,6 +248,7 @@ class BackwardInferenceStage:
                 cols["flip_logprob_mean"][i] = lk.logprob_mean
                 cols["flip_logprob_sum"][i] = lk.logprob_sum
                 cols["flip_logprob_tokens"][i] = lk.tokens
+                cols["flip_logprob_contrast"][i] = lk.contrast
                 cols["n_prompt_tokens"][i] = cols["n_prompt_tokens"][i] or lk.n_prompt_tokens
                 cols["truncated"][i] = bool(cols["truncated"][i]) or lk.truncated
                 if lk.error:

@@ -117,3 +117,19 @@ def test_judge_and_prompt_levers_on_the_real_engine(llm):
         parsed = parse_inferred_instruction(text)
         assert parsed.status in ("json", "partial_json"), text
         assert ("REASONING" in text) == (variant == "flip") or parsed.status == "partial_json"
+
+
+def test_flip_likelihood_contrast_subtracts_generic_instructions(llm):
+    from flip_ray.engine import FlipLikelihood
+    from flip_ray.prompts import distractors_for
+
+    instruction, response = "Write a haiku about autumn leaves.", "Crimson leaves drift down,\nthe maple lets go."
+    contrasted = FlipLikelihood(llm, distractors=3).score([instruction], [response])[0]
+    plain = FlipLikelihood(llm)
+    own = plain.score([instruction], [response])[0]
+    others = plain.score(distractors_for(instruction, 3), [response] * 3)
+    assert contrasted.logprob_mean == pytest.approx(own.logprob_mean, abs=1e-4)
+    expected = own.logprob_mean - sum(o.logprob_mean for o in others) / 3
+    assert contrasted.contrast == pytest.approx(expected, abs=1e-4)
+    assert distractors_for(instruction, 3) == distractors_for(instruction, 3)
+    assert instruction not in distractors_for(instruction, 30) and len(distractors_for(instruction, 30)) == 24
