@@ -5,11 +5,13 @@ from omegaconf import OmegaConf
 
 from flip_ray.config import (
     ConfigError,
+    EvalJobConfig,
     FilterJobConfig,
     PairsJobConfig,
     ScoreConfig,
     load_config,
     schema_for_yaml,
+    validate_eval_config,
     validate_filter_config,
     validate_pairs_config,
     validate_score_config,
@@ -19,6 +21,7 @@ VALIDATORS = {
     ScoreConfig: validate_score_config,
     FilterJobConfig: validate_filter_config,
     PairsJobConfig: validate_pairs_config,
+    EvalJobConfig: validate_eval_config,
 }
 
 CONFIGS = sorted(Path("configs").glob("*.yaml"))
