@@ -85,6 +85,14 @@ def test_wrong_types_are_refused(override, key):
         (["input.path=x", "output.path=y", "input.format=csv"], "input.format"),
         (["input.path=x", "output.path=y", "model.max_model_len=100", "sampling.max_tokens=128"], "max_model_len"),
         (["input.path=x", "output.path=y", "sampling.aggregate=median"], "aggregate"),
+        (["input.path=x", "output.path=y", "reward.methods=[flip,longer]"], r"reward\.methods.*longer"),
+        (["input.path=x", "output.path=y", "reward.methods=[]"], "at least one"),
+        (["input.path=x", "output.path=y", "reward.methods=[flip,flip]"], "twice"),
+        (["input.path=x", "output.path=y", "reward.prompt=short"], r"reward\.prompt"),
+        (["input.path=x", "output.path=y", "reward.few_shot=5"], r"reward\.few_shot"),
+        (["input.path=x", "output.path=y", "reward.similarity=cosine"], r"reward\.similarity"),
+        (["input.path=x", "output.path=y", "reward.logprob_format=xml"], r"reward\.logprob_format"),
+        (["input.path=x", "output.path=y", "reward.logprob_distractors=99"], r"reward\.logprob_distractors"),
     ],
 )
 def test_semantic_checks(overrides, match):
