@@ -36,12 +36,15 @@ case " $RUNS " in *" main "*)
     'evaluation.methods=[flip,flip_logprob,judge_pointwise,longer,shorter,prompt_overlap]'
 ;; esac
 case " $RUNS " in *" levers "*)
-  L=(input.sample_per_file=40 sampling.max_tokens=128)
-  run lever_base human "${L[@]}" 'evaluation.methods=[flip,flip_logprob,judge_pointwise,longer,shorter,prompt_overlap]'
+  # 30 pairs per human-labelled set: the same pairs as the first 30 of the main run's 60 per set
+  # (the seeded sample is nested), so the levers compare on equal footing with lever_base.
+  L=(input.sample_per_file=30 sampling.max_tokens=128)
+  run lever_base human "${L[@]}" 'evaluation.methods=[flip,flip_logprob,longer,shorter,prompt_overlap]'
   run lever_guided human "${L[@]}" reward.guided_json=true 'evaluation.methods=[flip,judge_pointwise]'
   run lever_no_reasoning human "${L[@]}" reward.prompt=no_reasoning 'evaluation.methods=[flip,flip_logprob]'
   run lever_few_shot human "${L[@]}" reward.few_shot=3 'evaluation.methods=[flip,flip_logprob]'
-  run lever_logprob_json human "${L[@]}" reward.logprob_format=json 'evaluation.methods=[flip_logprob]'
+  run lever_contrast human "${L[@]}" reward.logprob_distractors=2 'evaluation.methods=[flip_logprob]'
+  run lever_temperature human "${L[@]}" sampling.temperature=0.7 'evaluation.methods=[flip]'
   run lever_n4 human "${L[@]}" sampling.n=4 sampling.temperature=0.7 'evaluation.methods=[flip]'
   run lever_judges human "${L[@]}" 'evaluation.methods=[judge_pairwise,judge_listwise]'
 ;; esac
