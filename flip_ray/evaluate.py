@@ -249,21 +249,46 @@ def scoring_config(cfg: DictConfig, method: str, store: OutputStore) -> DictConf
     return sc
 
 
-def read_scores(uri: str, column: str) -> dict[str, float | None]:
-    """Response id -> value of `column` (None where the row has an error) from a scoring run."""
+def read_scores(uri: str, column: str) -> dict[str, tuple[float | None, str | None]]:
+    """Response id -> (value of `column`, error) from a scoring run's output."""
+    import fsspec
     import pyarrow.dataset as pads
 
     from flip_ray.downstream import resolve_scored
 
     data, _ = resolve_scored(uri)
-    import fsspec
-
     fs, root = fsspec.core.url_to_fs(data)
     table = pads.dataset(root, filesystem=fs, format="parquet").to_table(columns=["id", column, "error"])
-    out = {}
-    for rid, value, error in zip(*(table.column(c).to_pylist() for c in ("id", column, "error")), strict=True):
-        out[rid] = None if error is not None else value
-    return out
+    ids, values, errors = (table.column(c).to_pylist() for c in ("id", column, "error"))
+    return {rid: (value, error) for rid, value, error in zip(ids, values, errors, strict=True)}
+
+
+def engine_outcomes(
+    items: list[Item], scores: dict[str, tuple[float | None, str | None]]
+) -> tuple[list[float | None], list[int | None]]:
+    """Outcome and pick per item from per-response scores. A response with an error (or absent)
+    makes the item missing; a response the method could not score (a judge verdict that does not
+    parse) makes it a tie: the method gave no preference."""
+    outcomes, picks = [], []
+    for it in items:
+        got = [scores.get(response_id(it.id, k), (None, "not scored")) for k in range(len(it.candidates))]
+        if any(error is not None for _, error in got):
+            outcomes.append(None)
+            picks.append(None)
+        elif any(value is None for value, _ in got):
+            outcomes.append(1.0 / len(it.candidates))
+            picks.append(None)
+        else:
+            values = [value for value, _ in got]
+            outcomes.append(pair_outcome(values[0], values[1:]))
+            picks.append(pick_from_scores(values))
+    return outcomes, picks
+
+
+def score_column(cfg: DictConfig, method: str) -> str:
+    if method == "flip_logprob" and cfg.reward.logprob_distractors:
+        return "flip_logprob_contrast"
+    return SCORE_COLUMNS[method]
 
 
 class PairJudgeStage:
@@ -462,6 +487,53 @@ def baseline_scores(item: Item, method: str) -> list[float]:
     raise ValueError(f"not a baseline: {method}")
 
 
+def _judge_status(values: dict, method: str) -> dict | None:
+    if method != "judge_pointwise":
+        return None
+    unscored = sum(1 for value, error in values.values() if value is None and error is None)
+    return {"scored": sum(1 for value, _ in values.values() if value is not None), "no_verdict": unscored}
+
+
+def resummarize(output_path: str) -> dict:
+    """Recomputes summary.json of a finished evaluation from its stored per-response scores (engine
+    methods and baselines; per-pair judges keep their stored entries). Returns the new summary."""
+    from omegaconf import OmegaConf
+
+    from flip_ray.config import EvalJobConfig
+
+    store = OutputStore(output_path)
+    manifest = store.read_json(EVAL_MANIFEST)
+    old = store.read_json(SUMMARY)
+    if manifest is None or old is None:
+        raise OutputError(f"{output_path} holds no finished evaluation")
+    cfg = OmegaConf.merge(OmegaConf.structured(EvalJobConfig), manifest["config"])
+    items, _ = load_items(cfg)
+    outcomes, picks = {}, {}
+    for method in [m for m in old if m in ENGINE_METHODS]:
+        values = read_scores(store.uri_of("scores", method), score_column(cfg, method))
+        outcomes[method], picks[method] = engine_outcomes(items, values)
+        if method == "judge_pointwise":
+            old[method]["parse_status"] = _judge_status(values, method)
+    for method in ("longer", "shorter", "prompt_overlap"):
+        scores = [baseline_scores(it, method) for it in items]
+        outcomes[method] = [pair_outcome(sc[0], sc[1:]) for sc in scores]
+        picks[method] = [pick_from_scores(sc) for sc in scores]
+    subsets = [it.subset for it in items]
+    summary = {}
+    for method, entry in old.items():
+        if method not in outcomes:
+            summary[method] = entry
+            continue
+        s = summarize(outcomes[method], subsets, n_boot=cfg.evaluation.bootstrap, seed=cfg.evaluation.seed)
+        for rule in ("longer", "shorter"):
+            value, _ = agreement(picks[method], picks[rule])
+            s[f"agree_{rule}"] = None if value is None else round(value, 4)
+        s.update({k: v for k, v in entry.items() if k in ("rows_per_s", "pipeline_s", "parse_status", "errors")})
+        summary[method] = s
+    write_bytes_durably(store.fs, store.path(SUMMARY), json.dumps(summary, indent=2).encode())
+    return summary
+
+
 def _write_errors(store: OutputStore, bad: list[dict]) -> None:
     text = "".join(json.dumps(b, ensure_ascii=False) + "\n" for b in bad)
     write_bytes_durably(store.fs, store.path(ERRORS), text.encode())
@@ -505,18 +577,13 @@ def run_evaluate(cfg: DictConfig) -> dict:
     extra: dict[str, dict] = {m: {} for m in methods}
     for method in [m for m in methods if m in ENGINE_METHODS]:
         manifest = run_score(scoring_config(cfg, method, store))
-        column = SCORE_COLUMNS[method]
-        if method == "flip_logprob" and cfg.reward.logprob_distractors:
-            column = "flip_logprob_contrast"
-        values = read_scores(store.uri_of("scores", method), column)
-        scores = [[values.get(response_id(it.id, k)) for k in range(len(it.candidates))] for it in items]
-        outcomes[method] = [pair_outcome(s[0], s[1:]) for s in scores]
-        picks[method] = [pick_from_scores(s) for s in scores]
+        values = read_scores(store.uri_of("scores", method), score_column(cfg, method))
+        outcomes[method], picks[method] = engine_outcomes(items, values)
         t = manifest["timings"]
         extra[method] = {
             "rows_per_s": t["rows_per_s"],
             "pipeline_s": t["pipeline_s"],
-            "parse_status": manifest["counts"]["parse_status"] if method == "flip" else None,
+            "parse_status": manifest["counts"]["parse_status"] if method == "flip" else _judge_status(values, method),
             "errors": manifest["counts"]["errors"],
         }
     judges = [m for m in methods if m in PAIR_JUDGES]

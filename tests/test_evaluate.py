@@ -243,3 +243,17 @@ def test_evaluation_end_to_end_on_real_pairs(tmp_path):
         r = [by_id[f"{it['id']}#{k + 1}"] for k in range(len(rejected))]
         wins += 1.0 if c > max(r) else 0.0
     assert summary["flip_logprob"]["accuracy"] == pytest.approx(wins / 20)
+
+
+def test_engine_outcomes_missing_versus_no_verdict():
+    from flip_ray.evaluate import engine_outcomes
+
+    items = [_item(2), Item("q", "Q", [], ["a", "b", "c"], "s"), Item("r", "Q", [], ["a", "b"], "s")]
+    scores = {
+        "p#0": (0.9, None), "p#1": (0.1, None),  # chosen wins
+        "q#0": (None, None), "q#1": (5.0, None), "q#2": (3.0, None),  # a judge with no verdict: a 3-way tie
+        "r#0": (0.2, None), "r#1": (None, "engine error: boom"),  # an error: the item is missing
+    }  # fmt: skip
+    outcomes, picks = engine_outcomes(items, scores)
+    assert outcomes == [1.0, pytest.approx(1 / 3), None] and picks == [0, None, None]
+    assert engine_outcomes([Item("z", "Q", [], ["a", "b"], "s")], {})[0] == [None]
