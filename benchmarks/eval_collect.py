@@ -1,6 +1,6 @@
 """Tables for docs/EVAL.md from the runs of benchmarks/eval_table.sh.
 
-    python benchmarks/eval_collect.py [OUT=outputs/eval_table]
+    python benchmarks/eval_collect.py [OUT=outputs/eval_table] [--resummarize]
 
 Prints, as markdown:
 1. the main run: methods x sets accuracy % [95% CI], the aggregate over the human-labelled sets
@@ -45,14 +45,18 @@ def human_aggregate(s: dict) -> tuple[float | None, float | None, int]:
 
 def main_table(summary: dict) -> str:
     sets = [k for k in (*HUMAN, "alpacaeval2_gpt4turbo_pairs") if any(k in s["per_subset"] for s in summary.values())]
-    head = "| method | " + " | ".join(sets) + " | human pooled | human mean | agree longer | agree shorter | rows/s |"
-    lines = [head, "|---|" + "---:|" * (len(sets) + 5)]
+    head = (
+        "| method | "
+        + " | ".join(sets)
+        + " | human pooled | human mean | agree longer | agree shorter | agree n | rows/s |"
+    )
+    lines = [head, "|---|" + "---:|" * (len(sets) + 6)]
     for method, s in summary.items():
         pooled, macro, _ = human_aggregate(s)
         row = [cell(s["per_subset"].get(k)) for k in sets]
         lines.append(
             f"| {method} | " + " | ".join(row) + f" | {pct(pooled)} | {pct(macro)} | {pct(s.get('agree_longer'))} | "
-            f"{pct(s.get('agree_shorter'))} | {s.get('rows_per_s', '')} |"
+            f"{pct(s.get('agree_shorter'))} | {s.get('agree_n', '')} | {s.get('rows_per_s', '')} |"
         )
     return "\n".join(lines)
 
@@ -125,6 +129,11 @@ def lever_table(out: Path) -> str:
 
 def main() -> None:
     out = Path(sys.argv[1] if len(sys.argv) > 1 else "outputs/eval_table")
+    if "--resummarize" in sys.argv:  # recompute summaries from stored scores (after a fix in the summary step)
+        from flip_ray.evaluate import resummarize
+
+        for run in sorted(p.parent for p in out.glob("*/summary.json")):
+            resummarize(str(run))
     if (out / "main" / "summary.json").exists():
         print("## Main table\n")
         print(main_table(json.loads((out / "main" / "summary.json").read_text())))

@@ -526,8 +526,9 @@ def resummarize(output_path: str) -> dict:
             continue
         s = summarize(outcomes[method], subsets, n_boot=cfg.evaluation.bootstrap, seed=cfg.evaluation.seed)
         for rule in ("longer", "shorter"):
-            value, _ = agreement(picks[method], picks[rule])
+            value, n = agreement(picks[method], picks[rule])
             s[f"agree_{rule}"] = None if value is None else round(value, 4)
+        s["agree_n"] = n  # items where both the method and the length rules pick one response
         s.update({k: v for k, v in entry.items() if k in ("rows_per_s", "pipeline_s", "parse_status", "errors")})
         summary[method] = s
     write_bytes_durably(store.fs, store.path(SUMMARY), json.dumps(summary, indent=2).encode())
@@ -616,6 +617,7 @@ def run_evaluate(cfg: DictConfig) -> dict:
         for rule in ("longer", "shorter"):
             value, n = agreement(picks[method], picks[rule])
             s[f"agree_{rule}"] = None if value is None else round(value, 4)
+        s["agree_n"] = n  # items where both the method and the length rules pick one response
         s.update({k: v for k, v in extra[method].items() if v is not None})
         summary[method] = s
     write_bytes_durably(store.fs, store.path(SUMMARY), json.dumps(summary, indent=2).encode())
