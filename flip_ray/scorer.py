@@ -42,6 +42,9 @@ class FlipScorer:
         temperature, top_p, max_tokens, seed, n: Sampling parameters (greedy by default).
         aggregate: How F1 over n samples is combined (`mean` or `max`).
         error_reward: The reward given to a pair that cannot be scored (empty text, too long).
+        variant, few_shot, guided_json: The FLIP prompt and decoding, as `reward.*` in the batch job.
+        likelihood: If true, `__call__` returns the `flip_logprob` reward (mean log-probability of the
+            real instruction given the response; one prefill, no decoding) instead of the F1 reward.
     """
 
     def __init__(
@@ -55,10 +58,25 @@ class FlipScorer:
         n: int = 1,
         aggregate: str = "mean",
         error_reward: float = 0.0,
+        variant: str = "flip",
+        few_shot: int = 0,
+        guided_json: bool = False,
+        likelihood: bool = False,
     ):
-        from flip_ray.engine import FlipGenerator
+        from flip_ray.engine import FlipGenerator, FlipLikelihood
 
-        self.generator = FlipGenerator(llm, temperature=temperature, top_p=top_p, max_tokens=max_tokens, seed=seed, n=n)
+        self.generator = FlipGenerator(
+            llm,
+            temperature=temperature,
+            top_p=top_p,
+            max_tokens=max_tokens,
+            seed=seed,
+            n=n,
+            variant=variant,
+            few_shot=few_shot,
+            guided_json=guided_json,
+        )
+        self.likelihood = FlipLikelihood(llm, variant=variant, few_shot=few_shot) if likelihood else None
         self.aggregate = aggregate
         self.error_reward = error_reward
 
@@ -86,8 +104,34 @@ class FlipScorer:
                 results[i] = score_generations(instruction, g.texts, self.aggregate)
         return results  # type: ignore[return-value]
 
+    def log_likelihoods(self, prompts: list[Any], responses: list[Any]) -> list[float | RowError]:
+        """`flip_logprob` per pair: the mean log-probability of the instruction given the response."""
+        from flip_ray.engine import FlipLikelihood
+
+        lk = self.likelihood or FlipLikelihood(self.generator.llm, variant=self.generator.variant)
+        results: list[float | RowError | None] = [None] * len(prompts)
+        todo, texts, instructions, contexts = [], [], [], []
+        for i, (prompt, completion) in enumerate(zip(prompts, responses, strict=True)):
+            try:
+                response = _response_text(completion)
+                instruction, context = _instruction_and_context(prompt, response)
+            except RowError as e:
+                results[i] = e
+                continue
+            todo.append(i)
+            texts.append(response)
+            instructions.append(instruction)
+            contexts.append(context)
+        for i, out in zip(todo, lk.score(instructions, texts, contexts), strict=True):
+            results[i] = RowError(out.error) if out.error else out.logprob_mean
+        return results  # type: ignore[return-value]
+
     def __call__(self, prompts: list[Any], completions: list[Any], **_: Any) -> list[float]:
         """Reward-function form (TRL's GRPOTrainer calling convention): one float per completion."""
+        if self.likelihood is not None:
+            return [
+                r if isinstance(r, float) else self.error_reward for r in self.log_likelihoods(prompts, completions)
+            ]
         return [
             r.flip_score if isinstance(r, FlipScore) else self.error_reward for r in self.score(prompts, completions)
         ]

@@ -133,3 +133,19 @@ def test_flip_likelihood_contrast_subtracts_generic_instructions(llm):
     assert contrasted.contrast == pytest.approx(expected, abs=1e-4)
     assert distractors_for(instruction, 3) == distractors_for(instruction, 3)
     assert instruction not in distractors_for(instruction, 30) and len(distractors_for(instruction, 30)) == 24
+
+
+def test_scorer_likelihood_reward(llm):
+    from flip_ray.engine import FlipLikelihood
+    from flip_ray.scorer import FlipScorer
+
+    scorer = FlipScorer(llm, likelihood=True, variant="no_reasoning")
+    prompts = [
+        "Write a haiku about autumn leaves.",
+        [{"role": "user", "content": "Write a haiku about autumn leaves."}],
+    ]
+    completions = ["Crimson leaves drift down,\nthe maple lets go.", [{"role": "assistant", "content": ""}]]
+    rewards = scorer(prompts=prompts, completions=completions)
+    direct = FlipLikelihood(llm, variant="no_reasoning").score([prompts[0]], [completions[0]])[0]
+    assert rewards[0] == pytest.approx(direct.logprob_mean) and rewards[0] < 0
+    assert rewards[1] == 0.0  # an empty completion gets error_reward
