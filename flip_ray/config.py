@@ -110,9 +110,13 @@ class RewardConfig:
     #   flip_logprob: log-probability of the real instruction as the model's answer to the FLIP
     #     question, teacher-forced, one prefill and no decoding (flip_logprob_mean/_sum/_tokens);
     #   judge_pointwise: the same model as a 1-10 judge with the authors' prompt (judge_score): a baseline.
-    methods: list[str] = field(default_factory=lambda: ["flip"])
-    # FLIP prompt: flip (the authors': reasoning, then the instruction, as JSON) or no_reasoning.
-    prompt: str = "flip"
+    # Default: both FLIP variants (docs/EVAL.md: with the embedded 135M model only flip_logprob ranks
+    # above chance; flip is the paper's reward and what the downstream commands rank by).
+    methods: list[str] = field(default_factory=lambda: ["flip", "flip_logprob"])
+    # FLIP prompt: no_reasoning (the authors' prompt without the reasoning field: the instruction alone,
+    # as JSON; best for both variants in docs/EVAL.md, and fewer tokens to generate) or flip (the
+    # authors' prompt exactly: reasoning, then the instruction).
+    prompt: str = "no_reasoning"
     # Worked examples given before the response (0 to 3).
     few_shot: int = 0
     # Constrain flip and judge answers to their JSON format (vLLM structured outputs).
@@ -490,7 +494,7 @@ class EvaluationConfig:
     # (both orders), judge_listwise (per pair, through the same engine); longer, shorter, prompt_overlap
     # (trivial baselines).
     methods: list[str] = field(
-        default_factory=lambda: ["flip", "flip_logprob", "judge_pointwise", "longer", "prompt_overlap"]
+        default_factory=lambda: ["flip", "flip_logprob", "judge_pointwise", "longer", "shorter", "prompt_overlap"]
     )
     # per_subset key: auto (the subset column where present, else the file), column, or file.
     subset_from: str = "auto"
