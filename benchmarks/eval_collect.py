@@ -108,7 +108,9 @@ def metric_lever(run: Path) -> str:
 
 
 def lever_table(out: Path) -> str:
-    runs = sorted(p.parent for p in out.glob("lever_*/summary.json"))
+    runs = sorted(
+        p.parent for p in out.glob("lever_*/summary.json") if p.parent.name not in ("lever_n4", "lever_judges")
+    )
     lines = [
         "| run | method | human pooled | human mean | ties | agree longer | rows/s | parse_status |",
         "|---|---|---:|---:|---:|---:|---:|---|",
@@ -127,6 +129,48 @@ def lever_table(out: Path) -> str:
     return "\n".join(lines)
 
 
+def restricted(run: Path, method: str, pair_ids: set[str]) -> dict:
+    """`method`'s summary in `run`, recomputed from its stored scores on the items `pair_ids` only (to
+    compare a lever run on a smaller nested sample with the runs on the larger one)."""
+    import pyarrow.parquet as pq
+
+    from flip_ray.evalstats import summarize
+    from flip_ray.evaluate import Item, engine_outcomes, read_scores
+
+    source = run / "responses" if (run / "responses").is_dir() else run / "responses.parquet"
+    rows = pq.read_table(source, columns=["pair_id", "candidate", "subset"]).to_pylist()
+    counts: dict[str, int] = {}
+    subset: dict[str, str] = {}
+    for r in rows:
+        if r["pair_id"] in pair_ids:
+            counts[r["pair_id"]] = counts.get(r["pair_id"], 0) + 1
+            subset[r["pair_id"]] = r["subset"]
+    items = [Item(pid, "", [], [""] * n, subset[pid]) for pid, n in sorted(counts.items())]
+    column = {"flip": "flip_score", "flip_logprob": "flip_logprob_mean", "judge_pointwise": "judge_score"}[method]
+    outcomes, _ = engine_outcomes(items, read_scores(str(run / "scores" / method), column))
+    return summarize(outcomes, [it.subset for it in items], n_boot=1000)
+
+
+def small_lever_table(out: Path) -> str:
+    """Levers run on 15 items per set, beside the 30-per-set runs restricted to the same items."""
+    import pyarrow.parquet as pq
+
+    lines = ["| run (items) | method | human pooled [CI] | ties |", "|---|---|---:|---:|"]
+    for small in ("lever_n4", "lever_judges"):
+        run = out / small
+        if not (run / "summary.json").exists():
+            continue
+        ids = set(pq.read_table(run / "responses", columns=["pair_id"]).column("pair_id").to_pylist())
+        for method, s in json.loads((run / "summary.json").read_text()).items():
+            lines.append(f"| {small} ({s['n']}) | {method} | {cell(s)} | {s['ties']} |")
+        if small == "lever_n4":
+            for ref in ("lever_base", "lever_temperature"):
+                if (out / ref / "scores" / "flip").exists():
+                    s = restricted(out / ref, "flip", ids)
+                    lines.append(f"| {ref} on the same items ({s['n']}) | flip | {cell(s)} | {s['ties']} |")
+    return "\n".join(lines)
+
+
 def main() -> None:
     out = Path(sys.argv[1] if len(sys.argv) > 1 else "outputs/eval_table")
     if "--resummarize" in sys.argv:  # recompute summaries from stored scores (after a fix in the summary step)
@@ -140,6 +184,9 @@ def main() -> None:
     if list(out.glob("lever_*/summary.json")):
         print("\n## Levers\n")
         print(lever_table(out))
+    if (out / "lever_n4" / "summary.json").exists() or (out / "lever_judges" / "summary.json").exists():
+        print("\n## Levers on 15 items per set\n")
+        print(small_lever_table(out))
     if (out / "lever_base" / "scores" / "flip" / "data").exists():
         print("\n## Similarity metric (lever_base generations)\n")
         print(metric_lever(out / "lever_base"))
