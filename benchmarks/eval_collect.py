@@ -112,7 +112,7 @@ def lever_table(out: Path) -> str:
         p.parent for p in out.glob("lever_*/summary.json") if p.parent.name not in ("lever_n4", "lever_judges")
     )
     lines = [
-        "| run | method | human pooled | human mean | ties | agree longer | rows/s | parse_status |",
+        "| run | method | human pooled [CI] | human mean | ties | agree longer | rows/s | parse_status |",
         "|---|---|---:|---:|---:|---:|---:|---|",
     ]
     for run in runs:
@@ -123,7 +123,7 @@ def lever_table(out: Path) -> str:
             pooled, macro, _ = human_aggregate(s)
             agree = pct(s.get("agree_longer"))
             lines.append(
-                f"| {run.name} | {method} | {pct(pooled)} | {pct(macro)} | {s['ties']} | {agree} | "
+                f"| {run.name} | {method} | {cell(s)} | {pct(macro)} | {s['ties']} | {agree} | "
                 f"{s.get('rows_per_s', '')} | {json.dumps(s.get('parse_status', ''))} |"
             )
     return "\n".join(lines)
