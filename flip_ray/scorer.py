@@ -34,6 +34,25 @@ def _instruction_and_context(prompt: Any, response: str) -> tuple[str, list[dict
     return text_field(prompt, "prompt"), None
 
 
+def _split_rows(prompts: list[Any], responses: list[Any]) -> tuple[list, list[int], list[str], list[str], list]:
+    """(results with a RowError at each pair that cannot be scored and None elsewhere, indices of the
+    scorable pairs, and their instructions, response texts and contexts)."""
+    results: list = [None] * len(prompts)
+    todo, instructions, texts, contexts = [], [], [], []
+    for i, (prompt, completion) in enumerate(zip(prompts, responses, strict=True)):
+        try:
+            response = _response_text(completion)
+            instruction, context = _instruction_and_context(prompt, response)
+        except RowError as e:
+            results[i] = e
+            continue
+        todo.append(i)
+        instructions.append(instruction)
+        texts.append(response)
+        contexts.append(context)
+    return results, todo, instructions, texts, contexts
+
+
 class FlipScorer:
     """FLIP rewards for (prompt, response) pairs from a `vllm.LLM`.
 
@@ -84,19 +103,7 @@ class FlipScorer:
         """Scores each pair; a pair that cannot be scored yields a `RowError` in its place."""
         if len(prompts) != len(responses):
             raise ValueError(f"{len(prompts)} prompts but {len(responses)} responses")
-        results: list[FlipScore | RowError | None] = [None] * len(prompts)
-        todo, texts, instructions, contexts = [], [], [], []
-        for i, (prompt, completion) in enumerate(zip(prompts, responses, strict=False)):
-            try:
-                response = _response_text(completion)
-                instruction, context = _instruction_and_context(prompt, response)
-            except RowError as e:
-                results[i] = e
-                continue
-            todo.append(i)
-            texts.append(response)
-            instructions.append(instruction)
-            contexts.append(context)
+        results, todo, instructions, texts, contexts = _split_rows(prompts, responses)
         for i, instruction, g in zip(todo, instructions, self.generator.generate(texts, contexts), strict=False):
             if g.error is not None or not g.texts:
                 results[i] = RowError(g.error or "engine returned no output")
@@ -109,19 +116,7 @@ class FlipScorer:
         from flip_ray.engine import FlipLikelihood
 
         lk = self.likelihood or FlipLikelihood(self.generator.llm, variant=self.generator.variant)
-        results: list[float | RowError | None] = [None] * len(prompts)
-        todo, texts, instructions, contexts = [], [], [], []
-        for i, (prompt, completion) in enumerate(zip(prompts, responses, strict=True)):
-            try:
-                response = _response_text(completion)
-                instruction, context = _instruction_and_context(prompt, response)
-            except RowError as e:
-                results[i] = e
-                continue
-            todo.append(i)
-            texts.append(response)
-            instructions.append(instruction)
-            contexts.append(context)
+        results, todo, instructions, texts, contexts = _split_rows(prompts, responses)
         for i, out in zip(todo, lk.score(instructions, texts, contexts), strict=True):
             results[i] = RowError(out.error) if out.error else out.logprob_mean
         return results  # type: ignore[return-value]
