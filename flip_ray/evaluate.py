@@ -494,6 +494,24 @@ def _judge_status(values: dict, method: str) -> dict | None:
     return {"scored": sum(1 for value, _ in values.values() if value is not None), "no_verdict": unscored}
 
 
+def _add_baselines(items: list[Item], outcomes: dict, picks: dict) -> None:
+    """Outcomes and picks of the trivial baselines (the length rules' picks also feed agreement)."""
+    for method in ("longer", "shorter", "prompt_overlap"):
+        scores = [baseline_scores(it, method) for it in items]
+        outcomes[method] = [pair_outcome(sc[0], sc[1:]) for sc in scores]
+        picks[method] = [pick_from_scores(sc) for sc in scores]
+
+
+def _method_summary(cfg: DictConfig, outcomes: list, picks: list, length_picks: dict, subsets: list) -> dict:
+    """`evalstats.summarize` of one method plus its agreement with the length rules."""
+    s = summarize(outcomes, subsets, n_boot=cfg.evaluation.bootstrap, seed=cfg.evaluation.seed)
+    for rule in ("longer", "shorter"):
+        value, n = agreement(picks, length_picks[rule])
+        s[f"agree_{rule}"] = None if value is None else round(value, 4)
+    s["agree_n"] = n  # items where both the method and the length rules pick one response
+    return s
+
+
 def resummarize(output_path: str) -> dict:
     """Recomputes summary.json of a finished evaluation from its stored per-response scores (engine
     methods and baselines; per-pair judges keep their stored entries). Returns the new summary."""
@@ -514,21 +532,14 @@ def resummarize(output_path: str) -> dict:
         outcomes[method], picks[method] = engine_outcomes(items, values)
         if method == "judge_pointwise":
             old[method]["parse_status"] = _judge_status(values, method)
-    for method in ("longer", "shorter", "prompt_overlap"):
-        scores = [baseline_scores(it, method) for it in items]
-        outcomes[method] = [pair_outcome(sc[0], sc[1:]) for sc in scores]
-        picks[method] = [pick_from_scores(sc) for sc in scores]
+    _add_baselines(items, outcomes, picks)
     subsets = [it.subset for it in items]
     summary = {}
     for method, entry in old.items():
         if method not in outcomes:
             summary[method] = entry
             continue
-        s = summarize(outcomes[method], subsets, n_boot=cfg.evaluation.bootstrap, seed=cfg.evaluation.seed)
-        for rule in ("longer", "shorter"):
-            value, n = agreement(picks[method], picks[rule])
-            s[f"agree_{rule}"] = None if value is None else round(value, 4)
-        s["agree_n"] = n  # items where both the method and the length rules pick one response
+        s = _method_summary(cfg, outcomes[method], picks[method], picks, subsets)
         s.update({k: v for k, v in entry.items() if k in ("rows_per_s", "pipeline_s", "parse_status", "errors")})
         summary[method] = s
     write_bytes_durably(store.fs, store.path(SUMMARY), json.dumps(summary, indent=2).encode())
@@ -604,20 +615,12 @@ def run_evaluate(cfg: DictConfig) -> dict:
                 if job.startswith("p:" if method == "judge_pairwise" else "l:") and res["status"]:
                     statuses[res["status"]] = statuses.get(res["status"], 0) + 1
             extra[method] = {"pipeline_s": round(wall, 3), "parse_status": statuses}
-    for method in ("longer", "shorter", "prompt_overlap"):
-        scores = [baseline_scores(it, method) for it in items]
-        if method in methods:
-            outcomes[method] = [pair_outcome(s[0], s[1:]) for s in scores]
-        picks[method] = [pick_from_scores(s) for s in scores]
+    _add_baselines(items, outcomes, picks)
 
     subsets = [it.subset for it in items]
     summary = {}
     for method in methods:
-        s = summarize(outcomes[method], subsets, n_boot=cfg.evaluation.bootstrap, seed=cfg.evaluation.seed)
-        for rule in ("longer", "shorter"):
-            value, n = agreement(picks[method], picks[rule])
-            s[f"agree_{rule}"] = None if value is None else round(value, 4)
-        s["agree_n"] = n  # items where both the method and the length rules pick one response
+        s = _method_summary(cfg, outcomes[method], picks[method], picks, subsets)
         s.update({k: v for k, v in extra[method].items() if v is not None})
         summary[method] = s
     write_bytes_durably(store.fs, store.path(SUMMARY), json.dumps(summary, indent=2).encode())
