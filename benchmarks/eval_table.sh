@@ -6,6 +6,7 @@
 #
 #   bash benchmarks/eval_table.sh [DATA_DIR=../shared/data] [OUT=outputs/eval_table] [RUNS="main levers"]
 #   (RUNS may also name "expensive": n > 1 and the pairwise/listwise judges)
+#   ONLY="run names" restricts a call to those runs, e.g. ONLY="lever_temperature lever_n4".
 set -euo pipefail
 DATA=${1:-../shared/data}
 OUT=${2:-outputs/eval_table}
@@ -25,6 +26,7 @@ done
 
 run() {  # run NAME SETS key=value ...
   local name=$1 sets=$2; shift 2
+  if [ -n "${ONLY:-}" ]; then case " $ONLY " in *" $name "*) ;; *) return 0 ;; esac; fi
   local t0=$SECONDS
   "$FR" evaluate input.path="$OUT/sets/$sets" output.path="$OUT/$name" output.overwrite=true \
     evaluation.subset_from=file input.sample_seed=0 reward.judge_max_tokens=128 evaluation.judge_max_tokens=128 \
@@ -53,8 +55,9 @@ case " $RUNS " in *" levers "*)
 ;; esac
 case " $RUNS " in *" expensive "*)
   # Several generations per item: 15 pairs per set (nested in the 30), compared by eval_collect.py with
-  # the 30-per-set runs restricted to the same items. Not yet run (see docs/EVAL.md).
+  # the 30-per-set runs restricted to the same items.
   S=(input.sample_per_file=15 sampling.max_tokens=128 reward.prompt=flip)
   run lever_n4 human "${S[@]}" sampling.n=4 sampling.temperature=0.7 'evaluation.methods=[flip]'
   run lever_judges human "${S[@]}" 'evaluation.methods=[judge_pairwise,judge_listwise]'
+  run lever_judges_guided human "${S[@]}" reward.guided_json=true 'evaluation.methods=[judge_pairwise,judge_listwise]'
 ;; esac

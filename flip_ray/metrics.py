@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import re
 import string
-from collections import Counter
+from collections import _count_elements
 from typing import NamedTuple
 
 _PUNCT_TABLE = str.maketrans("", "", string.punctuation)
@@ -42,20 +42,18 @@ def normalize_answer(text: str) -> str:
 
 
 _ARTICLE_WORDS = frozenset(("a", "an", "the"))
-_NON_WORD = re.compile(r"[^\w\s]")
 
 
-def tokens(text: str) -> list[str]:
-    """`normalize_answer(text).split()`, computed per token.
+def _words(text: str) -> tuple[list[str], bool]:
+    """The whitespace-split words after lowercasing and punctuation removal, and whether they are
+    all plain (`str.isalnum`, which is what the regex's `\\w` means once `_` is gone). A plain word
+    can hold an article only as the whole word."""
+    words = _strip_punctuation(text.lower()).split()
+    return words, not words or "".join(words).isalnum()
 
-    After punctuation removal, a token made only of word characters (`str.isalnum`, which is what
-    the regex's `\\w` means) can hold an article only as the whole token; other tokens (with, say, an
-    em dash inside) go through the reference regex. Same result, without rebuilding the string.
-    """
-    stripped = _strip_punctuation(text.lower())
-    words = stripped.split()
-    if _NON_WORD.search(stripped) is None:  # the common case: plain words only
-        return [w for w in words if w not in _ARTICLE_WORDS]
+
+def _tokens_of_words(words: list[str]) -> list[str]:
+    # Words with a non-word character inside (an em dash, say) go through the reference regex.
     out: list[str] = []
     for w in words:
         if w.isalnum():
@@ -66,10 +64,35 @@ def tokens(text: str) -> list[str]:
     return out
 
 
-def f1_from_tokens(pred: list[str], ref: list[str]) -> F1:
-    if not pred or not ref:
+def tokens(text: str) -> list[str]:
+    """`normalize_answer(text).split()`, computed per word without rebuilding the string."""
+    words, plain = _words(text)
+    if plain:
+        return [w for w in words if w not in _ARTICLE_WORDS]
+    return _tokens_of_words(words)
+
+
+def token_counts(text: str) -> tuple[dict[str, int], int]:
+    """`Counter(tokens(text))` and `len(tokens(text))`. For plain words the articles are taken out
+    of the counts instead of out of a token list."""
+    words, plain = _words(text)
+    counts: dict[str, int] = {}
+    if not plain:
+        words = _tokens_of_words(words)
+        _count_elements(counts, words)  # what Counter(words) runs, without its Python-level wrapper
+        return counts, len(words)
+    _count_elements(counts, words)
+    n = len(words)
+    for article in ("a", "an", "the"):
+        if article in counts:
+            n -= counts.pop(article)
+    return counts, n
+
+
+def f1_from_counts(pred_counts: dict[str, int], n_pred: int, ref_counts: dict[str, int], n_ref: int) -> F1:
+    """F1 from two `token_counts` results."""
+    if not n_pred or not n_ref:
         return ZERO
-    pred_counts, ref_counts = Counter(pred), Counter(ref)
     # Loop over the shared words only (a C-level key intersection), not over every word.
     num_same = 0
     for w in pred_counts.keys() & ref_counts.keys():
@@ -77,11 +100,14 @@ def f1_from_tokens(pred: list[str], ref: list[str]) -> F1:
         num_same += a if a < b else b
     if num_same == 0:
         return ZERO
-    precision = num_same / len(pred)
-    recall = num_same / len(ref)
+    precision = num_same / n_pred
+    recall = num_same / n_ref
     return F1(2 * precision * recall / (precision + recall), precision, recall)
 
 
 def f1_score(prediction: str, ground_truth: str) -> F1:
     """F1, precision and recall of `prediction` against `ground_truth` over normalised words."""
-    return f1_from_tokens(tokens(prediction), tokens(ground_truth))
+    pred_counts, n_pred = token_counts(prediction)
+    if not n_pred:
+        return ZERO
+    return f1_from_counts(pred_counts, n_pred, *token_counts(ground_truth))

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from typing import NamedTuple
 
-from flip_ray.metrics import f1_from_tokens, tokens
+from flip_ray.metrics import f1_from_counts, token_counts
 from flip_ray.parsing import parse_inferred_instruction
 
 
@@ -31,9 +31,9 @@ def score_generations(instruction: str, generations: list[str], aggregate: str =
     """
     if not generations:
         raise ValueError("score_generations needs at least one generation")
-    ref = tokens(instruction)
+    ref = token_counts(instruction)
     parsed = [parse_inferred_instruction(g) for g in generations]
-    scores = [f1_from_tokens(tokens(p.instruction), ref) for p in parsed]
+    scores = [f1_from_counts(*token_counts(p.instruction), *ref) for p in parsed]
     best = max(range(len(scores)), key=lambda k: (scores[k].f1, -k))
     if aggregate == "max" or len(scores) == 1:
         f1, precision, recall = scores[best]

@@ -115,3 +115,15 @@ def test_fast_tokens_equal_the_normalised_split():
     cases += ["".join(rng.choice(alphabet) for _ in range(rng.randint(0, 30))) for _ in range(20000)]
     for text in cases:
         assert tokens(text) == reference_normalize(text).split(), repr(text)
+
+
+def test_token_counts_equal_the_counted_normalised_split():
+    from flip_ray.metrics import token_counts
+
+    rng = random.Random(7)
+    alphabet = list("aAnNtThHeE _-—’.,0123456789 \t\n\x1c\x00") + ["é", "İ", "\u0301", "汉", "\u00a0", "\u2003"]
+    cases = ["", "the a an", "A man, a plan", "the—the", "an\u00a0apple"]
+    cases += ["".join(rng.choice(alphabet) for _ in range(rng.randint(0, 40))) for _ in range(20000)]
+    for text in cases:
+        words = reference_normalize(text).split()
+        assert token_counts(text) == (dict(Counter(words)), len(words)), repr(text)
