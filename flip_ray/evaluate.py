@@ -10,7 +10,7 @@ Input rows are `{id, prompt, chosen, rejected[, subset]}`; `rejected` is a strin
    instruction, the response) and scores it with the scoring job, one run per engine method under
    `scores/<method>/` (so each method's speed is measured alone, and a rerun resumes),
 3. runs the per-pair judges (`judge_pairwise` in both orders, `judge_listwise` with a seeded
-   shuffle) through the same engine on Ray Data,
+   shuffle; `flip_ray.pairjudge`) through the same engine on Ray Data,
 4. computes the trivial baselines (`longer`, `shorter`, `prompt_overlap`) and writes
    `summary.json` (keyed by method: accuracy, n, ties, 95% bootstrap CI, per subset, agreement
    with the length rules, rows/s), `summary.md` and `eval_manifest.json`.
@@ -33,9 +33,10 @@ from omegaconf import DictConfig, OmegaConf
 
 from flip_ray import __version__
 from flip_ray.config import ScoreConfig, to_dict, validate_eval_config
-from flip_ray.evalstats import agreement, markdown_table, outcome_from_pick, pair_outcome, pick_from_scores, summarize
+from flip_ray.evalstats import agreement, markdown_table, pair_outcome, pick_from_scores, summarize
 from flip_ray.io import JSONL, PARQUET, InputError, Shard, _json_lines, _open, list_shards
 from flip_ray.metrics import f1_score
+from flip_ray.pairjudge import listwise_outcome, pairwise_outcome, run_pair_judges
 from flip_ray.records import ROLES, RowError, text_field
 from flip_ray.store import OutputError, OutputStore, parquet_bytes, write_bytes_durably
 
@@ -289,192 +290,6 @@ def score_column(cfg: DictConfig, method: str) -> str:
     if method == "flip_logprob" and cfg.reward.logprob_distractors:
         return "flip_logprob_contrast"
     return SCORE_COLUMNS[method]
-
-
-class PairJudgeStage:
-    """Engine actor for the per-pair judges: one `vllm.LLM`, the authors' pairwise/listwise prompts."""
-
-    def __init__(self, *, engine: dict, max_tokens: int, guided_json: bool, chat_template_kwargs: dict | None):
-        from flip_ray.engine import Judge, build_llm
-
-        engine = dict(engine)
-        model = engine.pop("model")
-        if model is None:
-            from flip_ray.model import prepare_default_model
-
-            model = str(prepare_default_model())
-        llm = build_llm(model, **engine)
-        self.judge = Judge(
-            llm, max_tokens=max_tokens, chat_template_kwargs=chat_template_kwargs, guided_json=guided_json
-        )
-
-    def __call__(self, batch: pa.Table) -> pa.Table:
-        from flip_ray.judge import parse_listwise, parse_pairwise
-
-        rows = batch.to_pylist()
-        instr = [r["instruction"] for r in rows]
-        ctx = [json.loads(r["context"]) or None for r in rows]
-        cands = [json.loads(r["candidates"]) for r in rows]
-        picks, statuses, errors = [None] * len(rows), [None] * len(rows), [None] * len(rows)
-        pair_rows = [k for k, r in enumerate(rows) if r["kind"] == "pairwise"]
-        list_rows = [k for k, r in enumerate(rows) if r["kind"] == "listwise"]
-        if pair_rows:
-            gens = self.judge.pairwise(
-                [instr[k] for k in pair_rows], [tuple(cands[k]) for k in pair_rows], [ctx[k] for k in pair_rows]
-            )
-            for k, g in zip(pair_rows, gens, strict=True):
-                if g.error:
-                    errors[k] = g.error
-                    continue
-                choice, statuses[k] = parse_pairwise(g.texts[0] if g.texts else "")
-                picks[k] = None if choice is None else "AB".index(choice)
-        if list_rows:
-            gens = self.judge.listwise(
-                [instr[k] for k in list_rows], [cands[k] for k in list_rows], [ctx[k] for k in list_rows]
-            )
-            for k, g in zip(list_rows, gens, strict=True):
-                if g.error:
-                    errors[k] = g.error
-                    continue
-                picks[k], statuses[k] = parse_listwise(g.texts[0] if g.texts else "", len(cands[k]))
-        return pa.table(
-            {
-                "job": batch.column("job"),
-                "pick": pa.array(picks, pa.int64()),
-                "status": pa.array(statuses, pa.string()),
-                "error": pa.array(errors, pa.string()),
-            }
-        )
-
-
-def listwise_order(item: Item, seed: int) -> list[int]:
-    """Seeded shuffle of an item's candidates for the listwise judge (chosen is not always first)."""
-    order = list(range(len(item.candidates)))
-    random.Random(f"{seed}:{item.id}").shuffle(order)
-    return order
-
-
-def pair_judge_jobs(items: list[Item], methods: list[str], seed: int) -> list[dict]:
-    """Engine requests of the per-pair judges: pairwise chosen-vs-each-rejected in both orders,
-    listwise over a shuffled list."""
-    jobs = []
-    for n, item in enumerate(items):
-        base = {"instruction": item.instruction, "context": json.dumps(item.context)}
-        if "judge_pairwise" in methods:
-            for r in range(1, len(item.candidates)):
-                for order in ((0, r), (r, 0)):
-                    jobs.append(
-                        {
-                            **base,
-                            "job": f"p:{n}:{order[0]}:{order[1]}",
-                            "kind": "pairwise",
-                            "candidates": json.dumps([item.candidates[k] for k in order]),
-                        }
-                    )
-        if "judge_listwise" in methods:
-            order = listwise_order(item, seed)
-            jobs.append(
-                {
-                    **base,
-                    "job": f"l:{n}",
-                    "kind": "listwise",
-                    "candidates": json.dumps([item.candidates[k] for k in order]),
-                }
-            )
-    return jobs
-
-
-def run_pair_judges(cfg: DictConfig, items: list[Item], methods: list[str]) -> tuple[dict[str, dict], float]:
-    """Runs the per-pair judges on Ray Data; returns (job id -> result, wall seconds)."""
-    from flip_ray.pipeline import engine_env, engine_stage_kwargs, init_ray, resolve_device, storage_env
-
-    jobs = pair_judge_jobs(items, methods, cfg.evaluation.seed)
-    if not jobs:
-        return {}, 0.0
-    ray = init_ray(cfg.ray.address, cfg.ray.local_num_cpus)
-    import os
-
-    device = resolve_device(cfg.model.device, ray.cluster_resources().get("GPU", 0))
-    from flip_ray.model import prepare_default_model
-
-    model_path = cfg.model.path or str(prepare_default_model())
-    kw = engine_stage_kwargs(
-        OmegaConf.merge(
-            OmegaConf.structured(ScoreConfig), {k: cfg[k] for k in ("model", "sampling", "reward", "dedup")}
-        ),
-        device,
-        model_path,
-    )
-    engine = {
-        k: kw[k]
-        for k in (
-            "model",
-            "dtype",
-            "max_model_len",
-            "tensor_parallel_size",
-            "gpu_memory_utilization",
-            "enable_prefix_caching",
-            "enforce_eager",
-            "trust_remote_code",
-            "seed",
-            "load_format",
-        )
-    }
-    r = cfg.resources
-    num_gpus = r.num_gpus if r.num_gpus is not None else (cfg.model.tensor_parallel_size if device == "gpu" else 0)
-    env = engine_env(
-        device,
-        cpu_threads=cfg.model.cpu_threads,
-        cpu_kvcache_space_gib=cfg.model.cpu_kvcache_space_gib,
-        offline=os.path.isdir(model_path),
-    )
-    t0 = time.time()
-    ds = ray.data.from_items(jobs).map_batches(
-        PairJudgeStage,
-        fn_constructor_kwargs=dict(
-            engine=engine,
-            max_tokens=cfg.evaluation.judge_max_tokens,
-            guided_json=cfg.reward.guided_json,
-            chat_template_kwargs=kw["chat_template_kwargs"],
-        ),
-        batch_size=r.batch_size,
-        batch_format="pyarrow",
-        concurrency=r.concurrency,
-        num_gpus=num_gpus,
-        num_cpus=r.num_cpus,
-        runtime_env={"env_vars": {**env, **storage_env()}},
-    )
-    results = {row["job"]: row for row in ds.take_all()}
-    return results, time.time() - t0
-
-
-def pairwise_outcome(item_index: int, item: Item, results: dict[str, dict]) -> tuple[float | None, int | None]:
-    """Outcome and pick of the pairwise judge: chosen against each rejected in both orders; a
-    comparison is won by the response preferred in more orders (a split is a tie)."""
-    per_rejected = []
-    for r in range(1, len(item.candidates)):
-        votes = {0: 0, r: 0}
-        for order in ((0, r), (r, 0)):
-            res = results.get(f"p:{item_index}:{order[0]}:{order[1]}")
-            if res is None or res["error"] is not None:
-                return None, None
-            if res["pick"] is not None:
-                votes[order[res["pick"]]] += 1
-        per_rejected.append(pair_outcome(float(votes[0]), [float(votes[r])]))
-    outcome = min(per_rejected)
-    pick = 0 if outcome == 1.0 else (None if outcome > 0 else next(k + 1 for k, o in enumerate(per_rejected) if o == 0))
-    return outcome, pick
-
-
-def listwise_outcome(
-    item_index: int, item: Item, results: dict[str, dict], seed: int
-) -> tuple[float | None, int | None]:
-    res = results.get(f"l:{item_index}")
-    if res is None or res["error"] is not None:
-        return None, None
-    order = listwise_order(item, seed)
-    pick = None if res["pick"] is None else order[res["pick"]]
-    return outcome_from_pick(pick, len(item.candidates)), pick
 
 
 def baseline_scores(item: Item, method: str) -> list[float]:

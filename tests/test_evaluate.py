@@ -7,19 +7,9 @@ from pathlib import Path
 import pytest
 
 from flip_ray.config import ConfigError, EvalJobConfig, load_config, validate_eval_config
-from flip_ray.evaluate import (
-    Item,
-    baseline_scores,
-    listwise_order,
-    listwise_outcome,
-    load_items,
-    pair_judge_jobs,
-    pairwise_outcome,
-    parse_transcript,
-    prompt_parts,
-    responses_table,
-)
+from flip_ray.evaluate import Item, baseline_scores, load_items, parse_transcript, prompt_parts, responses_table
 from flip_ray.io import InputError
+from flip_ray.pairjudge import listwise_order, listwise_outcome, pair_judge_jobs, pairwise_outcome
 from flip_ray.records import RowError
 
 SAMPLE = "flip_ray/samples/preference_pairs_sample.jsonl"

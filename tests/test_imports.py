@@ -17,6 +17,7 @@ CPU_MODULES = [
     "flip_ray.judge",
     "flip_ray.evalstats",
     "flip_ray.evaluate",
+    "flip_ray.pairjudge",
     "flip_ray.flags",
     "flip_ray.selection",
     "flip_ray.store",
