@@ -12,46 +12,37 @@ import json
 # Recorded in every run manifest; bump on any change to the text below.
 PROMPT_TEMPLATE_VERSION = "flip-v1"
 
-FLIP_SYSTEM_PROMPT = (
+_TASK = (
     "### Task Description\n"
     "Please act as an instruction reconstructor. You will receive a model\u2011generated response. "
     "Read it carefully and infer the instruction or prompt that produced it.\n"
     "\n"
     "Notes:\n"
+)
+_NOTES = (
     "- Reconstruct a single instruction that would most plausibly generate the given response.\n"
     "- Specify the user\u2019s intent, required output format, and any constraints.\n"
     "- Be concise and concrete.\n"
     "- Do not add information or assumptions beyond what appears in the response.\n"
-    "- Do not overfit to the specific phrasing or examples used in this response.\n"
+)
+_USER_HEAD = "[Response]\n{response}\n\n[Your Inferred Instruction]\n"
+
+FLIP_SYSTEM_PROMPT = (
+    _TASK + _NOTES + "- Do not overfit to the specific phrasing or examples used in this response.\n"
     "- Begin with a brief explanation of your reasoning.\n"
     '- Please respond in the following JSON format: {"REASONING": "<explanation>", '
     '"INFERRED INSTRUCTION": "<instruction>"}'
 )
-
-_JSON_REMINDER = 'Respond in JSON format. {"REASONING": "<explanation>", "INFERRED INSTRUCTION": "<instruction>"}'
-
-FLIP_USER_TEMPLATE = "[Response]\n{response}\n\n[Your Inferred Instruction]\n" + _JSON_REMINDER.replace(
-    "{", "{{"
-).replace("}", "}}")
+FLIP_USER_TEMPLATE = (
+    _USER_HEAD + 'Respond in JSON format. {{"REASONING": "<explanation>", "INFERRED INSTRUCTION": "<instruction>"}}'
+)
 
 # A prompt that asks for the instruction alone: no reasoning to spend the token budget on.
 NO_REASONING_SYSTEM_PROMPT = (
-    "### Task Description\n"
-    "Please act as an instruction reconstructor. You will receive a model\u2011generated response. "
-    "Read it carefully and infer the instruction or prompt that produced it.\n"
-    "\n"
-    "Notes:\n"
-    "- Reconstruct a single instruction that would most plausibly generate the given response.\n"
-    "- Specify the user\u2019s intent, required output format, and any constraints.\n"
-    "- Be concise and concrete.\n"
-    "- Do not add information or assumptions beyond what appears in the response.\n"
-    "- Do not explain your answer.\n"
+    _TASK + _NOTES + "- Do not explain your answer.\n"
     '- Please respond in the following JSON format: {"INFERRED INSTRUCTION": "<instruction>"}'
 )
-NO_REASONING_USER_TEMPLATE = (
-    "[Response]\n{response}\n\n[Your Inferred Instruction]\n"
-    'Respond in JSON format. {{"INFERRED INSTRUCTION": "<instruction>"}}'
-)
+NO_REASONING_USER_TEMPLATE = _USER_HEAD + 'Respond in JSON format. {{"INFERRED INSTRUCTION": "<instruction>"}}'
 PROMPT_VARIANTS = ("flip", "no_reasoning")
 _SYSTEM_PROMPTS = {"flip": FLIP_SYSTEM_PROMPT, "no_reasoning": NO_REASONING_SYSTEM_PROMPT}
 _USER_TEMPLATES = {"flip": FLIP_USER_TEMPLATE, "no_reasoning": NO_REASONING_USER_TEMPLATE}
