@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 
 from flip_ray.prompts import build_flip_messages, flip_answer_prefix
 from flip_ray.records import RowError
@@ -226,37 +227,55 @@ class FlipGenerator:
         )
 
 
-def _render_and_generate(llm, renders: list[Callable[[], tuple[list[int], bool]]], params) -> list[Generation]:
-    """Renders each row (a row that cannot be rendered fails alone) and generates for the rest."""
+def _render_and_run(llm, renders: list[Callable[[], tuple]], params, make: Callable, fail: Callable) -> list:
+    """Renders each row and runs the engine on the rows that rendered, in one call.
+
+    `render()` gives `(prompt ids, truncated, state)`; a row that cannot be rendered fails alone.
+    `make(output, truncated, state)` builds a row's result, `fail(message, truncated)` a failed one.
+    """
     from vllm.inputs import TokensPrompt
 
-    results: list[Generation | None] = [None] * len(renders)
-    prompts, slots, flags = [], [], []
+    results: list = [None] * len(renders)
+    prompts, slots = [], []
     for i, render in enumerate(renders):
         try:
-            ids, truncated = render()
+            ids, truncated, state = render()
         except RowError as e:
-            results[i] = Generation(texts=[], error=str(e))
+            results[i] = fail(str(e), False)
             continue
         except Exception as e:  # a tokenizer or template failure on one row
-            results[i] = Generation(texts=[], error=f"prompt rendering failed: {type(e).__name__}: {e}")
+            results[i] = fail(f"prompt rendering failed: {type(e).__name__}: {e}", False)
             continue
         prompts.append(TokensPrompt(prompt_token_ids=ids))
-        slots.append(i)
-        flags.append(truncated)
-    for i, truncated, out in zip(slots, flags, _generate_isolated(llm, prompts, params), strict=True):
+        slots.append((i, truncated, state))
+    for (i, truncated, state), out in zip(slots, _generate_isolated(llm, prompts, params), strict=True):
         if isinstance(out, Exception):
-            results[i] = Generation(texts=[], truncated=truncated, error=f"engine error: {type(out).__name__}: {out}")
-            continue
-        finish = [c.finish_reason for c in out.outputs]
-        results[i] = Generation(
-            texts=[c.text for c in out.outputs],
-            finish_reason="length" if "length" in finish else (finish[0] if finish else None),
-            n_prompt_tokens=len(out.prompt_token_ids),
-            n_output_tokens=sum(len(c.token_ids) for c in out.outputs),
-            truncated=truncated,
-        )
-    return results  # type: ignore[return-value]
+            results[i] = fail(f"engine error: {type(out).__name__}: {out}", truncated)
+        else:
+            results[i] = make(out, truncated, state)
+    return results
+
+
+def _generation(out, truncated: bool, _state=None) -> Generation:
+    finish = [c.finish_reason for c in out.outputs]
+    return Generation(
+        texts=[c.text for c in out.outputs],
+        finish_reason="length" if "length" in finish else (finish[0] if finish else None),
+        n_prompt_tokens=len(out.prompt_token_ids),
+        n_output_tokens=sum(len(c.token_ids) for c in out.outputs),
+        truncated=truncated,
+    )
+
+
+def _render_and_generate(llm, renders: list[Callable[[], tuple[list[int], bool]]], params) -> list[Generation]:
+    """Renders each row (a row that cannot be rendered fails alone) and generates for the rest."""
+    return _render_and_run(
+        llm,
+        [lambda render=render: (*render(), None) for render in renders],
+        params,
+        _generation,
+        lambda message, truncated: Generation(texts=[], truncated=truncated, error=message),
+    )
 
 
 @dataclass
@@ -359,36 +378,31 @@ class FlipLikelihood:
         return out
 
     def _score(self, instructions: list[str], responses: list[str], contexts: list) -> list[Likelihood]:
-        from vllm.inputs import TokensPrompt
+        def render(instruction: str, response: str, context) -> tuple[list[int], bool, list[int]]:
+            ids, target, truncated = self._render(instruction, response, context)
+            return ids + target, truncated, target
 
-        results: list[Likelihood | None] = [None] * len(responses)
-        prompts, slots = [], []
-        for i, (instruction, response, context) in enumerate(zip(instructions, responses, contexts, strict=True)):
-            try:
-                ids, target, truncated = self._render(instruction, response, context)
-            except RowError as e:
-                results[i] = Likelihood(error=str(e))
-                continue
-            except Exception as e:
-                results[i] = Likelihood(error=f"prompt rendering failed: {type(e).__name__}: {e}")
-                continue
-            prompts.append(TokensPrompt(prompt_token_ids=ids + target))
-            slots.append((i, target, truncated))
-        for (i, target, truncated), out in zip(slots, _generate_isolated(self.llm, prompts, self.params), strict=True):
-            if isinstance(out, Exception):
-                results[i] = Likelihood(truncated=truncated, error=f"engine error: {type(out).__name__}: {out}")
-                continue
-            positions = out.prompt_logprobs[-len(target) :]
-            values = [pos[tok].logprob for pos, tok in zip(positions, target, strict=True)]
-            total = float(sum(values))
-            results[i] = Likelihood(
-                logprob_sum=total,
-                logprob_mean=total / len(values),
-                tokens=len(values),
-                n_prompt_tokens=len(out.prompt_token_ids),
-                truncated=truncated,
-            )
-        return results  # type: ignore[return-value]
+        return _render_and_run(
+            self.llm,
+            [partial(render, *row) for row in zip(instructions, responses, contexts, strict=True)],
+            self.params,
+            _likelihood,
+            lambda message, truncated: Likelihood(truncated=truncated, error=message),
+        )
+
+
+def _likelihood(out, truncated: bool, target: list[int]) -> Likelihood:
+    """The instruction's log-probability from the prompt log-probabilities of its tokens."""
+    positions = out.prompt_logprobs[-len(target) :]
+    values = [pos[tok].logprob for pos, tok in zip(positions, target, strict=True)]
+    total = float(sum(values))
+    return Likelihood(
+        logprob_sum=total,
+        logprob_mean=total / len(values),
+        tokens=len(values),
+        n_prompt_tokens=len(out.prompt_token_ids),
+        truncated=truncated,
+    )
 
 
 class Judge:
