@@ -4,8 +4,10 @@ with the engine replaced by a cheap stand-in (`standin.py`; the shipped job neve
     .venv/bin/python benchmarks/streaming_memory.py [--rows 10000,100000,1000000] [key=value ...]
 
 Input: Parquet shards of 50k rows built from ../shared/data AlpacaEval outputs (responses cut to 600
-characters), unique ids. Each size runs in a fresh process that starts its own local Ray; a thread
-samples the RSS of that process and of every process under it (raylet, workers, object store).
+characters), unique ids. Each size runs in a fresh process that starts its own local Ray. The
+driver's peak is its VmHWM (reset when the process starts, since ru_maxrss inherits the parent's
+RSS across fork and exec); a thread samples the RSS of the driver and of every process under it
+(raylet, workers, object store) for the node peak.
 Target: driver peak at 1M <= 1.2x the peak at 10k, i.e. no stage materialises the dataset.
 """
 
@@ -52,8 +54,31 @@ def make_input(directory: Path, rows: int) -> None:
         written += n
 
 
+def _peak_rss_mib() -> float:
+    """This process's peak RSS (VmHWM) since `_reset_peak_rss`."""
+    with open("/proc/self/status") as f:
+        line = next(x for x in f if x.startswith("VmHWM:"))
+    return int(line.split()[1]) / 1024
+
+
+def _reset_peak_rss() -> float:
+    """Resets VmHWM to the current RSS and returns what it was (Linux >= 4.0).
+
+    `getrusage(...).ru_maxrss` cannot be used here: Linux carries it across fork and exec, so a
+    child started by this script inherits the parent's RSS at the fork as its "peak", and the parent
+    grows with the input it generates.
+    """
+    before = _peak_rss_mib()
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+    return before
+
+
 def child(input_dir: str, output_dir: str, extra: list[str]) -> None:
     import psutil
+
+    inherited_maxrss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    _reset_peak_rss()
 
     sys.path.insert(0, str(HERE))
     import standin
@@ -98,8 +123,10 @@ def child(input_dir: str, output_dir: str, extra: list[str]) -> None:
     result = {
         "rows": manifest["counts"]["rows"],
         "seconds": elapsed,
-        "driver_peak_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        "driver_peak_mib": _peak_rss_mib(),
         "node_peak_mib": peak["node"] / 2**20,
+        # what ru_maxrss said before this process ran anything: the parent's RSS at the fork
+        "inherited_ru_maxrss_mib": inherited_maxrss,
     }
     print("RESULT " + json.dumps(result), flush=True)
 
