@@ -2,7 +2,10 @@
 flip_ray pipeline (Ray Data: read -> engine actor -> CPU similarity -> Parquet) and (c) Ray's own
 `ray.data.llm` processor, with the same engine arguments, in one run.
 
-    .venv/bin/python benchmarks/overhead.py [--n 48] [--max-tokens 64]
+    .venv/bin/python benchmarks/overhead.py [--n 48] [--max-tokens 64] [--methods bare,pipeline,...]
+
+Two more methods split the gap between (a) and (b) (`--methods bare,bare_ray_node,bare_actor,pipeline`):
+`bare_ray_node` is (a) with an idle local Ray node running, `bare_actor` is (a) inside one Ray actor.
 
 Each method runs in its own process, on N and on 2N rows. Steady-state throughput is the marginal
 rate N / (T(2N) - T(N)), which cancels engine start, actor start and Ray start-up; engine start is
@@ -68,6 +71,31 @@ def run_bare(rows: list[dict], max_tokens: int) -> dict:
     }
 
 
+def run_bare_ray_node(rows: list[dict], max_tokens: int) -> dict:
+    """(a) with a local Ray node running next to it, idle: the background CPU of Ray alone."""
+    import ray
+
+    ray.init(num_cpus=max(4, os.cpu_count() or 1), include_dashboard=False)
+    return run_bare(rows, max_tokens)
+
+
+def run_bare_actor(rows: list[dict], max_tokens: int) -> dict:
+    """(a) inside one Ray actor (the process an engine stage runs in), without Ray Data."""
+    import ray
+
+    t0 = time.perf_counter()
+    ray.init(num_cpus=max(4, os.cpu_count() or 1), include_dashboard=False)
+    actor = ray.remote(num_cpus=1, runtime_env={"env_vars": CPU_ENV})(_BareActor).remote()
+    result = ray.get(actor.run.remote(rows, max_tokens))
+    result["total_s"] = time.perf_counter() - t0
+    return result
+
+
+class _BareActor:
+    def run(self, rows: list[dict], max_tokens: int) -> dict:
+        return run_bare(rows, max_tokens)
+
+
 def run_pipeline(rows: list[dict], max_tokens: int) -> dict:
     from flip_ray.config import load_config
     from flip_ray.pipeline import run_score
@@ -124,7 +152,13 @@ def run_ray_data_llm(rows: list[dict], max_tokens: int) -> dict:
     return {"total_s": time.perf_counter() - t0, "output_tokens": sum(r["n"] for r in out)}
 
 
-METHODS = {"bare": run_bare, "pipeline": run_pipeline, "ray_data_llm": run_ray_data_llm}
+METHODS = {
+    "bare": run_bare,
+    "bare_ray_node": run_bare_ray_node,
+    "bare_actor": run_bare_actor,
+    "pipeline": run_pipeline,
+    "ray_data_llm": run_ray_data_llm,
+}
 
 
 def child(method: str, n: int, max_tokens: int) -> None:
@@ -163,6 +197,8 @@ def main() -> None:
             "t_2n_s": big["total_s"],
             "engine_start_s": small.get("engine_start_s"),
         }
+        if "gen_s" in small:  # the engine call alone, marginal: no start-up, no rendering outside it
+            results[method]["gen_rows_per_s"] = args.n / (big["gen_s"] - small["gen_s"])
         print(method, json.dumps({k: round(v, 3) if isinstance(v, float) else v for k, v in results[method].items()}))
     if "bare" in results:
         for method in results:

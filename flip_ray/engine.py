@@ -126,11 +126,59 @@ def _generate_isolated(llm, prompts: list, params) -> list:
         logger.warning("batch generation failed (%s); retrying %d prompts one by one", e, len(prompts))
     outs = []
     for k, p in enumerate(prompts):
+        _abort_unfinished(llm)
         try:
             outs.append(llm.generate([p], params[k] if isinstance(params, list) else params, use_tqdm=False)[0])
         except Exception as e:
             outs.append(e)
+    _abort_unfinished(llm)
     return outs
+
+
+def _abort_unfinished(llm) -> None:
+    """Drops requests a failed `generate` left in the engine. `LLM.generate` runs until the engine
+    has no unfinished request, so without this the next call would run (and fail on) them again."""
+    engine = llm.llm_engine
+    if not engine.has_unfinished_requests():
+        return
+    states = getattr(getattr(engine, "output_processor", None), "request_states", None)
+    if states is None:
+        logger.warning(
+            "cannot abort the %d requests a failed batch left in the engine", engine.get_num_unfinished_requests()
+        )
+        return
+    engine.abort_request(list(states), internal=True)
+
+
+_warned: set[str] = set()
+
+
+def _warn_once(message: str, *args) -> None:
+    if message not in _warned:
+        _warned.add(message)
+        logger.warning(message, *args)
+
+
+def request_seed(seed: int | None, temperature: float) -> int | None:
+    """The per-request sampling seed to give vLLM, or None where it cannot honour one.
+
+    vLLM's CPU backend fails on a seeded, sampled request whose prefill is split over engine steps
+    (it rewinds the torch generator, and CPU generators have no offset: "CPU Generator does not use
+    offset"). There sampling is seeded by the engine seed (`build_llm(seed=...)`) instead, which
+    repeats for the same rows in the same batches but not row by row.
+    """
+    if seed is None or temperature == 0:
+        return seed
+    from vllm.platforms import current_platform
+
+    if current_platform.is_cpu():
+        _warn_once(
+            "vLLM's CPU backend cannot seed single requests; sampling at temperature %s is seeded by the "
+            "engine seed instead (reproducible for the same batches)",
+            temperature,
+        )
+        return None
+    return seed
 
 
 def _structured(schema: dict | None):
@@ -188,7 +236,7 @@ class FlipGenerator:
             temperature=temperature,
             top_p=top_p,
             max_tokens=max_tokens,
-            seed=seed,
+            seed=request_seed(seed, temperature),
             ignore_eos=ignore_eos,
             structured_outputs=_structured(flip_answer_schema(variant) if guided_json else None),
         )
@@ -437,7 +485,7 @@ class Judge:
         return SamplingParams(
             max_tokens=self.max_tokens,
             temperature=self.temperature,
-            seed=self.seed,
+            seed=request_seed(self.seed, self.temperature),
             structured_outputs=_structured(schema if self.guided_json else None),
         )
 

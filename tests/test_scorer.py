@@ -149,3 +149,33 @@ def test_scorer_likelihood_reward(llm):
     direct = FlipLikelihood(llm, variant="no_reasoning").score([prompts[0]], [completions[0]])[0]
     assert rewards[0] == pytest.approx(direct.logprob_mean) and rewards[0] < 0
     assert rewards[1] == 0.0  # an empty completion gets error_reward
+
+
+def _long_responses(tag: str, n: int = 24) -> list[str]:
+    # Distinct long responses: together they exceed one engine step, so prefills are split.
+    rows = [json.loads(line) for line in Path("flip_ray/samples/alpacaeval_sample.jsonl").read_text().splitlines()]
+    return [f"[{tag} {k}] " + rows[k % len(rows)]["response"] for k in range(n)]
+
+
+def test_sampling_on_cpu_uses_the_engine_seed(llm):
+    from flip_ray.engine import FlipGenerator
+
+    gen = FlipGenerator(llm, temperature=0.7, max_tokens=4, seed=0)
+    assert gen.params.seed is None  # vLLM's CPU backend fails on per-request seeds with split prefills
+    out = gen.generate(_long_responses("sampled"))
+    assert [g.error for g in out] == [None] * len(out)
+    assert all(g.texts and g.n_output_tokens for g in out)
+
+
+def test_a_failed_batch_leaves_no_request_behind(llm, monkeypatch, caplog):
+    import flip_ray.engine as engine
+
+    # Force the per-request seed the CPU backend cannot honour: the batch fails, the rows are retried
+    # one by one, and the requests the failed call left in the engine must not run again.
+    monkeypatch.setattr(engine, "request_seed", lambda seed, temperature: seed)
+    gen = engine.FlipGenerator(llm, temperature=0.7, max_tokens=2, seed=0)
+    with caplog.at_level("WARNING", logger="flip_ray.engine"):
+        out = gen.generate(_long_responses("forced"))
+    assert "retrying 24 prompts one by one" in caplog.text
+    assert [g.error for g in out] == [None] * len(out)
+    assert not llm.llm_engine.has_unfinished_requests()
