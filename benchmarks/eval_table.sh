@@ -28,10 +28,11 @@ run() {  # run NAME SETS key=value ...
   local name=$1 sets=$2; shift 2
   if [ -n "${ONLY:-}" ]; then case " $ONLY " in *" $name "*) ;; *) return 0 ;; esac; fi
   local t0=$SECONDS
+  local status="s wall"
   "$FR" evaluate input.path="$OUT/sets/$sets" output.path="$OUT/$name" output.overwrite=true \
     evaluation.subset_from=file input.sample_seed=0 reward.judge_max_tokens=128 evaluation.judge_max_tokens=128 \
-    "$@" >"$OUT/$name.log" 2>&1
-  echo "$name: $((SECONDS - t0)) s wall" | tee -a "$OUT/walltimes.txt"
+    "$@" >"$OUT/$name.log" 2>&1 || status="s wall, FAILED (see $OUT/$name.log)"
+  echo "$name: $((SECONDS - t0)) $status" | tee -a "$OUT/walltimes.txt"
 }
 
 case " $RUNS " in *" main "*)
