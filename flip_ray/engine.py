@@ -10,9 +10,8 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
-from functools import partial
 
-from flip_ray.prompts import build_flip_messages, flip_answer_prefix
+from flip_ray.prompts import build_flip_messages
 from flip_ray.records import RowError
 
 logger = logging.getLogger(__name__)
@@ -323,133 +322,6 @@ def _render_and_generate(llm, renders: list[Callable[[], tuple[list[int], bool]]
         params,
         _generation,
         lambda message, truncated: Generation(texts=[], truncated=truncated, error=message),
-    )
-
-
-@dataclass
-class Likelihood:
-    """Log-probability of the real instruction as the answer to the FLIP question about a response."""
-
-    logprob_sum: float | None = None
-    logprob_mean: float | None = None
-    tokens: int | None = None
-    # logprob_mean minus the mean of the contrast instructions' logprob_mean (with distractors > 0)
-    contrast: float | None = None
-    n_prompt_tokens: int | None = None
-    truncated: bool = False
-    error: str | None = None
-
-
-class FlipLikelihood:
-    """The likelihood form of backward inference: no decoding, one prefill per row.
-
-    The FLIP prompt about the response is followed by the real instruction as the assistant's answer
-    (teacher-forced); the reward is the mean log-probability of the instruction's tokens. For rows
-    that share an instruction this ranks responses by how much they raise the instruction's
-    probability (pointwise mutual information), and it never fails on answer format.
-
-    Args:
-        llm: A built `vllm.LLM`.
-        chat_template_kwargs, variant, few_shot: The FLIP prompt, as in `FlipGenerator`.
-        logprob_format: `plain` (the answer is the instruction) or `json` (the instruction follows the
-            opening of the JSON answer, `{"INFERRED INSTRUCTION": "`; that opening is not scored).
-        distractors: Also score this many contrast instructions (`prompts.distractors_for`) after the
-            same response, and report `contrast` = the real instruction's mean log-probability minus
-            theirs: how much better the response explains its own instruction than generic ones.
-            Costs one more prefill per distractor.
-    """
-
-    def __init__(
-        self,
-        llm,
-        *,
-        chat_template_kwargs: dict | None = None,
-        variant: str = "flip",
-        few_shot: int = 0,
-        logprob_format: str = "plain",
-        distractors: int = 0,
-    ):
-        from vllm import SamplingParams
-
-        self.llm = llm
-        self.distractors = distractors
-        self.tokenizer = llm.get_tokenizer()
-        self.fitter = PromptFitter(self.tokenizer, chat_template_kwargs)
-        self.max_model_len = llm.llm_engine.model_config.max_model_len
-        self.variant, self.few_shot = variant, few_shot
-        self.prefix_ids = self.tokenizer.encode(flip_answer_prefix(logprob_format), add_special_tokens=False)
-        # prompt_logprobs=0 returns the log-probability of each prompt token as it stands.
-        self.params = SamplingParams(max_tokens=1, temperature=0.0, prompt_logprobs=0, detokenize=False)
-
-    def _render(self, instruction: str, response: str, context: list[dict] | None) -> tuple[list[int], list[int], bool]:
-        target = self.tokenizer.encode(instruction, add_special_tokens=False)
-        if not target:
-            raise RowError("instruction has no tokens")
-        budget = self.max_model_len - 1 - len(self.prefix_ids) - len(target)
-        if budget <= _TRUNCATION_MARGIN * 8:
-            raise RowError(f"instruction ({len(target)} tokens) is too long for the {self.max_model_len}-token window")
-        ids, truncated = self.fitter.fit(
-            lambda texts, ctx: build_flip_messages(texts[0], ctx, variant=self.variant, few_shot=self.few_shot),
-            [response],
-            context,
-            budget,
-            f"the FLIP prompt with the instruction (window {self.max_model_len} tokens)",
-        )
-        return ids + self.prefix_ids, target, truncated
-
-    def score(
-        self, instructions: list[str], responses: list[str], contexts: list[list[dict] | None] | None = None
-    ) -> list[Likelihood]:
-        """Scores each row; a row that fails is returned with `error` set."""
-        contexts = contexts if contexts is not None else [None] * len(responses)
-        if not self.distractors:
-            return self._score(instructions, responses, contexts)
-        from flip_ray.prompts import distractors_for
-
-        k = self.distractors
-        flat_i, flat_r, flat_c = [], [], []
-        for instruction, response, context in zip(instructions, responses, contexts, strict=True):
-            for candidate in [instruction, *distractors_for(instruction, k)]:
-                flat_i.append(candidate)
-                flat_r.append(response)
-                flat_c.append(context)
-        flat = self._score(flat_i, flat_r, flat_c)
-        out = []
-        for row in range(len(instructions)):
-            own, *others = flat[row * (k + 1) : (row + 1) * (k + 1)]
-            failed = next((o.error for o in others if o.error), None)
-            if own.error is None and failed is not None:
-                own = Likelihood(truncated=own.truncated, error=f"contrast instruction: {failed}")
-            elif own.error is None:
-                own.contrast = own.logprob_mean - sum(o.logprob_mean for o in others) / len(others)
-            out.append(own)
-        return out
-
-    def _score(self, instructions: list[str], responses: list[str], contexts: list) -> list[Likelihood]:
-        def render(instruction: str, response: str, context) -> tuple[list[int], bool, list[int]]:
-            ids, target, truncated = self._render(instruction, response, context)
-            return ids + target, truncated, target
-
-        return _render_and_run(
-            self.llm,
-            [partial(render, *row) for row in zip(instructions, responses, contexts, strict=True)],
-            self.params,
-            _likelihood,
-            lambda message, truncated: Likelihood(truncated=truncated, error=message),
-        )
-
-
-def _likelihood(out, truncated: bool, target: list[int]) -> Likelihood:
-    """The instruction's log-probability from the prompt log-probabilities of its tokens."""
-    positions = out.prompt_logprobs[-len(target) :]
-    values = [pos[tok].logprob for pos, tok in zip(positions, target, strict=True)]
-    total = float(sum(values))
-    return Likelihood(
-        logprob_sum=total,
-        logprob_mean=total / len(values),
-        tokens=len(values),
-        n_prompt_tokens=len(out.prompt_token_ids),
-        truncated=truncated,
     )
 
 

@@ -82,7 +82,8 @@ class FlipScorer:
         guided_json: bool = False,
         likelihood: bool = False,
     ):
-        from flip_ray.engine import FlipGenerator, FlipLikelihood
+        from flip_ray.engine import FlipGenerator
+        from flip_ray.likelihood import FlipLikelihood
 
         self.generator = FlipGenerator(
             llm,
@@ -113,7 +114,7 @@ class FlipScorer:
 
     def log_likelihoods(self, prompts: list[Any], responses: list[Any]) -> list[float | RowError]:
         """`flip_logprob` per pair: the mean log-probability of the instruction given the response."""
-        from flip_ray.engine import FlipLikelihood
+        from flip_ray.likelihood import FlipLikelihood
 
         lk = self.likelihood or FlipLikelihood(self.generator.llm, variant=self.generator.variant)
         results, todo, instructions, texts, contexts = _split_rows(prompts, responses)

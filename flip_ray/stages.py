@@ -161,7 +161,8 @@ class BackwardInferenceStage:
         judge_max_tokens: int = 256,
         logprob_distractors: int = 0,
     ):
-        from flip_ray.engine import FlipGenerator, FlipLikelihood, Judge, build_llm
+        from flip_ray.engine import FlipGenerator, Judge, build_llm
+        from flip_ray.likelihood import FlipLikelihood
 
         self.cache: OrderedDict[str, object] = OrderedDict()
         self.cache_size = dedup_cache_size

@@ -18,6 +18,7 @@ CPU_MODULES = [
     "flip_ray.evalstats",
     "flip_ray.evaluate",
     "flip_ray.pairjudge",
+    "flip_ray.likelihood",
     "flip_ray.flags",
     "flip_ray.selection",
     "flip_ray.store",

@@ -66,7 +66,7 @@ def test_flip_likelihood_equals_a_transformers_forward_pass(llm, embedded_model)
     import torch
     from transformers import AutoModelForCausalLM
 
-    from flip_ray.engine import FlipLikelihood
+    from flip_ray.likelihood import FlipLikelihood
 
     lk = FlipLikelihood(llm)
     instruction = "Write a haiku about autumn leaves."
@@ -86,7 +86,7 @@ def test_flip_likelihood_equals_a_transformers_forward_pass(llm, embedded_model)
 
 
 def test_flip_likelihood_truncates_long_responses_and_records_errors(llm):
-    from flip_ray.engine import FlipLikelihood
+    from flip_ray.likelihood import FlipLikelihood
 
     lk = FlipLikelihood(llm, logprob_format="json")
     out = lk.score(["Summarise this.", "x " * 600], ["word " * 2000, "fine"])
@@ -120,7 +120,7 @@ def test_judge_and_prompt_levers_on_the_real_engine(llm):
 
 
 def test_flip_likelihood_contrast_subtracts_generic_instructions(llm):
-    from flip_ray.engine import FlipLikelihood
+    from flip_ray.likelihood import FlipLikelihood
     from flip_ray.prompts import distractors_for
 
     instruction, response = "Write a haiku about autumn leaves.", "Crimson leaves drift down,\nthe maple lets go."
@@ -136,7 +136,7 @@ def test_flip_likelihood_contrast_subtracts_generic_instructions(llm):
 
 
 def test_scorer_likelihood_reward(llm):
-    from flip_ray.engine import FlipLikelihood
+    from flip_ray.likelihood import FlipLikelihood
     from flip_ray.scorer import FlipScorer
 
     scorer = FlipScorer(llm, likelihood=True, variant="no_reasoning")
