@@ -108,9 +108,7 @@ def metric_lever(run: Path) -> str:
 
 
 def lever_table(out: Path) -> str:
-    runs = sorted(
-        p.parent for p in out.glob("lever_*/summary.json") if p.parent.name not in ("lever_n4", "lever_judges")
-    )
+    runs = sorted(p.parent for p in out.glob("lever_*/summary.json") if p.parent.name not in SMALL_RUNS)
     lines = [
         "| run | method | human pooled [CI] | human mean | ties | agree longer | rows/s | parse_status |",
         "|---|---|---:|---:|---:|---:|---:|---|",
@@ -151,23 +149,36 @@ def restricted(run: Path, method: str, pair_ids: set[str]) -> dict:
     return summarize(outcomes, [it.subset for it in items], n_boot=1000)
 
 
+# Runs on 15 items per set, and the larger runs (method, run) they are compared with on the same items.
+SMALL_RUNS = {
+    "lever_n4": [("flip", "lever_base"), ("flip", "lever_temperature")],
+    "lever_judges": [("judge_pointwise", "main"), ("flip_logprob", "lever_base")],
+    "lever_judges_guided": [("judge_pointwise", "lever_guided")],
+}
+
+
 def small_lever_table(out: Path) -> str:
-    """Levers run on 15 items per set, beside the 30-per-set runs restricted to the same items."""
+    """Levers run on 15 items per set, beside the larger runs restricted to the same items."""
     import pyarrow.parquet as pq
 
-    lines = ["| run (items) | method | human pooled [CI] | ties |", "|---|---|---:|---:|"]
-    for small in ("lever_n4", "lever_judges"):
+    lines = [
+        "| run (items) | method | human pooled [CI] | ties | rows/s | parse_status |",
+        "|---|---|---:|---:|---:|---|",
+    ]
+    for small, references in SMALL_RUNS.items():
         run = out / small
         if not (run / "summary.json").exists():
             continue
         ids = set(pq.read_table(run / "responses", columns=["pair_id"]).column("pair_id").to_pylist())
         for method, s in json.loads((run / "summary.json").read_text()).items():
-            lines.append(f"| {small} ({s['n']}) | {method} | {cell(s)} | {s['ties']} |")
-        if small == "lever_n4":
-            for ref in ("lever_base", "lever_temperature"):
-                if (out / ref / "scores" / "flip").exists():
-                    s = restricted(out / ref, "flip", ids)
-                    lines.append(f"| {ref} on the same items ({s['n']}) | flip | {cell(s)} | {s['ties']} |")
+            status = json.dumps(s.get("parse_status", ""))
+            lines.append(
+                f"| {small} ({s['n']}) | {method} | {cell(s)} | {s['ties']} | {s.get('rows_per_s', '')} | {status} |"
+            )
+        for method, ref in references:
+            if (out / ref / "scores" / method).exists():
+                s = restricted(out / ref, method, ids)
+                lines.append(f"| {ref} on the same items ({s['n']}) | {method} | {cell(s)} | {s['ties']} | | |")
     return "\n".join(lines)
 
 
@@ -184,7 +195,7 @@ def main() -> None:
     if list(out.glob("lever_*/summary.json")):
         print("\n## Levers\n")
         print(lever_table(out))
-    if (out / "lever_n4" / "summary.json").exists() or (out / "lever_judges" / "summary.json").exists():
+    if any((out / run / "summary.json").exists() for run in SMALL_RUNS):
         print("\n## Levers on 15 items per set\n")
         print(small_lever_table(out))
     if (out / "lever_base" / "scores" / "flip" / "data").exists():
