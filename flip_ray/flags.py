@@ -9,7 +9,9 @@ and the response, with thresholds from config.
 from __future__ import annotations
 
 import re
+import string
 import unicodedata
+from collections import _count_elements
 from typing import NamedTuple
 
 from flip_ray.metrics import tokens
@@ -34,7 +36,7 @@ _MIN_WORDS_FOR_LANGUAGE = 8
 _SCRIPT_SAMPLE = 2000
 _LANGUAGE_SAMPLE = 400
 _WORD = re.compile(r"\w+")
-_ASCII_LETTER = re.compile(r"[A-Za-z]")
+_ASCII_LETTER_BYTES = string.ascii_letters.encode()
 _NON_ASCII = re.compile(r"[^\x00-\x7f]")
 _MIN_STOPWORD_SHARE = 0.08
 
@@ -68,10 +70,12 @@ def script_of(text: str) -> str | None:
     """The dominant Unicode script of the letters in `text` (LATIN, CYRILLIC, CJK, ...), or None."""
     text = text[: _SCRIPT_SAMPLE * 4]
     counts: dict[str, int] = {}
-    ascii_letters = len(_ASCII_LETTER.findall(text))  # C speed for the common case
+    # ASCII letters, counted at C speed: in UTF-8 their bytes occur only as themselves.
+    encoded = text.encode("utf-8", "surrogatepass")
+    ascii_letters = len(encoded) - len(encoded.translate(None, _ASCII_LETTER_BYTES))
     if ascii_letters:
         counts["LATIN"] = ascii_letters
-    for ch in _NON_ASCII.findall(text):
+    for ch in () if text.isascii() else _NON_ASCII.findall(text):
         if not ch.isalpha():
             continue
         name = unicodedata.name(ch, "")
@@ -89,7 +93,11 @@ def language_of(words: list[str]) -> str | None:
     text, few function words, or two languages nearly tied)."""
     if len(words) < _MIN_WORDS_FOR_LANGUAGE:
         return None
-    hits = sorted(((sum(w in stop for w in words), lang) for lang, stop in _STOPWORDS.items()), reverse=True)
+    counts: dict[str, int] = {}
+    _count_elements(counts, words)
+    # one pass over the words, then only the words that are function words of some language
+    hit = {lang: sum(counts[w] for w in counts.keys() & stop) for lang, stop in _STOPWORDS.items()}
+    hits = sorted(((n, lang) for lang, n in hit.items()), reverse=True)
     (best, lang), (second, _) = hits[0], hits[1]
     if best < 3 or best / len(words) < _MIN_STOPWORD_SHARE or best < 2 * second:
         return None
@@ -121,11 +129,12 @@ def language_mismatch(prompt: str, response: str) -> bool:
     return False
 
 
+_CJK = re.compile("[\u3040-\u30ff\u4e00-\u9fff\uac00-\ud7af]")
+
+
 def word_count(text: str) -> int:
     """Whitespace words, counting two CJK characters as a word (CJK text has no spaces)."""
-    cjk = sum(
-        1 for ch in text if "\u3040" <= ch <= "\u30ff" or "\u4e00" <= ch <= "\u9fff" or "\uac00" <= ch <= "\ud7af"
-    )
+    cjk = 0 if text.isascii() else len(_CJK.findall(text))
     return max(len(text.split()), cjk // 2)
 
 

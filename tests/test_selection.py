@@ -7,7 +7,7 @@ import pyarrow as pa
 import pytest
 
 from flip_ray.downstream import KEY, Columns, pairs_for_group
-from flip_ray.flags import compute_flags, copied_fraction, language_of, script_of
+from flip_ray.flags import compute_flags, copied_fraction, language_of, script_of, word_count
 from flip_ray.selection import drop_reason, make_dpo_pairs, prompt_key, top_k
 
 SAMPLE = [json.loads(line) for line in Path("flip_ray/samples/alpacaeval_sample.jsonl").read_text().splitlines()]
@@ -61,6 +61,12 @@ def test_helpers():
     assert script_of("Привет мир") == "CYRILLIC" and script_of("123 !!") is None
     assert language_of("the cat is on the mat and it is happy with that".split()) == "en"
     assert language_of("too short".split()) is None
+    # function words count with multiplicity, and a near tie is no verdict
+    assert language_of("les les les chat noir dort bien dans".split()) == "fr"
+    assert language_of("the and of le la les cat chat".split()) is None
+    assert script_of("Hello мир мир мир мир мир") == "CYRILLIC" and script_of("Hello, 世界") == "LATIN"
+    assert script_of("日本語のテキスト") == "CJK" and script_of("naïve café") == "LATIN"
+    assert word_count("two words") == 2 and word_count("超人是由作家杰里") == 4 and word_count("") == 0
 
 
 def row(i, score, error=None, **flags):
