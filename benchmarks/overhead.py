@@ -114,6 +114,9 @@ def run_pipeline(rows: list[dict], max_tokens: int) -> dict:
                 "model.enforce_eager=true",
                 "model.max_model_len=2048",
                 f"sampling.max_tokens={max_tokens}",
+                # the same work as (a) and (c): the authors' prompt, one generation per row
+                "reward.methods=[flip]",
+                "reward.prompt=flip",
                 f"resources.batch_size={len(rows)}",
                 "output.report=false",
             ],
