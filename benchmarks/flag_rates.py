@@ -13,11 +13,11 @@ import gzip
 import json
 import time
 from collections import Counter
-from pathlib import Path
+
+from datadir import DATA  # benchmarks/datadir.py: $FLIP_RAY_DATA or ../shared/data
 
 from flip_ray.flags import compute_flags
 
-DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 FLAGS = ("flag_restates_prompt", "flag_too_short", "flag_language_mismatch")
 
 

@@ -24,8 +24,9 @@ import tempfile
 import time
 from pathlib import Path
 
+from datadir import DATA  # benchmarks/datadir.py: $FLIP_RAY_DATA or ../shared/data
+
 REPO = Path(__file__).resolve().parents[1]
-DATA = REPO.parent / "shared" / "data"
 ENGINE = dict(dtype="float32", enforce_eager=True, max_model_len=2048, seed=0)
 CPU_ENV = {
     "VLLM_ENABLE_V1_MULTIPROCESSING": "0",

@@ -21,8 +21,9 @@ import tempfile
 import time
 from pathlib import Path
 
+from datadir import DATA  # benchmarks/datadir.py: $FLIP_RAY_DATA or ../shared/data
+
 HERE = Path(__file__).resolve().parent
-DATA = HERE.parents[1] / "shared" / "data"
 
 
 def write_input(path: Path, rows: int, cut: int) -> None:

@@ -14,13 +14,12 @@ import argparse
 import gzip
 import json
 import time
-from pathlib import Path
+
+from datadir import DATA  # benchmarks/datadir.py: $FLIP_RAY_DATA or ../shared/data
 
 from flip_ray.flags import compute_flags
 from flip_ray.metrics import f1_score
 from flip_ray.scoring import score_generations
-
-DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 
 
 def load_pairs(limit: int) -> list[tuple[str, str, str]]:

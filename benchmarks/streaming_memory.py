@@ -28,9 +28,9 @@ from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
+from datadir import DATA  # benchmarks/datadir.py: $FLIP_RAY_DATA or ../shared/data
 
 HERE = Path(__file__).resolve().parent
-DATA = HERE.parents[1] / "shared" / "data"
 SHARD_ROWS = 50_000
 
 
