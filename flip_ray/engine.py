@@ -146,7 +146,10 @@ def _abort_unfinished(llm) -> None:
             "cannot abort the %d requests a failed batch left in the engine", engine.get_num_unfinished_requests()
         )
         return
-    engine.abort_request(list(states), internal=True)
+    try:
+        engine.abort_request(list(states), internal=True)
+    except Exception as e:  # a dead engine: the retries fail and each row records the error
+        logger.warning("could not abort the requests a failed batch left in the engine: %s", e)
 
 
 _warned: set[str] = set()
