@@ -5,7 +5,6 @@ shuffle of all candidates. Requests run on Ray Data through the same engine as t
 from __future__ import annotations
 
 import json
-import os
 import random
 import time
 from typing import TYPE_CHECKING
@@ -115,7 +114,7 @@ def pair_judge_jobs(items: list[Item], methods: list[str], seed: int) -> list[di
 
 def run_pair_judges(cfg: DictConfig, items: list[Item], methods: list[str]) -> tuple[dict[str, dict], float]:
     """Runs the per-pair judges on Ray Data; returns (job id -> result, wall seconds)."""
-    from flip_ray.pipeline import engine_env, engine_stage_kwargs, init_ray, resolve_device, storage_env
+    from flip_ray.pipeline import engine_actor_options, engine_stage_kwargs, init_ray, resolve_device
 
     jobs = pair_judge_jobs(items, methods, cfg.evaluation.seed)
     if not jobs:
@@ -147,14 +146,6 @@ def run_pair_judges(cfg: DictConfig, items: list[Item], methods: list[str]) -> t
             "load_format",
         )
     }
-    r = cfg.resources
-    num_gpus = r.num_gpus if r.num_gpus is not None else (cfg.model.tensor_parallel_size if device == "gpu" else 0)
-    env = engine_env(
-        device,
-        cpu_threads=cfg.model.cpu_threads,
-        cpu_kvcache_space_gib=cfg.model.cpu_kvcache_space_gib,
-        offline=os.path.isdir(model_path),
-    )
     t0 = time.time()
     ds = ray.data.from_items(jobs).map_batches(
         PairJudgeStage,
@@ -164,12 +155,7 @@ def run_pair_judges(cfg: DictConfig, items: list[Item], methods: list[str]) -> t
             guided_json=cfg.reward.guided_json,
             chat_template_kwargs=kw["chat_template_kwargs"],
         ),
-        batch_size=r.batch_size,
-        batch_format="pyarrow",
-        concurrency=r.concurrency,
-        num_gpus=num_gpus,
-        num_cpus=r.num_cpus,
-        runtime_env={"env_vars": {**env, **storage_env()}},
+        **engine_actor_options(cfg, device, model_path),
     )
     results = {row["job"]: row for row in ds.take_all()}
     return results, time.time() - t0

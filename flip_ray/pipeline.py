@@ -224,6 +224,27 @@ def init_ray(address: str | None, local_num_cpus: int | None):
     return ray
 
 
+def engine_actor_options(cfg: DictConfig, device: str, model_path: str | None) -> dict:
+    """`map_batches` options of an engine stage: batch size, actor count, GPUs and CPUs per actor,
+    and the engine's environment (`engine_env` plus the storage settings)."""
+    r = cfg.resources
+    num_gpus = r.num_gpus if r.num_gpus is not None else (cfg.model.tensor_parallel_size if device == "gpu" else 0)
+    env = engine_env(
+        device,
+        cpu_threads=cfg.model.cpu_threads,
+        cpu_kvcache_space_gib=cfg.model.cpu_kvcache_space_gib,
+        offline=model_path is None or os.path.isdir(model_path),
+    )
+    return dict(
+        batch_size=r.batch_size,
+        batch_format="pyarrow",
+        concurrency=r.concurrency,
+        num_gpus=num_gpus,
+        num_cpus=r.num_cpus,
+        runtime_env={"env_vars": {**env, **storage_env()}},
+    )
+
+
 def resolve_device(requested: str, cluster_gpus: float) -> str:
     if requested != "auto":
         return requested
@@ -293,22 +314,10 @@ def build_dataset(plan: RunPlan, cfg: DictConfig, device: str, model_path: str |
         ),
         runtime_env=io_env,
     )
-    num_gpus = r.num_gpus if r.num_gpus is not None else (cfg.model.tensor_parallel_size if device == "gpu" else 0)
-    env = engine_env(
-        device,
-        cpu_threads=cfg.model.cpu_threads,
-        cpu_kvcache_space_gib=cfg.model.cpu_kvcache_space_gib,
-        offline=model_path is None or os.path.isdir(model_path),
-    )
     inferred = rows.map_batches(
         BackwardInferenceStage,
         fn_constructor_kwargs=engine_stage_kwargs(cfg, device, model_path),
-        batch_size=r.batch_size,
-        batch_format="pyarrow",
-        concurrency=r.concurrency,
-        num_gpus=num_gpus,
-        num_cpus=r.num_cpus,
-        runtime_env={"env_vars": {**env, **storage_env()}},
+        **engine_actor_options(cfg, device, model_path),
     )
     scored = inferred.map_batches(
         SimilarityStage,
