@@ -15,7 +15,6 @@ import string
 from collections import _count_elements
 from typing import NamedTuple
 
-_PUNCT_TABLE = str.maketrans("", "", string.punctuation)
 _PUNCT_BYTES = string.punctuation.encode()
 _ARTICLES = re.compile(r"\b(a|an|the)\b")
 
@@ -76,16 +75,15 @@ def token_counts(text: str) -> tuple[dict[str, int], int]:
     """`Counter(tokens(text))` and `len(tokens(text))`. For plain words the articles are taken out
     of the counts instead of out of a token list."""
     words, plain = _words(text)
-    counts: dict[str, int] = {}
     if not plain:
         words = _tokens_of_words(words)
-        _count_elements(counts, words)  # what Counter(words) runs, without its Python-level wrapper
-        return counts, len(words)
-    _count_elements(counts, words)
+    counts: dict[str, int] = {}
+    _count_elements(counts, words)  # what Counter(words) runs, without its Python-level wrapper
     n = len(words)
-    for article in ("a", "an", "the"):
-        if article in counts:
-            n -= counts.pop(article)
+    if plain:
+        for article in ("a", "an", "the"):
+            if article in counts:
+                n -= counts.pop(article)
     return counts, n
 
 
