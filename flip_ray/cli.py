@@ -2,7 +2,13 @@
 
 flip-ray score [--config configs/local.yaml] [key=value ...]
 flip-ray filter|pairs|evaluate [--config configs/<job>.yaml] [key=value ...]
+flip-ray report OUTPUT [--allow-incomplete]
 flip-ray prepare-model [--force]
+
+Exit codes (README, "Reruns, resume and exit codes"):
+  0 complete; 1 a shard could not be read, or no rows; 2 bad config, input, output or model (nothing
+  started); 3 stopped by an infrastructure error or the error budget (rerun resumes); 4 a bug in
+  flip_ray (traceback shown); 130 / 143 stopped by SIGINT / SIGTERM (rerun resumes).
 """
 
 from __future__ import annotations
@@ -10,7 +16,9 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import signal
 import sys
+import traceback
 
 from flip_ray.config import ConfigError, load_config
 
@@ -18,6 +26,8 @@ logger = logging.getLogger("flip_ray")
 
 # Errors a user can fix from the message alone: printed without a traceback.
 _USER_ERRORS: tuple[type[Exception], ...] = (ConfigError,)
+EXIT_OK, EXIT_INCOMPLETE, EXIT_USER, EXIT_STOPPED, EXIT_BUG = 0, 1, 2, 3, 4
+EXIT_SIGNAL = {signal.SIGINT: 130, signal.SIGTERM: 143}
 
 
 def _user_errors() -> tuple[type[Exception], ...]:
@@ -49,6 +59,8 @@ def format_summary(manifest: dict) -> str:
     ]
     if manifest.get("report"):
         lines.append(f"  report: {manifest['report']}")
+    for method, count in c.get("method_errors", {}).items():
+        lines.append(f"  {method} could not score {count} row(s) (why: the {method}_error column)")
     for kind, count in list(c["error_kinds"].items())[:5]:
         lines.append(f"  error x{count}: {kind}")
     for failure in sh["failed"]:
@@ -57,20 +69,23 @@ def format_summary(manifest: dict) -> str:
 
 
 def cmd_score(args: argparse.Namespace) -> int:
-    from flip_ray.pipeline import ErrorBudgetExceeded, RunInterrupted, run_score
+    from flip_ray.pipeline import run_score
 
     cfg = load_config(args.config, args.overrides)
-    try:
-        manifest = run_score(cfg)
-    except (ErrorBudgetExceeded, RunInterrupted) as e:
-        print(f"flip-ray: {e}", file=sys.stderr)
-        return 3
+    manifest = run_score(cfg)
     print(format_summary(manifest), flush=True)
     if manifest["counts"]["rows"] == 0 and not manifest["shards"]["failed"]:
         print(f"flip-ray: error: input.path {cfg.input.path} holds no rows", file=sys.stderr)
-        return 1
-    # Unreadable shards mean rows missing from the output: not a success.
-    return 1 if manifest["shards"]["failed"] else 0
+        return EXIT_INCOMPLETE
+    failed = manifest["shards"]["failed"]
+    if failed:  # rows missing from the output: not a success
+        print(
+            f"flip-ray: {len(failed)} shard(s) could not be read (listed above); fix or remove those files and rerun "
+            "with the same config to finish",
+            file=sys.stderr,
+        )
+        return EXIT_INCOMPLETE
+    return EXIT_OK
 
 
 def cmd_filter(args: argparse.Namespace) -> int:
@@ -89,14 +104,9 @@ def cmd_filter(args: argparse.Namespace) -> int:
 def cmd_evaluate(args: argparse.Namespace) -> int:
     from flip_ray.config import EvalJobConfig
     from flip_ray.evaluate import run_evaluate
-    from flip_ray.pipeline import ErrorBudgetExceeded, RunInterrupted
 
     cfg = load_config(args.config, args.overrides, schema=EvalJobConfig)
-    try:
-        result = run_evaluate(cfg)
-    except (ErrorBudgetExceeded, RunInterrupted) as e:
-        print(f"flip-ray: {e}", file=sys.stderr)
-        return 3
+    result = run_evaluate(cfg)
     m = result["manifest"]
     print(result["table"])
     print(
@@ -123,7 +133,7 @@ def cmd_pairs(args: argparse.Namespace) -> int:
 def cmd_report(args: argparse.Namespace) -> int:
     from flip_ray.report import build_report
 
-    print(build_report(args.output))
+    print(build_report(args.output, allow_incomplete=args.allow_incomplete))
     return 0
 
 
@@ -153,6 +163,9 @@ def build_parser() -> argparse.ArgumentParser:
         p.set_defaults(func=func)
     rep = sub.add_parser("report", help="write an HTML report with plots for a scored output")
     rep.add_argument("output", help="a scoring run's output.path")
+    rep.add_argument(
+        "--allow-incomplete", action="store_true", help="report on the finished shards of an unfinished run"
+    )
     rep.set_defaults(func=cmd_report)
     prep = sub.add_parser("prepare-model", help="convert the embedded SmolLM2-135M GGUF into an HF checkpoint")
     prep.add_argument("--dir", default=None, help="target directory (default: the flip_ray cache)")
@@ -161,15 +174,44 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _terminate(signum, frame):
+    from flip_ray.pipeline import Terminated
+
+    raise Terminated()
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     _quiet_telemetry()
+    from flip_ray.pipeline import RunInterrupted, RunStopped, Terminated
+    from flip_ray.tracker import ErrorBudgetExceeded
+
+    # SIGTERM (what `ray job stop`, Kubernetes and schedulers send) stops the job as Ctrl-C does.
+    signal.signal(signal.SIGTERM, _terminate)
     try:
         return args.func(args)
     except _user_errors() as e:
         print(f"flip-ray: error: {e}", file=sys.stderr)
-        return 2
+        return EXIT_USER
+    except (ErrorBudgetExceeded, RunInterrupted) as e:
+        print(f"flip-ray: {e}", file=sys.stderr)
+        return EXIT_STOPPED
+    except RunStopped as e:
+        print(f"flip-ray: {e}", file=sys.stderr)
+        return EXIT_SIGNAL[e.signum]
+    except (KeyboardInterrupt, Terminated) as e:  # outside a scoring run: nothing to keep or clear
+        signum = signal.SIGINT if isinstance(e, KeyboardInterrupt) else signal.SIGTERM
+        print(f"flip-ray: stopped by {signal.Signals(signum).name}", file=sys.stderr)
+        return EXIT_SIGNAL[signum]
+    except Exception:
+        traceback.print_exc()
+        print(
+            "flip-ray: internal error: this is a bug in flip_ray, please report it with the traceback above. "
+            "Finished shards are kept; a rerun resumes once it is fixed",
+            file=sys.stderr,
+        )
+        return EXIT_BUG
 
 
 if __name__ == "__main__":

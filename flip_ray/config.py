@@ -52,6 +52,9 @@ class InputConfig:
     read_batch_rows: int = 1024
     # Score only the first N rows of each shard (for trials); None reads everything.
     limit_per_shard: int | None = None
+    # A rerun refuses input files that changed since the output was scored (they would leave stale
+    # rows); true rescores just those files.
+    rescore_changed: bool = False
 
 
 @dataclass
@@ -347,6 +350,8 @@ def to_dict(cfg: DictConfig) -> dict:
 class ScoredInputConfig:
     # A scoring run's output.path (or its data/ directory), local or s3://.
     path: str = MISSING
+    # Read an output whose scoring run did not finish or has failed shards (only finished shards).
+    allow_incomplete: bool = False
 
 
 @dataclass

@@ -9,20 +9,18 @@ group-by, so they scale with the cluster rather than with the driver's memory.
 
 from __future__ import annotations
 
-import json
 import logging
 from dataclasses import dataclass
 
 import fsspec
 import pyarrow as pa
-import pyarrow.dataset as pads
 import pyarrow.parquet as pq
 from omegaconf import DictConfig
 
 from flip_ray import schema
 from flip_ray.io import InputError
 from flip_ray.selection import as_messages, drop_reason, make_dpo_pairs, prompt_key, top_k
-from flip_ray.store import OutputError
+from flip_ray.store import NotAScoredOutput, OutputError, open_scored
 
 logger = logging.getLogger(__name__)
 
@@ -39,20 +37,6 @@ class Columns:
     id: str
     prompt_key: str | None
     score: str
-
-
-def resolve_scored(path: str) -> tuple[str, dict | None]:
-    """The Parquet location of a scored output and the scoring run's config (None if absent)."""
-    path = path.rstrip("/")
-    fs, root = fsspec.core.url_to_fs(path)
-    if not fs.exists(root):
-        raise InputError(f"input.path {path} does not exist")
-    scoring = None
-    if fs.exists(f"{root}/manifest.json"):
-        with fs.open(f"{root}/manifest.json", "rb") as f:
-            scoring = json.loads(f.read()).get("config")
-    data = f"{path}/data" if fs.isdir(f"{root}/data") else path
-    return data, scoring
 
 
 def resolve_columns(cfg: DictConfig, scoring: dict | None, names: list[str]) -> Columns:
@@ -129,12 +113,14 @@ def _load(cfg: DictConfig):
 
     from flip_ray.pipeline import init_ray
 
+    scored = open_scored(cfg.input.path, allow_incomplete=cfg.input.allow_incomplete)
+    if not scored.paths:
+        raise NotAScoredOutput(f"input.path {cfg.input.path} holds no scored rows")
     init_ray(cfg.ray.address, cfg.ray.local_num_cpus)
-    data, scoring = resolve_scored(cfg.input.path)
-    fs, root = fsspec.core.url_to_fs(data)
-    names = pads.dataset(root, filesystem=fs, format="parquet").schema.names
-    cols = resolve_columns(cfg, scoring, names)
-    ds = ray.data.read_parquet(data).map_batches(
+    with scored.fs.open(scored.paths[0], "rb") as f:
+        names = pq.read_schema(f).names
+    cols = resolve_columns(cfg, scored.config, names)
+    ds = ray.data.read_parquet(scored.files).map_batches(
         annotate,
         batch_format="pyarrow",
         fn_kwargs=dict(

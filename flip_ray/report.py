@@ -11,13 +11,13 @@ from __future__ import annotations
 
 import html
 import io
-import json
 import random
 
 import fsspec
 import pyarrow.dataset as pads
 
 from flip_ray.stages import FLAG_NAMES
+from flip_ray.store import NotAScoredOutput, ScoredOutput, open_scored
 
 _BINS = 40
 _RESERVOIR = 4000
@@ -67,9 +67,8 @@ class ReportStats:
                         self.sample[j] = (words, score)
 
 
-def collect(data_uri: str) -> ReportStats:
-    fs, path = fsspec.core.url_to_fs(data_uri)
-    dataset = pads.dataset(path, filesystem=fs, format="parquet")
+def collect(scored: ScoredOutput) -> ReportStats:
+    dataset = pads.dataset(scored.paths, filesystem=scored.fs, format="parquet")
     wanted = ["flip_score", "error", "parse_status", "response_words", "model", *FLAG_NAMES]
     columns = [c for c in wanted if c in dataset.schema.names]
     stats = ReportStats()
@@ -158,19 +157,20 @@ figure{{display:inline-block;margin:1em}}img{{max-width:28em}}</style></head>
 """
 
 
-def build_report(output_uri: str) -> str:
-    """Writes `<output>/report/index.html` and its PNGs; returns the page's URI."""
-    output_uri = output_uri.rstrip("/")
-    fs, root = fsspec.core.url_to_fs(output_uri)
-    data = f"{output_uri}/data" if fs.exists(f"{root}/data") else output_uri
-    stats = collect(data)
-    manifest = None
-    if fs.exists(f"{root}/manifest.json"):
-        with fs.open(f"{root}/manifest.json", "rb") as f:
-            manifest = json.loads(f.read())
+def build_report(output_uri: str, allow_incomplete: bool = False) -> str:
+    """Writes `<output>/report/index.html` and its PNGs from the committed rows; returns the page's URI.
+
+    Raises:
+        NotAScoredOutput: Not a scoring output, an unfinished one (unless `allow_incomplete`), or no rows.
+    """
+    scored = open_scored(output_uri, allow_incomplete=allow_incomplete, key="report: output")
+    if not scored.paths:
+        raise NotAScoredOutput(f"report: {output_uri} holds no scored rows")
+    stats = collect(scored)
+    fs, root = fsspec.core.url_to_fs(scored.uri)
     plots = render_plots(stats)
     fs.makedirs(f"{root}/report", exist_ok=True)
     for name, png in plots.items():
         fs.pipe_file(f"{root}/report/{name}", png)
-    fs.pipe_file(f"{root}/report/index.html", _html(stats, manifest, list(plots)).encode())
-    return f"{output_uri}/report/index.html"
+    fs.pipe_file(f"{root}/report/index.html", _html(stats, scored.manifest, list(plots)).encode())
+    return f"{scored.uri}/report/index.html"

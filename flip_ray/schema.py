@@ -53,9 +53,15 @@ FLIP_COLUMNS = pa.schema(
         pa.field("flag_restates_prompt", pa.bool_()),
         pa.field("flag_too_short", pa.bool_()),
         pa.field("flag_language_mismatch", pa.bool_()),
+        pa.field("flip_error", pa.string()),
+        pa.field("flip_logprob_error", pa.string()),
+        pa.field("judge_pointwise_error", pa.string()),
         pa.field("error", pa.string()),
     ]
 )
+# Per reward method: why that method could not score a row (its columns are then null). A row's
+# `error` is set only when every requested method failed, or the row could not be read at all.
+METHOD_ERROR = {"flip": "flip_error", "flip_logprob": "flip_logprob_error", "judge_pointwise": "judge_pointwise_error"}
 FLIP_COLUMN_NAMES = tuple(FLIP_COLUMNS.names)
 RESERVED = {ID, *FLIP_COLUMN_NAMES}
 
@@ -73,6 +79,7 @@ ENGINE_COLUMNS = pa.schema(
         pa.field("n_prompt_tokens", pa.int64()),
         pa.field("n_output_tokens", pa.int64()),
         pa.field("truncated", pa.bool_()),
+        *(pa.field(name, pa.string()) for name in METHOD_ERROR.values()),
         pa.field("error", pa.string()),
     ]
 )
@@ -87,12 +94,14 @@ PART_META = pa.schema(
         pa.field("scored", pa.int64()),
         pa.field("errors", pa.int64()),
         pa.field("score_sum", pa.float64()),
+        pa.field("flip_scored", pa.int64()),  # rows with a flip_score (score_sum is over them)
         pa.field("output_tokens", pa.int64()),
         pa.field("truncated", pa.int64()),
         pa.field("dedup_saved", pa.int64()),
         pa.field("flagged", pa.string()),  # JSON object: flag -> count
         pa.field("parse_status", pa.string()),  # JSON object: status -> count
         pa.field("error_kinds", pa.string()),  # JSON object: error kind -> count
+        pa.field("method_errors", pa.string()),  # JSON object: method -> rows it could not score
         pa.field("total", pa.int64()),  # marker only
         pa.field("shard_error", pa.string()),  # marker only
     ]

@@ -57,10 +57,24 @@ def conform(table: pa.Table, target: pa.Schema, sid: str) -> pa.Table:
         elif f.name in (schema.SHARD_TOTAL, schema.SHARD_ERROR, schema.DEDUP):
             columns[f.name] = pa.nulls(n, f.type)
         elif f.name in table.column_names:
-            columns[f.name] = table.column(f.name).cast(f.type)
+            columns[f.name] = _cast(table.column(f.name), f.type)
         else:  # a kept column this shard lacks
             columns[f.name] = pa.nulls(n, f.type)
     return pa.table(columns, schema=target)
+
+
+def _cast(column: pa.ChunkedArray, target: pa.DataType) -> pa.ChunkedArray:
+    """A kept column in the run's type for it. Where shards disagree (plan.unified_columns), values
+    Arrow cannot cast (a list in one file, text in another) become JSON text."""
+    try:
+        return column.cast(target)
+    except (pa.ArrowInvalid, pa.ArrowNotImplementedError):
+        if not pa.types.is_string(target):
+            raise
+        values = [
+            v if v is None or isinstance(v, str) else json.dumps(v, ensure_ascii=False) for v in column.to_pylist()
+        ]
+        return pa.chunked_array([pa.array(values, target)], target)
 
 
 def end_marker(target: pa.Schema, sid: str, total: int, error: str | None) -> pa.Table:
@@ -112,6 +126,16 @@ def _work_rows(batch: pa.Table) -> list[int]:
     errors = batch.column("error").to_pylist()
     totals = batch.column(schema.SHARD_TOTAL).to_pylist()
     return [i for i, (e, t) in enumerate(zip(errors, totals, strict=True)) if e is None and t is None]
+
+
+def row_error(methods: tuple[str, ...], failed: dict[str, str]) -> str | None:
+    """A row's `error` from its per-method failures: set only when every requested method failed
+    (one method's failure keeps the others' rewards, with the reason in `<method>_error`)."""
+    if not methods or any(m not in failed for m in methods):
+        return None
+    if len(methods) == 1:
+        return failed[methods[0]]
+    return "; ".join(f"{m}: {failed[m]}" for m in methods)
 
 
 def _errors(batch: pa.Table) -> list[str | None]:
@@ -228,7 +252,7 @@ class BackwardInferenceStage:
         cols: dict[str, list] = {name: [None] * n for name in schema.ENGINE_COLUMNS.names}
         cols["error"] = list(errors)
         dedup = [None] * n
-        row_errors: dict[int, list[str]] = {i: [] for i in todo}
+        row_errors: dict[int, dict[str, str]] = {i: {} for i in todo}
         if self.generator is not None:
             results, reused = self._generate_deduplicated(todo, responses, contexts)
             for i in todo:
@@ -240,7 +264,7 @@ class BackwardInferenceStage:
                 cols["truncated"][i] = g.truncated
                 dedup[i] = i in reused
                 if g.error:
-                    row_errors[i].append(("flip", g.error))
+                    row_errors[i]["flip"] = g.error
         if self.likelihood is not None or self.judge is not None:
             parsed = [json.loads(contexts[i]) if contexts[i] else None for i in todo]
             rows = ([instructions[i] for i in todo], [responses[i] for i in todo], parsed)
@@ -253,20 +277,20 @@ class BackwardInferenceStage:
                 cols["n_prompt_tokens"][i] = cols["n_prompt_tokens"][i] or lk.n_prompt_tokens
                 cols["truncated"][i] = bool(cols["truncated"][i]) or lk.truncated
                 if lk.error:
-                    row_errors[i].append(("flip_logprob", lk.error))
+                    row_errors[i]["flip_logprob"] = lk.error
         if self.judge is not None:
             from flip_ray.judge import parse_pointwise
 
             for i, g in zip(todo, self.judge.pointwise(*rows), strict=True):
                 cols["truncated"][i] = bool(cols["truncated"][i]) or g.truncated
                 if g.error:
-                    row_errors[i].append(("judge_pointwise", g.error))
+                    row_errors[i]["judge_pointwise"] = g.error
                     continue
                 cols["judge_score"][i], cols["judge_parse_status"][i] = parse_pointwise(g.texts[0] if g.texts else "")
         for i, errs in row_errors.items():
-            if errs:
-                # One method failing fails the row: its rewards would not be comparable with other rows'.
-                cols["error"][i] = "; ".join(f"{m}: {e}" if len(self.methods) > 1 else e for m, e in errs)
+            for method, message in errs.items():
+                cols[schema.METHOD_ERROR[method]][i] = message
+            cols["error"][i] = row_error(self.methods, errs)
         batch = schema.put_column(batch, schema.CONTROL_COLUMNS.field(schema.DEDUP), pa.array(dedup, pa.bool_()))
         for f in schema.ENGINE_COLUMNS:
             batch = schema.put_column(batch, f, pa.array(cols[f.name], f.type))
@@ -332,6 +356,7 @@ class SimilarityStage:
 
             self.embedder = EmbeddingSimilarity()
         self.similarity = similarity
+        self.methods = tuple(methods)
         self.compare = "flip" in methods
         self.aggregate = aggregate
         self.output_schema = output_schema
@@ -353,6 +378,7 @@ class SimilarityStage:
         instructions = batch.column(schema.INSTRUCTION).to_pylist()
         generations = batch.column(schema.GENERATIONS).to_pylist()
         responses = batch.column(schema.RESPONSE).to_pylist()
+        flip_errors = batch.column(schema.METHOD_ERROR["flip"]).to_pylist()
         names = ["inferred_instruction", "reasoning", "flip_score", "flip_precision", "flip_recall", "parse_status"]
         cols: dict[str, list] = {name: [None] * n for name in [*names, *Flags._fields]}
         scorable = []
@@ -366,10 +392,12 @@ class SimilarityStage:
                 )
                 for name, value in zip(Flags._fields, flags, strict=True):
                     cols[name][i] = value
-            if i not in work or not self.compare:
+            if i not in work or not self.compare or flip_errors[i] is not None:
                 continue
             if not generations[i]:
-                errors[i] = "engine returned no output"
+                flip_errors[i] = "engine returned no output"
+                failed = {m: batch.column(schema.METHOD_ERROR[m])[i].as_py() for m in self.methods if m != "flip"}
+                errors[i] = row_error(self.methods, {"flip": flip_errors[i], **{m: e for m, e in failed.items() if e}})
                 continue
             scorable.append(i)
         scores = score_batch(
@@ -388,6 +416,8 @@ class SimilarityStage:
                 out[f.name] = pa.array(cols[f.name], f.type)
             elif f.name == "error":
                 out[f.name] = pa.array(errors, f.type)
+            elif f.name == schema.METHOD_ERROR["flip"]:
+                out[f.name] = pa.array(flip_errors, f.type)
             elif f.name in batch.column_names:
                 out[f.name] = batch.column(f.name).cast(f.type)
             else:
@@ -425,11 +455,16 @@ def part_stats(table: pa.Table) -> dict:
         "scored": sum(e is None for e in d["error"]),
         "errors": sum(e is not None for e in d["error"]),
         "score_sum": float(sum(scores)),
+        "flip_scored": len(scores),
         "output_tokens": sum(t or 0 for t in d["n_output_tokens"]),
         "truncated": sum(bool(t) for t in d["truncated"]),
         "flagged": json.dumps(flagged, sort_keys=True),
         "parse_status": _counts(d["parse_status"]),
         "error_kinds": _counts([error_kind(e) if e is not None else None for e in d["error"]]),
+        "method_errors": json.dumps(
+            {m: n for m, col in schema.METHOD_ERROR.items() if (n := len(table) - table.column(col).null_count)},
+            sort_keys=True,
+        ),
     }
 
 

@@ -19,14 +19,20 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import logging
 import os
 import posixpath
 import re
 import uuid
+from dataclasses import dataclass
 
 import fsspec
 import pyarrow as pa
 import pyarrow.parquet as pq
+
+from flip_ray.io import InputError
+
+logger = logging.getLogger(__name__)
 
 RUN = "run.json"
 MANIFEST = "manifest.json"
@@ -36,7 +42,7 @@ DONE = "_done"
 
 # Config sections and keys that do not change any score: a rerun may change them freely.
 _FINGERPRINT_EXCLUDES = {
-    "input": {"path", "read_batch_rows", "check_duplicate_ids"},
+    "input": {"path", "read_batch_rows", "check_duplicate_ids", "rescore_changed"},
     "output": None,  # None: the whole section
     "model": {
         "gpu_memory_utilization",
@@ -141,6 +147,17 @@ class OutputStore:
         elif self.fs.isfile(self.root):
             raise OutputError(f"output.path {self.uri} is a file, not a directory")
 
+    def probe_writable(self) -> None:
+        """Creates and removes a probe file, so that an output location that cannot be written
+        (read-only, no permission, not a file system) stops the job before any model loads."""
+        probe = self.path(f".flip_ray-probe-{uuid.uuid4().hex}")
+        try:
+            self.fs.makedirs(self.root, exist_ok=True)
+            self.fs.pipe_file(probe, b"probe")
+            self.fs.rm(probe)
+        except (OSError, PermissionError, ValueError, NotImplementedError) as e:
+            raise OutputError(f"output.path {self.uri} is not writable ({type(e).__name__}: {e})") from e
+
     def has_run(self) -> bool:
         return any(self.fs.exists(self.path(name)) for name in (RUN, MANIFEST, DATA, DONE))
 
@@ -171,6 +188,25 @@ class OutputStore:
     def write_done(self, record: dict) -> None:
         self.write_json(record, DONE, f"{record['shard_id']}.json")
 
+    def remove_shard(self, sid: str) -> None:
+        """Removes a finished shard: its rows, then its done record."""
+        self.clear_shard(sid)
+        record = self.path(DONE, f"{sid}.json")
+        if self.fs.exists(record):
+            self.fs.rm(record)
+
+    def prune_uncommitted(self, committed: set[str]) -> list[str]:
+        """Deletes every shard directory under data/ without a done record in `committed` (what an
+        interrupted attempt left); one listing, not one call per shard. Returns the shard ids."""
+        data = self.path(DATA)
+        self.fs.invalidate_cache(data)
+        if not self.fs.exists(data):
+            return []
+        stale = [p for p in self.fs.ls(data, detail=False) if posixpath.basename(p.rstrip("/")) not in committed]
+        for p in stale:
+            self.fs.rm(p, recursive=True)
+        return [posixpath.basename(p.rstrip("/")) for p in stale]
+
     def clear_shard(self, sid: str) -> None:
         """Deletes what an unfinished attempt left for a shard."""
         target = self.path(DATA, sid)
@@ -192,3 +228,71 @@ class OutputStore:
             target = self.path(name)
             if self.fs.exists(target):
                 self.fs.rm(target, recursive=True)
+
+
+class NotAScoredOutput(InputError):
+    """A downstream job was pointed at something that is not a usable scoring output."""
+
+
+@dataclass(frozen=True)
+class ScoredOutput:
+    """The committed part of a scoring run's output: what downstream jobs read."""
+
+    uri: str
+    fs: object  # the fsspec file system of the output
+    paths: list[str]  # the part files listed in done records (paths on `fs`), sorted
+    manifest: dict | None
+    rows: int
+
+    @property
+    def files(self) -> list[str]:
+        """The part files as URIs (protocol included), e.g. for `ray.data.read_parquet`."""
+        return [self.fs.unstrip_protocol(p) for p in self.paths]
+
+    @property
+    def config(self) -> dict | None:
+        return (self.manifest or {}).get("config")
+
+
+def open_scored(uri: str, *, allow_incomplete: bool = False, key: str = "input.path") -> ScoredOutput:
+    """The committed rows of a scoring output (its root, or its data/ directory).
+
+    Only part files listed in done records are read, never a stray file under data/. An output
+    whose run has not finished (no manifest) or is incomplete (failed or missing shards) is refused
+    unless `allow_incomplete`, naming what is missing.
+
+    Raises:
+        NotAScoredOutput: With one sentence saying what is wrong and what to do.
+    """
+    uri = uri.rstrip("/")
+    store = OutputStore(uri)
+    if not store.fs.exists(store.root):
+        raise NotAScoredOutput(f"{key} {uri} does not exist")
+    if posixpath.basename(store.root) == DATA and not store.has_run():
+        store = OutputStore(uri[: -len(DATA)].rstrip("/"))
+    if not any(store.fs.exists(store.path(name)) for name in (RUN, MANIFEST, DONE)):
+        raise NotAScoredOutput(
+            f"{key} {uri} is not a flip_ray scoring output (no manifest.json, run.json or _done/); "
+            "pass the output.path of a `flip-ray score` run"
+        )
+    manifest = store.read_json(MANIFEST)
+    done = store.done_records()
+    problem = None
+    if manifest is None:
+        problem = f"its scoring run has not finished (no manifest.json; {len(done)} shard(s) done so far)"
+    elif not manifest.get("complete"):
+        sh = manifest["shards"]
+        failed = ", ".join(f["key"] for f in sh.get("failed", [])[:3])
+        problem = f"its scoring run is incomplete ({sh['done']} of {sh['total']} shards done" + (
+            f"; failed: {failed})" if failed else ")"
+        )
+    if problem:
+        if not allow_incomplete:
+            raise NotAScoredOutput(
+                f"{key} {uri}: {problem}. Rerun the scoring command to finish it, or pass "
+                f"{'input.allow_incomplete=true' if key == 'input.path' else '--allow-incomplete'} "
+                f"to use the {len(done)} finished shard(s)"
+            )
+        logger.warning("%s %s: %s; using the %d finished shard(s)", key, uri, problem, len(done))
+    paths = sorted(store.path(DATA, sid, name) for sid, record in done.items() for name in record["files"])
+    return ScoredOutput(store.uri, store.fs, paths, manifest, sum(r["rows"] for r in done.values()))

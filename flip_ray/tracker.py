@@ -19,7 +19,8 @@ class ErrorBudgetExceeded(RuntimeError):
     """Too many rows failed; finished shards are kept and a rerun resumes."""
 
 
-_SUMMED = ("rows", "scored", "errors", "score_sum", "output_tokens", "truncated", "dedup_saved")
+_SUMMED = ("rows", "scored", "errors", "score_sum", "flip_scored", "output_tokens", "truncated", "dedup_saved")
+_COUNTED = ("parse_status", "error_kinds", "flagged", "method_errors")  # JSON objects of counts, merged
 
 
 def _merge_counts(into: dict, encoded: str | dict | None) -> None:
@@ -32,9 +33,16 @@ class ShardTracker:
     """Sums part records per shard and commits a shard (its done record) once all its rows are in."""
 
     def __init__(
-        self, store: OutputStore, pending: list[Shard], attempt: str, max_error_fraction: float, min_rows: int
+        self,
+        store: OutputStore,
+        pending: list[Shard],
+        attempt: str,
+        max_error_fraction: float,
+        min_rows: int,
+        identities: dict[str, dict] | None = None,
     ):
         self.store = store
+        self.identities = identities or {}
         self.shards = {shard_id(s.key): s for s in pending}
         self.attempt = attempt
         self.max_error_fraction = max_error_fraction
@@ -47,13 +55,7 @@ class ShardTracker:
 
     def _entry(self, sid: str) -> dict:
         if sid not in self.open:
-            self.open[sid] = {k: 0 for k in _SUMMED} | {
-                "files": [],
-                "parse_status": {},
-                "error_kinds": {},
-                "flagged": {},
-                "total": None,
-            }
+            self.open[sid] = {k: 0 for k in _SUMMED} | {k: {} for k in _COUNTED} | {"files": [], "total": None}
         return self.open[sid]
 
     def add(self, meta: pa.Table) -> None:
@@ -68,9 +70,8 @@ class ShardTracker:
                 entry["files"].append(m["file"])
                 for k in _SUMMED:
                     entry[k] += m[k]
-                _merge_counts(entry["parse_status"], m["parse_status"])
-                _merge_counts(entry["flagged"], m["flagged"])
-                _merge_counts(entry["error_kinds"], m["error_kinds"])
+                for k in _COUNTED:
+                    _merge_counts(entry[k], m[k])
                 _merge_counts(self.error_kinds, m["error_kinds"])
                 self.rows += m["rows"]
                 self.errors += m["errors"]
@@ -85,10 +86,10 @@ class ShardTracker:
             "shard_id": sid,
             "key": shard.key,
             "uri": shard.uri,
+            # What the file was when this run read it; a rerun compares (plan.reconcile).
+            "source": self.identities.get(shard.uri),
             **{k: entry[k] for k in _SUMMED},
-            "parse_status": entry["parse_status"],
-            "error_kinds": entry["error_kinds"],
-            "flagged": entry["flagged"],
+            **{k: entry[k] for k in _COUNTED},
             "files": sorted(entry["files"]),
             "attempt": self.attempt,
             "finished_at": time.time(),
@@ -97,34 +98,44 @@ class ShardTracker:
         self.completed += 1
 
     def check_error_budget(self) -> None:
-        if self.rows < self.min_rows or self.errors <= self.max_error_fraction * self.rows:
-            return
-        top = ", ".join(f"{k!r} x{v}" for k, v in sorted(self.error_kinds.items(), key=lambda kv: -kv[1])[:3])
-        raise ErrorBudgetExceeded(
-            f"stopped: {self.errors} of {self.rows} rows ({self.errors / self.rows:.0%}) have errors, above "
-            f"limits.max_error_fraction={self.max_error_fraction}; most common: {top}. "
-            f"{self.completed} finished shard(s) are kept in {self.store.uri}; fix the input or raise the "
-            "limit, then rerun with the same config to resume"
+        check_error_budget(
+            self.rows, self.errors, self.error_kinds, self.max_error_fraction, self.min_rows, self.store.uri
         )
+
+
+def check_error_budget(
+    rows: int, errors: int, kinds: dict[str, int], max_fraction: float, min_rows: int, where: str
+) -> None:
+    """Raises ErrorBudgetExceeded when more than `max_fraction` of at least `min_rows` rows have errors.
+
+    Checked as parts arrive (this run's rows) and once more over the whole output at the end, so
+    that a rerun that finds every shard done does not pass an output over the limit as complete.
+    """
+    if rows < min_rows or errors <= max_fraction * rows:
+        return
+    top = ", ".join(f"{k!r} x{v}" for k, v in sorted(kinds.items(), key=lambda kv: -kv[1])[:3])
+    raise ErrorBudgetExceeded(
+        f"stopped: {errors} of {rows} rows ({errors / rows:.0%}) have errors, above "
+        f"limits.max_error_fraction={max_fraction}; most common: {top}. Finished shards are kept in {where}; "
+        "fix the input or raise the limit, then rerun with the same config to resume"
+    )
 
 
 def summarize(done: dict[str, dict]) -> dict:
     """Run-wide counts from the done records (one per shard; no data is re-read)."""
     totals = {k: 0 for k in _SUMMED}
-    parse_status: dict[str, int] = {}
-    error_kinds: dict[str, int] = {}
-    flagged: dict[str, int] = {}
+    counted: dict[str, dict[str, int]] = {k: {} for k in _COUNTED}
     for record in done.values():
         for k in _SUMMED:
             totals[k] += record.get(k, 0)
-        _merge_counts(parse_status, record["parse_status"])
-        _merge_counts(flagged, record.get("flagged"))
-        _merge_counts(error_kinds, record["error_kinds"])
-    score_sum = totals.pop("score_sum")
+        for k in _COUNTED:
+            _merge_counts(counted[k], record.get(k))
+    score_sum, flip_scored = totals.pop("score_sum"), totals.pop("flip_scored")
     return {
         **totals,
-        "error_kinds": dict(sorted(error_kinds.items(), key=lambda kv: -kv[1])),
-        "parse_status": dict(sorted(parse_status.items())),
-        "flagged": dict(sorted(flagged.items())),
-        "mean_flip_score": score_sum / totals["scored"] if totals["scored"] else None,
+        "error_kinds": dict(sorted(counted["error_kinds"].items(), key=lambda kv: -kv[1])),
+        "method_errors": dict(sorted(counted["method_errors"].items())),
+        "parse_status": dict(sorted(counted["parse_status"].items())),
+        "flagged": dict(sorted(counted["flagged"].items())),
+        "mean_flip_score": score_sum / flip_scored if flip_scored else None,
     }

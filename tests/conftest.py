@@ -1,6 +1,7 @@
 """Shared fixtures: a local Ray cluster and the embedded model, started once per test session."""
 
 import os
+import signal
 
 import pytest
 
@@ -45,3 +46,11 @@ def s3_server(tmp_path_factory):
             os.environ.pop(k, None)
         else:
             os.environ[k] = v
+
+
+@pytest.fixture
+def restore_sigterm():
+    """`flip_ray.cli.main` installs its SIGTERM handler; put pytest's back afterwards."""
+    saved = signal.getsignal(signal.SIGTERM)
+    yield
+    signal.signal(signal.SIGTERM, saved)

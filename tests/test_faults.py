@@ -20,9 +20,12 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 from clusters import kill_processes_mentioning
+from invariant import assert_output_matches_input
 
+from flip_ray.cli import main as cli_main
 from flip_ray.config import load_config
-from flip_ray.pipeline import DuplicateIdError, ErrorBudgetExceeded, RunInterrupted, run_score
+from flip_ray.pipeline import ErrorBudgetExceeded, RunInterrupted, run_score
+from flip_ray.plan import DuplicateIdError
 
 pytestmark = pytest.mark.slow
 
@@ -111,6 +114,7 @@ def test_driver_killed_then_rerun_finishes_exactly_once(tmp_path, embedded_model
     assert manifest["shards"]["scored_this_run"] == 8 - len(before)
     got = output_ids(out)
     assert len(got) == len(set(got)) and set(got) == ids
+    assert_output_matches_input(out, tmp_path / "in", id_column="id")
 
 
 def engine_processes():
@@ -143,6 +147,7 @@ def test_engine_actor_killed_mid_run(tmp_path, ray_local, embedded_model):
     got = output_ids(out)
     assert len(got) == len(set(got)) and set(got) == ids
     assert manifest["complete"] and manifest["counts"]["rows"] == 24
+    assert_output_matches_input(out, tmp_path / "in", id_column="id")
 
 
 def test_s3_outage_mid_run(tmp_path, ray_local, embedded_model, s3_server):
@@ -190,10 +195,11 @@ def test_s3_outage_mid_run(tmp_path, ray_local, embedded_model, s3_server):
     got = [i for f in files for i in pq.read_table(f, filesystem=fs, columns=["id"]).column("id").to_pylist()]
     assert len(got) == len(set(got)) and set(got) == ids, outcome
     assert manifest["complete"] and manifest["counts"]["rows"] == 18
+    assert_output_matches_input("s3://faults/out", "s3://faults/in/", id_column="id")
     print(f"s3 outage outcome: {outcome}")
 
 
-def test_error_budget_stops_and_keeps_finished_shards(tmp_path, ray_local, embedded_model):
+def test_error_budget_stops_and_keeps_finished_shards(tmp_path, ray_local, embedded_model, capsys, restore_sigterm):
     (tmp_path / "in").mkdir()
     good = records()[:2]
     bad = [{"id": f"empty-{i}", "prompt": "Say something.", "response": "", "model": "m"} for i in range(12)]
@@ -202,6 +208,10 @@ def test_error_budget_stops_and_keeps_finished_shards(tmp_path, ray_local, embed
     out = tmp_path / "out"
     with pytest.raises(ErrorBudgetExceeded, match=r"rows \(\d+%\) have errors.*'response is empty'.*rerun"):
         score(tmp_path / "in", out, "limits.max_error_fraction=0.3", "limits.min_rows_for_error_check=4")
+    # The command line says the same with exit 3 (rerun resumes).
+    args = [f"input.path={tmp_path / 'in'}", f"output.path={out}", *ENGINE, "limits.max_error_fraction=0.3"]
+    assert cli_main(["score", *args, "limits.min_rows_for_error_check=4"]) == 3
+    assert "max_error_fraction=0.3" in capsys.readouterr().err
     kept = done_files(out)
     assert kept, "finished shards must be kept"
     for text in kept.values():

@@ -9,11 +9,13 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from invariant import assert_output_matches_input
 
 from flip_ray import schema
 from flip_ray.config import load_config
 from flip_ray.io import InputError
-from flip_ray.pipeline import OutputExistsError, run_score
+from flip_ray.pipeline import run_score
+from flip_ray.plan import OutputExistsError
 
 pytestmark = pytest.mark.slow
 
@@ -161,6 +163,7 @@ def test_rerun_resumes_without_work_and_other_config_is_refused(runs, monkeypatc
     assert again["shards"]["skipped_already_done"] == 1 and again["shards"]["scored_this_run"] == 0
     assert again["counts"] == first["counts"]
     assert {p.name: p.stat().st_mtime_ns for p in (out / "_done").iterdir()} == before
+    assert_output_matches_input(out, src, id_column="id")
     with pytest.raises(OutputExistsError, match="different config"):
         score(src, out, "input.id_column=id", "sampling.max_tokens=40")
 

@@ -1,0 +1,287 @@
+"""Planning a scoring run: every check that needs no model, and how the output is reconciled with
+the current input.
+
+`plan_run` reads the config, the input (every shard's columns, every file's identity), the model
+path and the output directory, and decides what the run must do, without changing anything:
+
+- shards done before, whose file is unchanged and whose part files are all there: skipped;
+- shards whose file changed since they were scored: refused (naming the file), unless
+  `input.rescore_changed=true` (redo them) or `output.overwrite=true` (redo everything);
+- shards whose file is gone from the input: their rows and done records are removed;
+- everything else: pending.
+
+A run whose `input.path` differs from the one the output was made from is refused unless
+`output.overwrite=true`: the output would otherwise mix two corpora.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import posixpath
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+
+import fsspec
+import pyarrow as pa
+from omegaconf import DictConfig
+
+from flip_ray import schema
+from flip_ray.config import to_dict, validate_score_config
+from flip_ray.io import ColumnMapping, InputError, Shard, check_columns, list_shards, source_identities
+from flip_ray.judge import JUDGE_PROMPT_VERSION
+from flip_ray.model import check_model_path
+from flip_ray.prompts import PROMPT_TEMPLATE_VERSION
+from flip_ray.store import DATA, RUN, OutputError, OutputStore, config_fingerprint, shard_id
+
+logger = logging.getLogger(__name__)
+
+
+class OutputExistsError(OutputError):
+    """output.path holds a run that this one must not silently extend (other config, other input,
+    changed input files), and overwrite was not asked for."""
+
+
+class DuplicateIdError(InputError):
+    """`input.id_column` holds the same id more than once."""
+
+
+@dataclass
+class RunPlan:
+    shards: list[Shard]
+    mapping: ColumnMapping
+    kept_schema: pa.Schema
+    output_schema: pa.Schema
+    store: OutputStore
+    fingerprint: str
+    input_uri: str  # input.path as a canonical URI, recorded in run.json
+    identities: dict[str, dict]  # shard uri -> source identity (io.source_identity)
+    done: dict[str, dict]  # shard id -> done record, for finished shards that stay as they are
+    pending: list[Shard]
+    # shard id -> (shard key, why): finished shards to remove before the run (file gone, changed and
+    # rescored, or part files missing)
+    remove: dict[str, tuple[str, str]] = field(default_factory=dict)
+    # (shard id, file name): part files under a kept shard that its done record does not list
+    strays: list[tuple[str, str]] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+
+
+def canonical_uri(uri: str) -> str:
+    """`uri` with its protocol and an absolute path, so that `data/` and `./data/` compare equal."""
+    fs, path = fsspec.core.url_to_fs(uri)
+    return fs.unstrip_protocol(path.rstrip("/"))
+
+
+def _inside(child: str, parent: str) -> bool:
+    parent = parent.split("*")[0].split("?")[0]
+    cfs, cpath = fsspec.core.url_to_fs(child)
+    pfs, ppath = fsspec.core.url_to_fs(parent)
+    if cfs.protocol != pfs.protocol:
+        return False
+    cpath, ppath = cpath.rstrip("/") + "/", ppath.rstrip("/") + "/"
+    return cpath.startswith(ppath) and pfs.isdir(ppath.rstrip("/"))
+
+
+def _merge_field(a: pa.Field, b: pa.Field) -> pa.Field:
+    """One type for a kept column whose type differs between shards: Arrow's permissive promotion
+    (int + double -> double, null + x -> x), else text (JSON text for nested values)."""
+    try:
+        return pa.unify_schemas([pa.schema([a]), pa.schema([b])], promote_options="permissive").field(0)
+    except (pa.ArrowInvalid, pa.ArrowTypeError):
+        return pa.field(a.name, pa.string())
+
+
+def unified_columns(shards: list[Shard], mapping: ColumnMapping) -> tuple[pa.Schema, list[str]]:
+    """Columns and types over all shards, checked before any model loads, and notes for the log.
+
+    Every shard is checked (Parquet and HF: the footer or stream header; JSONL: the first records),
+    in parallel, so that a missing or mistyped column in any file stops the job now, naming the file.
+    A column only some shards have is null in the others.
+    """
+    with ThreadPoolExecutor(max_workers=16) as pool:
+        schemas = list(pool.map(lambda s: check_columns(s, mapping), shards))
+    fields: dict[str, pa.Field] = {}
+    for sch in schemas:
+        for f in sch:
+            f = pa.field(f.name, pa.string()) if pa.types.is_null(f.type) else pa.field(f.name, f.type)
+            fields[f.name] = f if f.name not in fields else _merge_field(fields[f.name], f)
+    notes = []
+    nonempty = [(s, sch) for s, sch in zip(shards, schemas, strict=True) if len(sch)]
+    for name in fields:
+        lacking = [s.key for s, sch in nonempty if name not in sch.names]
+        if lacking:
+            notes.append(
+                f"input column {name!r} is missing from {len(lacking)} shard(s) (e.g. {lacking[0]}); null there"
+            )
+    return pa.schema(list(fields.values())), notes
+
+
+def apply_storage_config(cfg: DictConfig) -> None:
+    """Exports `storage.*` as the standard AWS variables for this process (and, through
+    `storage_env`, its workers). Only non-secret settings live in the config."""
+    for key, var in (("endpoint_url", "AWS_ENDPOINT_URL"), ("profile", "AWS_PROFILE"), ("region", "AWS_REGION")):
+        value = cfg.storage[key]
+        if value:
+            os.environ[var] = str(value)
+
+
+def _column_mapping(cfg: DictConfig, present: pa.Schema) -> ColumnMapping:
+    i = cfg.input
+    if i.keep_columns is None:
+        keep = tuple(present.names)
+    else:
+        missing = [c for c in i.keep_columns if c not in present.names]
+        if missing:
+            raise InputError(
+                f"input.keep_columns names {missing}, not in any input shard; "
+                f"columns present: {', '.join(present.names)}"
+            )
+        keep = tuple(i.keep_columns)
+    return ColumnMapping(i.prompt_column, i.response_column, i.id_column, i.messages_column, keep)
+
+
+def _check_output(cfg: DictConfig, store: OutputStore) -> None:
+    store.check_writable_location()
+    if _inside(store.uri, cfg.input.path):
+        raise OutputError(
+            f"output.path {store.uri} is inside input.path {cfg.input.path}: a rerun would read the output as "
+            "input. Choose an output.path outside the input"
+        )
+    store.probe_writable()
+
+
+def _part_files(store: OutputStore) -> dict[str, set[str]]:
+    """Part file names under data/, by shard directory: one recursive listing."""
+    store.fs.invalidate_cache(store.path(DATA))
+    if not store.fs.exists(store.path(DATA)):
+        return {}
+    out: dict[str, set[str]] = {}
+    root = store.path(DATA).rstrip("/") + "/"
+    for p in store.fs.find(store.path(DATA)):
+        rel = p[len(root) :] if p.startswith(root) else posixpath.relpath(p, root)
+        if "/" in rel:
+            sid, name = rel.split("/", 1)
+            out.setdefault(sid, set()).add(name)
+    return out
+
+
+def reconcile(
+    done: dict[str, dict],
+    shards: list[Shard],
+    identities: dict[str, dict],
+    parts: dict[str, set[str]],
+    *,
+    rescore_changed: bool,
+    where: str,
+) -> tuple[dict[str, dict], list[Shard], dict[str, tuple[str, str]], list[str]]:
+    """Matches the done records of an output against the current input.
+
+    Returns:
+        (done records kept, pending shards, finished shards to remove first with the reason, notes).
+
+    Raises:
+        OutputExistsError: A finished shard's file changed and `rescore_changed` is false.
+    """
+    by_id = {shard_id(s.key): s for s in shards}
+    kept, remove, notes = {}, {}, []
+    changed = []
+    for sid, record in done.items():
+        shard = by_id.get(sid)
+        if shard is None:
+            remove[sid] = (record.get("key", sid), "its file is no longer in the input")
+            continue
+        if record.get("source") != identities[shard.uri]:
+            changed.append((sid, shard))
+            continue
+        missing = set(record["files"]) - parts.get(sid, set())
+        if missing:
+            remove[sid] = (shard.key, f"{len(missing)} of its part files are missing from data/")
+            continue
+        kept[sid] = record
+    if changed and not rescore_changed:
+        keys = ", ".join(s.uri for _, s in changed[:3]) + (", ..." if len(changed) > 3 else "")
+        raise OutputExistsError(
+            f"{len(changed)} input file(s) changed since {where} scored them: {keys}. Pass input.rescore_changed=true "
+            "to rescore just those files, or output.overwrite=true to rescore everything"
+        )
+    for sid, shard in changed:
+        remove[sid] = (shard.key, "its file changed since it was scored")
+    for sid, (key, why) in remove.items():
+        notes.append(f"shard {key}: {why}; its rows are removed" + (" and rescored" if sid in by_id else ""))
+    pending = [s for sid, s in by_id.items() if sid not in kept]
+    return kept, pending, remove, notes
+
+
+def plan_run(cfg: DictConfig) -> RunPlan:
+    """Validates the config, the input, the model path and the output location, without loading any
+    model or changing anything, and decides which shards to score.
+
+    Raises:
+        ConfigError, InputError, ModelError, OutputError: With a message naming the key, path or column.
+    """
+    validate_score_config(cfg)
+    apply_storage_config(cfg)
+    model_note = check_model_path(
+        cfg.model.path,
+        load_format=cfg.model.load_format,
+        on_cluster=bool(cfg.ray.address or os.environ.get("RAY_ADDRESS")),
+    )
+    shards = list_shards(cfg.input.path, cfg.input.format)
+    base = ColumnMapping(
+        prompt=cfg.input.prompt_column,
+        response=cfg.input.response_column,
+        id=cfg.input.id_column,
+        messages=cfg.input.messages_column,
+    )
+    present, notes = unified_columns(shards, base)
+    mapping = _column_mapping(cfg, present)
+    notes = [n for n in notes if any(f"input column {c!r}" in n for c in mapping.keep)]
+    if model_note:
+        notes.insert(0, model_note)
+    kept_schema = pa.schema([present.field(c) for c in mapping.keep])
+    notes += [
+        f"input column {c!r} is written as {schema.output_column_name(c)!r}"
+        for c in mapping.keep
+        if c in schema.RESERVED
+    ]
+
+    store = OutputStore(cfg.output.path)
+    _check_output(cfg, store)
+    fingerprint = config_fingerprint(to_dict(cfg), f"{PROMPT_TEMPLATE_VERSION}+{JUDGE_PROMPT_VERSION}")
+    input_uri = canonical_uri(cfg.input.path)
+    identities = source_identities([s.uri for s in shards])
+    done: dict[str, dict] = {}
+    if store.has_run() and not cfg.output.overwrite:
+        run = store.read_json(RUN) or {}
+        if run.get("config_fingerprint") != fingerprint:
+            raise OutputExistsError(
+                f"output.path {store.uri} holds a run made with a different config "
+                f"(fingerprint {run.get('config_fingerprint', 'unknown')[:12]}, this config "
+                f"{fingerprint[:12]}); choose another output.path or pass output.overwrite=true to replace it"
+            )
+        if run.get("input_path") not in (None, input_uri):
+            raise OutputExistsError(
+                f"output.path {store.uri} holds the scores of input.path {run['input_path']}, not of {input_uri}; "
+                "choose another output.path, or pass output.overwrite=true to replace it"
+            )
+        done = store.done_records()
+    parts = _part_files(store) if done else {}
+    done, pending, remove, reconcile_notes = reconcile(
+        done, shards, identities, parts, rescore_changed=cfg.input.rescore_changed, where="the run in " + store.uri
+    )
+    strays = [(sid, name) for sid, record in done.items() for name in sorted(parts[sid] - set(record["files"]))]
+    return RunPlan(
+        shards=shards,
+        mapping=mapping,
+        kept_schema=kept_schema,
+        output_schema=schema.output_schema(kept_schema),
+        store=store,
+        fingerprint=fingerprint,
+        input_uri=input_uri,
+        identities=identities,
+        done=done,
+        pending=pending,
+        remove=remove,
+        strays=strays,
+        notes=notes + reconcile_notes,
+    )
