@@ -133,7 +133,8 @@ def restricted(run: Path, method: str, pair_ids: set[str]) -> dict:
     import pyarrow.parquet as pq
 
     from flip_ray.evalstats import summarize
-    from flip_ray.evaluate import Item, engine_outcomes, read_scores
+    from flip_ray.evaluate import engine_outcomes, read_scores
+    from flip_ray.preference import Item
 
     source = run / "responses" if (run / "responses").is_dir() else run / "responses.parquet"
     rows = pq.read_table(source, columns=["pair_id", "candidate", "subset"]).to_pylist()

@@ -50,13 +50,15 @@ def corpus_rows(n: int) -> list[dict]:
 
 
 def run_bare(rows: list[dict], max_tokens: int) -> dict:
-    from flip_ray.engine import FlipGenerator, build_llm
+    from flip_ray.engine import FlipGenerator
     from flip_ray.model import prepare_default_model
+    from flip_ray.specs import EngineSpec, PromptSpec, SamplingSpec
 
     t0 = time.perf_counter()
-    llm = build_llm(str(prepare_default_model()), **ENGINE)
+    llm = EngineSpec(str(prepare_default_model()), **ENGINE).build()
     start = time.perf_counter() - t0
-    gen = FlipGenerator(llm, max_tokens=max_tokens)
+    # The authors' prompt, as the pipeline run below (reward.prompt=flip): the same work on both sides.
+    gen = FlipGenerator(llm, PromptSpec("flip"), SamplingSpec(max_tokens=max_tokens))
     from vllm.inputs import TokensPrompt
 
     # Rendering (chat template + tokenisation) is timed too: a hand-written loop has to do it as well.
@@ -99,7 +101,7 @@ class _BareActor:
 
 def run_pipeline(rows: list[dict], max_tokens: int) -> dict:
     from flip_ray.config import load_config
-    from flip_ray.pipeline import run_score
+    from flip_ray.score import run_score
 
     with tempfile.TemporaryDirectory() as tmp:
         src = Path(tmp) / "in.jsonl"
@@ -147,7 +149,7 @@ def run_ray_data_llm(rows: list[dict], max_tokens: int) -> dict:
     processor = build_processor(
         config,
         preprocess=lambda row: dict(
-            messages=build_flip_messages(row["response"]),
+            messages=build_flip_messages(row["response"], variant="flip"),
             sampling_params=dict(temperature=0.0, max_tokens=max_tokens),
         ),
         postprocess=lambda row: dict(id=row["id"], text=row["generated_text"], n=row["num_generated_tokens"]),

@@ -42,7 +42,7 @@ def child(mode: str, input_path: str, output: str, actors: int) -> None:
 
         standin.install()
     from flip_ray.config import load_config
-    from flip_ray.pipeline import run_score
+    from flip_ray.score import run_score
 
     overrides = [
         f"input.path={input_path}",

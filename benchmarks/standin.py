@@ -50,8 +50,8 @@ def install() -> None:
     import os
     from pathlib import Path
 
-    import flip_ray.stages
+    import flip_ray.inference
 
     here = str(Path(__file__).resolve().parent)
     os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (here, os.environ.get("PYTHONPATH")) if p)
-    flip_ray.stages.BackwardInferenceStage = StandInEngineStage
+    flip_ray.inference.BackwardInferenceStage = StandInEngineStage

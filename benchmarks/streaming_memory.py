@@ -85,7 +85,7 @@ def child(input_dir: str, output_dir: str, extra: list[str]) -> None:
 
     standin.install()
     from flip_ray.config import load_config
-    from flip_ray.pipeline import run_score
+    from flip_ray.score import run_score
 
     me = psutil.Process()
     peak = {"node": 0}

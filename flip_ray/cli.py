@@ -31,8 +31,8 @@ EXIT_SIGNAL = {signal.SIGINT: 130, signal.SIGTERM: 143}
 
 
 def _user_errors() -> tuple[type[Exception], ...]:
-    from flip_ray.io import InputError
     from flip_ray.model import ModelError
+    from flip_ray.shards import InputError
     from flip_ray.store import OutputError
 
     return (*_USER_ERRORS, InputError, ModelError, OutputError)
@@ -69,7 +69,7 @@ def format_summary(manifest: dict) -> str:
 
 
 def cmd_score(args: argparse.Namespace) -> int:
-    from flip_ray.pipeline import run_score
+    from flip_ray.score import run_score
 
     cfg = load_config(args.config, args.overrides)
     manifest = run_score(cfg)
@@ -89,7 +89,7 @@ def cmd_score(args: argparse.Namespace) -> int:
 
 
 def cmd_filter(args: argparse.Namespace) -> int:
-    from flip_ray.config import FilterJobConfig
+    from flip_ray.config_jobs import FilterJobConfig
     from flip_ray.downstream import run_filter
 
     summary = run_filter(load_config(args.config, args.overrides, schema=FilterJobConfig))
@@ -102,7 +102,7 @@ def cmd_filter(args: argparse.Namespace) -> int:
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
-    from flip_ray.config import EvalJobConfig
+    from flip_ray.config_jobs import EvalJobConfig
     from flip_ray.evaluate import run_evaluate
 
     cfg = load_config(args.config, args.overrides, schema=EvalJobConfig)
@@ -117,7 +117,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
 
 def cmd_pairs(args: argparse.Namespace) -> int:
-    from flip_ray.config import PairsJobConfig
+    from flip_ray.config_jobs import PairsJobConfig
     from flip_ray.downstream import run_pairs
 
     summary = run_pairs(load_config(args.config, args.overrides, schema=PairsJobConfig))
@@ -175,7 +175,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _terminate(signum, frame):
-    from flip_ray.pipeline import Terminated
+    from flip_ray.score import Terminated
 
     raise Terminated()
 
@@ -184,7 +184,8 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     _quiet_telemetry()
-    from flip_ray.pipeline import RunInterrupted, RunStopped, Terminated
+    from flip_ray.pipeline import RunInterrupted
+    from flip_ray.score import RunStopped, Terminated
     from flip_ray.tracker import ErrorBudgetExceeded
 
     # SIGTERM (what `ray job stop`, Kubernetes and schedulers send) stops the job as Ctrl-C does.

@@ -1,9 +1,11 @@
 """Typed configuration: dataclasses merged with a YAML file and `key=value` overrides (OmegaConf).
 
-Every key a job reads is declared here; unknown keys and values of the wrong type are refused with a
-message naming the key. `validate()` checks the rest (choices, ranges, combinations) so that a bad
-config stops the job before any model is loaded. Classes never receive the config object: builders in
-`pipeline.py` turn it into flat constructor arguments.
+This module holds the loader and the scoring job's schema (the sections other jobs share); the
+schemas of `filter`, `pairs` and `evaluate` are in `config_jobs.py`. Every key a job reads is
+declared; unknown keys and values of the wrong type are refused with a message naming the key.
+`validate_*` checks the rest (choices, ranges, combinations) so that a bad config stops the job
+before any model is loaded. Classes never receive the config object: `specs.py` and `runtime.py`
+turn it into typed values and flat arguments.
 """
 
 from __future__ import annotations
@@ -16,14 +18,14 @@ import yaml
 from omegaconf import MISSING, DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from flip_ray.prompts import DEFAULT_PROMPT_VARIANT, LOGPROB_FORMATS, PROMPT_VARIANTS
+from flip_ray.schema import SCORE_METHODS
+from flip_ray.similarity import METRICS
+
 INPUT_FORMATS = ("auto", "parquet", "jsonl", "hf")
 DEVICES = ("auto", "cpu", "gpu")
 AGGREGATES = ("mean", "max")
-# Per-row rewards the scoring job computes (in one engine pass).
-SCORE_METHODS = ("flip", "flip_logprob", "judge_pointwise")
-PROMPT_VARIANTS = ("flip", "no_reasoning")
-SIMILARITIES = ("f1", "rouge_l", "bleu", "embedding")
-LOGPROB_FORMATS = ("plain", "json")
+SIMILARITIES = METRICS
 MAX_FEW_SHOT = 3
 
 
@@ -90,6 +92,9 @@ class ModelConfig:
     # CPU engine only: KV cache size (VLLM_CPU_KVCACHE_SPACE) and threads; None = all cores.
     cpu_kvcache_space_gib: int = 1
     cpu_threads: int | None = None
+    # vLLM's engine in its own process: auto (yes on GPU, as vLLM does; no on CPU, where the engine
+    # inside the actor starts in seconds), true or false.
+    engine_multiprocessing: str = "auto"
 
 
 @dataclass
@@ -119,7 +124,7 @@ class RewardConfig:
     # FLIP prompt: no_reasoning (the authors' prompt without the reasoning field: the instruction alone,
     # as JSON; best for both variants in docs/EVAL.md, and fewer tokens to generate) or flip (the
     # authors' prompt exactly: reasoning, then the instruction).
-    prompt: str = "no_reasoning"
+    prompt: str = DEFAULT_PROMPT_VARIANT
     # Worked examples given before the response (0 to 3).
     few_shot: int = 0
     # Constrain flip and judge answers to their JSON format (vLLM structured outputs).
@@ -269,7 +274,7 @@ def _apply_override(cfg: DictConfig, item: str) -> DictConfig:
         raise ConfigError(_explain(e, f"override {item!r}")) from None
 
 
-def _require(cond: bool, message: str) -> None:
+def require(cond: bool, message: str) -> None:
     if not cond:
         raise ConfigError(message)
 
@@ -277,65 +282,65 @@ def _require(cond: bool, message: str) -> None:
 def validate_score_config(cfg: DictConfig) -> None:
     """Checks what types alone cannot: required keys, choices, ranges and combinations."""
     missing = sorted(k for k in OmegaConf.missing_keys(cfg) if k not in ("input.path", "output.path"))
-    _require(not missing, f"`{missing[0] if missing else ''}` is required (marked ??? in the config): set it")
+    require(not missing, f"`{missing[0] if missing else ''}` is required (marked ??? in the config): set it")
     for key in ("input.path", "output.path"):
-        _require(
+        require(
             bool(OmegaConf.select(cfg, key)),  # None when missing (???) or null
             f"`{key}` is required: pass it as an override ({key}=...) or set it in the YAML",
         )
     i, m, s, r = cfg.input, cfg.model, cfg.sampling, cfg.resources
-    _require(i.format in INPUT_FORMATS, f"`input.format` must be one of {INPUT_FORMATS}, got {i.format!r}")
-    _require(i.read_batch_rows >= 1, "`input.read_batch_rows` must be >= 1")
-    _require(i.limit_per_shard is None or i.limit_per_shard >= 1, "`input.limit_per_shard` must be >= 1")
-    _require(m.device in DEVICES, f"`model.device` must be one of {DEVICES}, got {m.device!r}")
-    _require(m.tensor_parallel_size >= 1, "`model.tensor_parallel_size` must be >= 1")
-    _require(0 < m.gpu_memory_utilization <= 1, "`model.gpu_memory_utilization` must be in (0, 1]")
-    _require(s.max_tokens >= 1, "`sampling.max_tokens` must be >= 1")
+    require(i.format in INPUT_FORMATS, f"`input.format` must be one of {INPUT_FORMATS}, got {i.format!r}")
+    require(i.read_batch_rows >= 1, "`input.read_batch_rows` must be >= 1")
+    require(i.limit_per_shard is None or i.limit_per_shard >= 1, "`input.limit_per_shard` must be >= 1")
+    require(m.device in DEVICES, f"`model.device` must be one of {DEVICES}, got {m.device!r}")
+    require(m.tensor_parallel_size >= 1, "`model.tensor_parallel_size` must be >= 1")
+    require(0 < m.gpu_memory_utilization <= 1, "`model.gpu_memory_utilization` must be in (0, 1]")
+    require(s.max_tokens >= 1, "`sampling.max_tokens` must be >= 1")
     if m.max_model_len is not None:
-        _require(
+        require(
             m.max_model_len > s.max_tokens + 64,
             f"`model.max_model_len` ({m.max_model_len}) leaves no room for the prompt after "
             f"`sampling.max_tokens` ({s.max_tokens}); raise it or lower max_tokens",
         )
-    _require(s.temperature >= 0, "`sampling.temperature` must be >= 0")
-    _require(0 < s.top_p <= 1, "`sampling.top_p` must be in (0, 1]")
-    _require(s.n >= 1, "`sampling.n` must be >= 1")
-    _require(
+    require(s.temperature >= 0, "`sampling.temperature` must be >= 0")
+    require(0 < s.top_p <= 1, "`sampling.top_p` must be in (0, 1]")
+    require(s.n >= 1, "`sampling.n` must be >= 1")
+    require(
         s.n == 1 or s.temperature > 0,
         f"`sampling.n`={s.n} needs sampling: greedy decoding (temperature 0) gives n identical "
         "answers; set sampling.temperature > 0",
     )
-    _require(s.aggregate in AGGREGATES, f"`sampling.aggregate` must be one of {AGGREGATES}")
+    require(s.aggregate in AGGREGATES, f"`sampling.aggregate` must be one of {AGGREGATES}")
     validate_reward(cfg.reward)
-    _require(r.concurrency >= 1, "`resources.concurrency` must be >= 1")
-    _require(r.batch_size >= 1, "`resources.batch_size` must be >= 1")
-    _require(r.similarity_concurrency >= 1, "`resources.similarity_concurrency` must be >= 1")
-    _require(r.similarity_batch_size >= 1, "`resources.similarity_batch_size` must be >= 1")
-    _require(r.num_gpus is None or r.num_gpus >= 0, "`resources.num_gpus` must be >= 0")
-    _require(0 < cfg.flags.copy_threshold <= 1, "`flags.copy_threshold` must be in (0, 1]")
-    _require(cfg.flags.min_response_words >= 0, "`flags.min_response_words` must be >= 0")
-    _require(cfg.dedup.cache_size >= 1, "`dedup.cache_size` must be >= 1")
+    require(r.concurrency >= 1, "`resources.concurrency` must be >= 1")
+    require(r.batch_size >= 1, "`resources.batch_size` must be >= 1")
+    require(r.similarity_concurrency >= 1, "`resources.similarity_concurrency` must be >= 1")
+    require(r.similarity_batch_size >= 1, "`resources.similarity_batch_size` must be >= 1")
+    require(r.num_gpus is None or r.num_gpus >= 0, "`resources.num_gpus` must be >= 0")
+    require(0 < cfg.flags.copy_threshold <= 1, "`flags.copy_threshold` must be in (0, 1]")
+    require(cfg.flags.min_response_words >= 0, "`flags.min_response_words` must be >= 0")
+    require(cfg.dedup.cache_size >= 1, "`dedup.cache_size` must be >= 1")
     lim = cfg.limits
-    _require(0 <= lim.max_error_fraction <= 1, "`limits.max_error_fraction` must be in [0, 1]")
-    _require(lim.min_rows_for_error_check >= 1, "`limits.min_rows_for_error_check` must be >= 1")
+    require(0 <= lim.max_error_fraction <= 1, "`limits.max_error_fraction` must be in [0, 1]")
+    require(lim.min_rows_for_error_check >= 1, "`limits.min_rows_for_error_check` must be >= 1")
     if i.keep_columns is not None:
-        _require(all(isinstance(c, str) and c for c in i.keep_columns), "`input.keep_columns` must list column names")
+        require(all(isinstance(c, str) and c for c in i.keep_columns), "`input.keep_columns` must list column names")
 
 
 def validate_reward(w: DictConfig, allowed: tuple[str, ...] = SCORE_METHODS, key: str = "reward.methods") -> None:
-    _require(len(w.methods) >= 1, f"`{key}` must name at least one of {allowed}")
+    require(len(w.methods) >= 1, f"`{key}` must name at least one of {allowed}")
     unknown = [m for m in w.methods if m not in allowed]
-    _require(not unknown, f"`{key}` has unknown method(s) {unknown}; choose from {allowed}")
-    _require(len(set(w.methods)) == len(w.methods), f"`{key}` names a method twice")
-    _require(w.prompt in PROMPT_VARIANTS, f"`reward.prompt` must be one of {PROMPT_VARIANTS}, got {w.prompt!r}")
-    _require(0 <= w.few_shot <= MAX_FEW_SHOT, f"`reward.few_shot` must be in [0, {MAX_FEW_SHOT}]")
-    _require(w.similarity in SIMILARITIES, f"`reward.similarity` must be one of {SIMILARITIES}, got {w.similarity!r}")
-    _require(
+    require(not unknown, f"`{key}` has unknown method(s) {unknown}; choose from {allowed}")
+    require(len(set(w.methods)) == len(w.methods), f"`{key}` names a method twice")
+    require(w.prompt in PROMPT_VARIANTS, f"`reward.prompt` must be one of {PROMPT_VARIANTS}, got {w.prompt!r}")
+    require(0 <= w.few_shot <= MAX_FEW_SHOT, f"`reward.few_shot` must be in [0, {MAX_FEW_SHOT}]")
+    require(w.similarity in SIMILARITIES, f"`reward.similarity` must be one of {SIMILARITIES}, got {w.similarity!r}")
+    require(
         w.logprob_format in LOGPROB_FORMATS,
         f"`reward.logprob_format` must be one of {LOGPROB_FORMATS}, got {w.logprob_format!r}",
     )
-    _require(w.judge_max_tokens >= 1, "`reward.judge_max_tokens` must be >= 1")
-    _require(0 <= w.logprob_distractors <= 16, "`reward.logprob_distractors` must be in [0, 16]")
+    require(w.judge_max_tokens >= 1, "`reward.judge_max_tokens` must be >= 1")
+    require(0 <= w.logprob_distractors <= 16, "`reward.logprob_distractors` must be in [0, 16]")
 
 
 def to_yaml(cfg: DictConfig) -> str:
@@ -344,211 +349,3 @@ def to_yaml(cfg: DictConfig) -> str:
 
 def to_dict(cfg: DictConfig) -> dict:
     return OmegaConf.to_container(cfg, resolve=True)
-
-
-@dataclass
-class ScoredInputConfig:
-    # A scoring run's output.path (or its data/ directory), local or s3://.
-    path: str = MISSING
-    # Read an output whose scoring run did not finish or has failed shards (only finished shards).
-    allow_incomplete: bool = False
-
-
-@dataclass
-class ColumnsConfig:
-    # Column names in the scored output; None: taken from the scoring run's config.
-    prompt: str | None = None
-    response: str | None = None
-    messages: str | None = None
-    id: str = "id"
-    # Column that groups responses to the same prompt; None: a hash of the prompt text (or chat).
-    prompt_key: str | None = None
-    score: str = "flip_score"
-
-
-@dataclass
-class SelectionOutputConfig:
-    path: str = MISSING
-    format: str = "parquet"  # parquet | jsonl
-    overwrite: bool = False
-
-
-@dataclass
-class EligibilityConfig:
-    # Rows with `error` set are left out unless this is true.
-    include_errors: bool = False
-    # Rows with any of these flags set are left out.
-    exclude_flags: list[str] = field(
-        default_factory=lambda: ["flag_restates_prompt", "flag_too_short", "flag_language_mismatch"]
-    )
-
-
-@dataclass
-class FilterConfig:
-    # threshold: score >= threshold; quantile: score >= the score at this global quantile;
-    # top_k: the k best responses per prompt; best_of_n: the best response per prompt.
-    mode: str = "threshold"
-    threshold: float = 0.2
-    quantile: float = 0.5
-    top_k: int = 1
-
-
-@dataclass
-class FilterJobConfig:
-    input: ScoredInputConfig = field(default_factory=ScoredInputConfig)
-    output: SelectionOutputConfig = field(default_factory=SelectionOutputConfig)
-    columns: ColumnsConfig = field(default_factory=ColumnsConfig)
-    eligibility: EligibilityConfig = field(default_factory=EligibilityConfig)
-    filter: FilterConfig = field(default_factory=FilterConfig)
-    ray: RayConfig = field(default_factory=RayConfig)
-
-
-@dataclass
-class PairsConfig:
-    # best_vs_worst | all_pairs | best_vs_random
-    strategy: str = "best_vs_worst"
-    min_margin: float = 0.0
-    max_pairs_per_prompt: int | None = None
-    seed: int = 0
-
-
-@dataclass
-class PairsJobConfig:
-    input: ScoredInputConfig = field(default_factory=ScoredInputConfig)
-    output: SelectionOutputConfig = field(default_factory=SelectionOutputConfig)
-    columns: ColumnsConfig = field(default_factory=ColumnsConfig)
-    eligibility: EligibilityConfig = field(default_factory=EligibilityConfig)
-    pairs: PairsConfig = field(default_factory=PairsConfig)
-    ray: RayConfig = field(default_factory=RayConfig)
-
-
-FILTER_MODES = ("threshold", "quantile", "top_k", "best_of_n")
-OUTPUT_FORMATS = ("parquet", "jsonl")
-FLAG_NAMES = ("flag_restates_prompt", "flag_too_short", "flag_language_mismatch")
-
-
-def _validate_selection(cfg: DictConfig) -> None:
-    for key in ("input.path", "output.path"):
-        _require(bool(OmegaConf.select(cfg, key)), f"`{key}` is required: pass it as an override ({key}=...)")
-    _require(cfg.output.format in OUTPUT_FORMATS, f"`output.format` must be one of {OUTPUT_FORMATS}")
-    unknown = [f for f in cfg.eligibility.exclude_flags if f not in FLAG_NAMES]
-    _require(not unknown, f"`eligibility.exclude_flags` has unknown flags {unknown}; known: {FLAG_NAMES}")
-
-
-def validate_filter_config(cfg: DictConfig) -> None:
-    _validate_selection(cfg)
-    f = cfg.filter
-    _require(f.mode in FILTER_MODES, f"`filter.mode` must be one of {FILTER_MODES}, got {f.mode!r}")
-    _require(0 <= f.quantile <= 1, "`filter.quantile` must be in [0, 1]")
-    _require(f.top_k >= 1, "`filter.top_k` must be >= 1")
-
-
-def validate_pairs_config(cfg: DictConfig) -> None:
-    from flip_ray.selection import STRATEGIES
-
-    _validate_selection(cfg)
-    p = cfg.pairs
-    _require(p.strategy in STRATEGIES, f"`pairs.strategy` must be one of {STRATEGIES}, got {p.strategy!r}")
-    _require(p.min_margin >= 0, "`pairs.min_margin` must be >= 0")
-    _require(p.max_pairs_per_prompt is None or p.max_pairs_per_prompt >= 1, "`pairs.max_pairs_per_prompt` must be >= 1")
-
-
-EVAL_METHODS = (
-    "flip",
-    "flip_logprob",
-    "judge_pointwise",
-    "judge_pairwise",
-    "judge_listwise",
-    "longer",
-    "shorter",
-    "prompt_overlap",
-)
-SUBSET_SOURCES = ("auto", "column", "file")
-
-
-@dataclass
-class PairsInputConfig:
-    # Preference data: a file, directory or glob; local or s3://; Parquet, JSONL, .json arrays, HF save_to_disk.
-    path: str = MISSING
-    format: str = "auto"
-    # Pair id column; None: "<file>:<row>".
-    id_column: str | None = "id"
-    # A string, a chat (list of {role, content} ending with the user turn), or an HH-RLHF
-    # "Human: ... Assistant: ..." transcript (its last Human turn is the instruction).
-    prompt_column: str = "prompt"
-    chosen_column: str = "chosen"
-    # A string, or a list of strings (best-of-N: correct only if chosen outscores every one).
-    rejected_column: str = "rejected"
-    subset_column: str = "subset"
-    # Evaluate a seeded random sample of at most this many pairs per file; None: all of them.
-    sample_per_file: int | None = None
-    sample_seed: int = 0
-
-
-@dataclass
-class EvalOutputConfig:
-    # Directory (local or s3://): summary.json, summary.md, pairs.parquet, errors.jsonl, and one
-    # scoring run per engine method under scores/<method>/ (resumable like any scoring run).
-    path: str = MISSING
-    overwrite: bool = False
-
-
-@dataclass
-class EvaluationConfig:
-    # flip, flip_logprob, judge_pointwise (per response, through the scoring job); judge_pairwise
-    # (both orders), judge_listwise (per pair, through the same engine); longer, shorter, prompt_overlap
-    # (trivial baselines).
-    methods: list[str] = field(
-        default_factory=lambda: ["flip", "flip_logprob", "judge_pointwise", "longer", "shorter", "prompt_overlap"]
-    )
-    # per_subset key: auto (the subset column where present, else the file), column, or file.
-    subset_from: str = "auto"
-    bootstrap: int = 2000
-    seed: int = 0
-    # Tokens for pairwise/listwise verdicts.
-    judge_max_tokens: int = 256
-
-
-@dataclass
-class EvalJobConfig:
-    input: PairsInputConfig = field(default_factory=PairsInputConfig)
-    output: EvalOutputConfig = field(default_factory=EvalOutputConfig)
-    evaluation: EvaluationConfig = field(default_factory=EvaluationConfig)
-    model: ModelConfig = field(default_factory=ModelConfig)
-    sampling: SamplingConfig = field(default_factory=lambda: SamplingConfig(max_tokens=128))
-    # reward.methods is set per pass from evaluation.methods; the other reward keys apply.
-    reward: RewardConfig = field(default_factory=RewardConfig)
-    resources: ResourcesConfig = field(default_factory=ResourcesConfig)
-    flags: FlagsConfig = field(default_factory=FlagsConfig)
-    dedup: DedupConfig = field(default_factory=DedupConfig)
-    limits: LimitsConfig = field(default_factory=LimitsConfig)
-    storage: StorageConfig = field(default_factory=StorageConfig)
-    ray: RayConfig = field(default_factory=RayConfig)
-
-
-def validate_eval_config(cfg: DictConfig) -> None:
-    for key in ("input.path", "output.path"):
-        _require(bool(OmegaConf.select(cfg, key)), f"`{key}` is required: pass it as an override ({key}=...)")
-    _require(cfg.input.format in INPUT_FORMATS, f"`input.format` must be one of {INPUT_FORMATS}")
-    _require(
-        cfg.input.sample_per_file is None or cfg.input.sample_per_file >= 1, "`input.sample_per_file` must be >= 1"
-    )
-    e = cfg.evaluation
-    validate_reward(
-        OmegaConf.merge(cfg.reward, {"methods": list(e.methods)}), allowed=EVAL_METHODS, key="evaluation.methods"
-    )
-    _require(e.subset_from in SUBSET_SOURCES, f"`evaluation.subset_from` must be one of {SUBSET_SOURCES}")
-    _require(e.bootstrap >= 100, "`evaluation.bootstrap` must be >= 100")
-    _require(e.judge_max_tokens >= 1, "`evaluation.judge_max_tokens` must be >= 1")
-
-
-JOB_SCHEMAS = {"score": ScoreConfig, "filter": FilterJobConfig, "pairs": PairsJobConfig, "evaluate": EvalJobConfig}
-
-
-def schema_for_yaml(path: str | Path) -> type:
-    """The schema of a YAML in configs/, from the job its first line runs (`jobs/<job>.py`)."""
-    first = Path(path).read_text().splitlines()[0] if Path(path).is_file() else ""
-    for job, schema in JOB_SCHEMAS.items():
-        if f"jobs/{job}.py" in first or f"flip-ray {job}" in first:
-            return schema
-    return ScoreConfig

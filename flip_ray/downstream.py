@@ -18,8 +18,10 @@ import pyarrow.parquet as pq
 from omegaconf import DictConfig
 
 from flip_ray import schema
-from flip_ray.io import InputError
+from flip_ray.config_jobs import validate_filter_config, validate_pairs_config
+from flip_ray.runtime import init_ray
 from flip_ray.selection import as_messages, drop_reason, make_dpo_pairs, prompt_key, top_k
+from flip_ray.shards import InputError
 from flip_ray.store import NotAScoredOutput, OutputError, open_scored
 
 logger = logging.getLogger(__name__)
@@ -111,12 +113,10 @@ def _partitions(eligible_rows: int) -> int:
 def _load(cfg: DictConfig):
     import ray
 
-    from flip_ray.pipeline import init_ray
-
     scored = open_scored(cfg.input.path, allow_incomplete=cfg.input.allow_incomplete)
     if not scored.paths:
         raise NotAScoredOutput(f"input.path {cfg.input.path} holds no scored rows")
-    init_ray(cfg.ray.address, cfg.ray.local_num_cpus)
+    init_ray(cfg.ray)
     with scored.fs.open(scored.paths[0], "rb") as f:
         names = pq.read_schema(f).names
     cols = resolve_columns(cfg, scored.config, names)
@@ -164,18 +164,22 @@ def score_quantile(ds, cols: Columns, q: float) -> float:
     return 1.0
 
 
+def _start(cfg: DictConfig, validate) -> tuple[str, object, Columns, dict[str, int]]:
+    """The common start of filter and pairs: the config checked, the output prepared, the committed
+    rows loaded and annotated, and the drop-reason counts. Returns (output, dataset, columns, counts)."""
+    validate(cfg)
+    out = _prepare_output(cfg)
+    ds, cols = _load(cfg)
+    return out, ds, cols, _reason_counts(ds)
+
+
 def _strip(table: pa.Table) -> pa.Table:
     return table.drop_columns([c for c in (KEY, DROP) if c in table.column_names])
 
 
 def run_filter(cfg: DictConfig) -> dict:
     """Keeps rows by score and writes them; returns counts of kept and dropped rows per reason."""
-    from flip_ray.config import validate_filter_config
-
-    validate_filter_config(cfg)
-    out = _prepare_output(cfg)
-    ds, cols = _load(cfg)
-    reasons = _reason_counts(ds)
+    out, ds, cols, reasons = _start(cfg, validate_filter_config)
     f = cfg.filter
     score = cols.score
     summary: dict = {"mode": f.mode}
@@ -262,12 +266,7 @@ def pairs_for_group(
 
 def run_pairs(cfg: DictConfig) -> dict:
     """Builds DPO preference pairs per prompt and writes them; returns counts."""
-    from flip_ray.config import validate_pairs_config
-
-    validate_pairs_config(cfg)
-    out = _prepare_output(cfg)
-    ds, cols = _load(cfg)
-    reasons = _reason_counts(ds)
+    out, ds, cols, reasons = _start(cfg, validate_pairs_config)
     p = cfg.pairs
     pairs = _eligible_by_prompt(ds, reasons).map_groups(
         pairs_for_group,

@@ -8,16 +8,20 @@ and generates. vllm is imported here only, inside functions, so CPU-side modules
 from __future__ import annotations
 
 import logging
+import os
+import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
 from flip_ray.prompts import build_flip_messages
 from flip_ray.records import RowError
+from flip_ray.specs import PromptSpec, SamplingSpec
 
 logger = logging.getLogger(__name__)
 
 # Tokens kept free under the window so that re-tokenising a cut response cannot overflow it.
-_TRUNCATION_MARGIN = 8
+TRUNCATION_MARGIN = 8
 
 
 @dataclass
@@ -30,38 +34,6 @@ class Generation:
     n_output_tokens: int | None = None
     truncated: bool = False
     error: str | None = None
-
-
-def build_llm(
-    model: str,
-    *,
-    dtype: str = "auto",
-    max_model_len: int | None = None,
-    tensor_parallel_size: int = 1,
-    gpu_memory_utilization: float = 0.9,
-    enable_prefix_caching: bool = True,
-    enforce_eager: bool = False,
-    trust_remote_code: bool = False,
-    seed: int = 0,
-    load_format: str = "auto",
-):
-    """Builds a `vllm.LLM` with the engine arguments flip_ray exposes."""
-    from vllm import LLM
-
-    kwargs = dict(
-        model=model,
-        dtype=dtype,
-        tensor_parallel_size=tensor_parallel_size,
-        gpu_memory_utilization=gpu_memory_utilization,
-        enable_prefix_caching=enable_prefix_caching,
-        enforce_eager=enforce_eager,
-        trust_remote_code=trust_remote_code,
-        seed=seed,
-        load_format=load_format,
-    )
-    if max_model_len is not None:
-        kwargs["max_model_len"] = max_model_len
-    return LLM(**kwargs)
 
 
 class PromptFitter:
@@ -106,7 +78,7 @@ class PromptFitter:
         pieces = [self.tokenizer.encode(t, add_special_tokens=False) for t in texts]
         while len(ids) > budget:
             longest = max(range(len(pieces)), key=lambda k: len(pieces[k]))
-            keep = len(pieces[longest]) - (len(ids) - budget) - _TRUNCATION_MARGIN
+            keep = len(pieces[longest]) - (len(ids) - budget) - TRUNCATION_MARGIN
             if keep <= 0:
                 raise RowError(f"{what} does not fit the model window even with the response cut to nothing")
             pieces[longest] = pieces[longest][:keep]
@@ -114,14 +86,84 @@ class PromptFitter:
         return ids, True
 
 
-def _generate_isolated(llm, prompts: list, params) -> list:
+# Messages of errors that leave the engine unusable (the device or the engine process is gone), not
+# a problem of one prompt: they end the actor (`exit_for_restart`) instead of becoming row errors.
+_FATAL_MESSAGES = (
+    "CUDA error",
+    "CUDA out of memory",
+    "NCCL error",
+    "device-side assert",
+    "CUBLAS_STATUS",
+    "cuDNN error",
+    "EngineCore encountered an issue",
+)
+
+
+def is_fatal_engine_error(e: BaseException) -> bool:
+    """True when the engine is dead or unusable (vLLM's EngineDeadError, CUDA or driver failures,
+    device memory exhausted), False for an error that one request caused (too long, malformed)."""
+    from vllm.v1.engine.exceptions import EngineDeadError
+
+    if isinstance(e, (EngineDeadError, MemoryError)) or type(e).__name__ == "OutOfMemoryError":
+        return True
+    return any(m in f"{type(e).__name__}: {e}" for m in _FATAL_MESSAGES)
+
+
+def exit_for_restart(reason: str) -> None:
+    """Ends this process at once, so that Ray treats the engine actor as crashed: it restarts it with a
+    fresh engine and retries its batch (`runtime.engine_actor_options`: max_restarts and
+    max_task_retries). A clean exit (`ray.actor.exit_actor`) would not be retried, and re-raising
+    would send the retry to the same actor and its dead engine (ray-project/ray#59522)."""
+    logger.error("the vLLM engine is dead or unusable (%s); ending this actor so that Ray restarts it", reason)
+    for handler in logging.getLogger().handlers:
+        handler.flush()
+    os._exit(70)
+
+
+class EngineWatchdog:
+    """Watches a vLLM engine that runs in its own process (`EngineSpec.multiprocessing`).
+
+    vLLM notices when the EngineCore process dies and marks its client dead, but `LLM.generate`
+    can go on waiting for output that will never come (vLLM 0.32 stops the output thread without
+    waking the waiting caller), and the job would hang. This thread polls the engine processes and
+    the client's flag every `interval` seconds and, when the engine is gone, ends the actor
+    (`exit_for_restart`).
+    """
+
+    def __init__(self, llm, interval: float = 1.0):
+        self.resources = getattr(llm.llm_engine.engine_core, "resources", None)
+        manager = getattr(self.resources, "engine_manager", None)
+        self.processes = list(getattr(manager, "processes", None) or [])
+        self.interval = interval
+        if self.resources is not None:
+            threading.Thread(target=self._run, name="flip-ray-engine-watchdog", daemon=True).start()
+
+    def dead(self) -> str | None:
+        """Why the engine is dead, or None while it lives."""
+        for proc in self.processes:
+            if not proc.is_alive():
+                return f"engine process {proc.name} (pid {proc.pid}) exited with {proc.exitcode}"
+        return "vLLM marked the engine dead" if getattr(self.resources, "engine_dead", False) else None
+
+    def _run(self) -> None:
+        while True:
+            time.sleep(self.interval)
+            reason = self.dead()
+            if reason:
+                exit_for_restart(reason)
+
+
+def generate_isolated(llm, prompts: list, params) -> list:
     """One engine call for the batch; if it raises, each prompt alone, so one bad row fails alone.
-    `params` is one SamplingParams or a list with one per prompt."""
+    `params` is one SamplingParams or a list with one per prompt. An error that leaves the engine
+    unusable (`is_fatal_engine_error`) is raised, never turned into row errors."""
     if not prompts:
         return []
     try:
         return llm.generate(prompts, params, use_tqdm=False)
     except Exception as e:
+        if is_fatal_engine_error(e):
+            raise
         logger.warning("batch generation failed (%s); retrying %d prompts one by one", e, len(prompts))
     outs = []
     for k, p in enumerate(prompts):
@@ -129,6 +171,8 @@ def _generate_isolated(llm, prompts: list, params) -> list:
         try:
             outs.append(llm.generate([p], params[k] if isinstance(params, list) else params, use_tqdm=False)[0])
         except Exception as e:
+            if is_fatal_engine_error(e):
+                raise
             outs.append(e)
     _abort_unfinished(llm)
     return outs
@@ -148,7 +192,9 @@ def _abort_unfinished(llm) -> None:
         return
     try:
         engine.abort_request(list(states), internal=True)
-    except Exception as e:  # a dead engine: the retries fail and each row records the error
+    except Exception as e:
+        if is_fatal_engine_error(e):
+            raise
         logger.warning("could not abort the requests a failed batch left in the engine: %s", e)
 
 
@@ -166,7 +212,7 @@ def request_seed(seed: int | None, temperature: float) -> int | None:
 
     vLLM's CPU backend fails on a seeded, sampled request whose prefill is split over engine steps
     (it rewinds the torch generator, and CPU generators have no offset: "CPU Generator does not use
-    offset"). There sampling is seeded by the engine seed (`build_llm(seed=...)`) instead, which
+    offset"). There sampling is seeded by the engine seed (`EngineSpec.seed`) instead, which
     repeats for the same rows in the same batches but not row by row.
     """
     if seed is None or temperature == 0:
@@ -183,7 +229,7 @@ def request_seed(seed: int | None, temperature: float) -> int | None:
     return seed
 
 
-def _structured(schema: dict | None):
+def structured_outputs(schema: dict | None):
     if schema is None:
         return None
     from vllm.sampling_params import StructuredOutputsParams
@@ -204,52 +250,36 @@ class FlipGenerator:
 
     Args:
         llm: A built `vllm.LLM`.
-        temperature, top_p, max_tokens, seed, n: Sampling parameters (greedy when temperature is 0).
-        chat_template_kwargs: Extra chat-template arguments (e.g. `{"enable_thinking": False}`).
-        ignore_eos: Generate exactly max_tokens tokens (throughput benchmarks only).
-        variant, few_shot: The FLIP prompt (`prompts.build_flip_messages`).
-        guided_json: Constrain decoding to the JSON answer the prompt asks for (vLLM structured outputs).
+        prompt: The FLIP prompt (variant, few-shot, chat-template arguments, guided JSON).
+        sampling: Decoding (greedy by default).
     """
 
-    def __init__(
-        self,
-        llm,
-        *,
-        temperature: float = 0.0,
-        top_p: float = 1.0,
-        max_tokens: int = 256,
-        seed: int = 0,
-        n: int = 1,
-        chat_template_kwargs: dict | None = None,
-        ignore_eos: bool = False,
-        variant: str = "flip",
-        few_shot: int = 0,
-        guided_json: bool = False,
-    ):
+    def __init__(self, llm, prompt: PromptSpec | None = None, sampling: SamplingSpec | None = None):
         from vllm import SamplingParams
 
+        prompt, sampling = prompt or PromptSpec(), sampling or SamplingSpec()
         self.llm = llm
         self.tokenizer = llm.get_tokenizer()
-        self.fitter = PromptFitter(self.tokenizer, chat_template_kwargs)
+        self.fitter = PromptFitter(self.tokenizer, prompt.chat_template_kwargs)
         self.max_model_len = llm.llm_engine.model_config.max_model_len
-        self.variant, self.few_shot = variant, few_shot
+        self.prompt = prompt
         self.params = SamplingParams(
-            n=n,
-            temperature=temperature,
-            top_p=top_p,
-            max_tokens=max_tokens,
-            seed=request_seed(seed, temperature),
-            ignore_eos=ignore_eos,
-            structured_outputs=_structured(flip_answer_schema(variant) if guided_json else None),
+            n=sampling.n,
+            temperature=sampling.temperature,
+            top_p=sampling.top_p,
+            max_tokens=sampling.max_tokens,
+            seed=request_seed(sampling.seed, sampling.temperature),
+            ignore_eos=sampling.ignore_eos,
+            structured_outputs=structured_outputs(flip_answer_schema(prompt.variant) if prompt.guided_json else None),
         )
-        self.prompt_budget = self.max_model_len - max_tokens
-        if self.prompt_budget <= _TRUNCATION_MARGIN:
+        self.prompt_budget = self.max_model_len - sampling.max_tokens
+        if self.prompt_budget <= TRUNCATION_MARGIN:
             raise ValueError(
-                f"max_tokens={max_tokens} leaves no room for a prompt in a {self.max_model_len}-token window"
+                f"max_tokens={sampling.max_tokens} leaves no room for a prompt in a {self.max_model_len}-token window"
             )
 
     def _messages(self, texts: list[str], context: list[dict] | None) -> list[dict]:
-        return build_flip_messages(texts[0], context, variant=self.variant, few_shot=self.few_shot)
+        return build_flip_messages(texts[0], context, variant=self.prompt.variant, few_shot=self.prompt.few_shot)
 
     def render(self, response: str, context: list[dict] | None = None) -> tuple[list[int], bool]:
         """Token ids of the FLIP prompt, cut to fit the window, and whether anything was cut.
@@ -270,14 +300,14 @@ class FlipGenerator:
     def generate(self, responses: list[str], contexts: list[list[dict] | None] | None = None) -> list[Generation]:
         """Generates for each response; a row that fails is returned with `error` set."""
         contexts = contexts if contexts is not None else [None] * len(responses)
-        return _render_and_generate(
+        return render_and_generate(
             self.llm,
             [(lambda r=r, c=c: self.render(r, c)) for r, c in zip(responses, contexts, strict=True)],
             self.params,
         )
 
 
-def _render_and_run(llm, renders: list[Callable[[], tuple]], params, make: Callable, fail: Callable) -> list:
+def render_and_run(llm, renders: list[Callable[[], tuple]], params, make: Callable, fail: Callable) -> list:
     """Renders each row and runs the engine on the rows that rendered, in one call.
 
     `render()` gives `(prompt ids, truncated, state)`; a row that cannot be rendered fails alone.
@@ -298,7 +328,7 @@ def _render_and_run(llm, renders: list[Callable[[], tuple]], params, make: Calla
             continue
         prompts.append(TokensPrompt(prompt_token_ids=ids))
         slots.append((i, truncated, state))
-    for (i, truncated, state), out in zip(slots, _generate_isolated(llm, prompts, params), strict=True):
+    for (i, truncated, state), out in zip(slots, generate_isolated(llm, prompts, params), strict=True):
         if isinstance(out, Exception):
             results[i] = fail(f"engine error: {type(out).__name__}: {out}", truncated)
         else:
@@ -317,96 +347,12 @@ def _generation(out, truncated: bool, _state=None) -> Generation:
     )
 
 
-def _render_and_generate(llm, renders: list[Callable[[], tuple[list[int], bool]]], params) -> list[Generation]:
+def render_and_generate(llm, renders: list[Callable[[], tuple[list[int], bool]]], params) -> list[Generation]:
     """Renders each row (a row that cannot be rendered fails alone) and generates for the rest."""
-    return _render_and_run(
+    return render_and_run(
         llm,
         [lambda render=render: (*render(), None) for render in renders],
         params,
         _generation,
         lambda message, truncated: Generation(texts=[], truncated=truncated, error=message),
     )
-
-
-class Judge:
-    """The same model as an LLM judge (the authors' prompts, `judge.py`): a baseline for FLIP.
-
-    Args:
-        llm: A built `vllm.LLM`.
-        max_tokens, temperature, seed: Sampling parameters of the verdict.
-        chat_template_kwargs: Extra chat-template arguments.
-        guided_json: Constrain decoding to the JSON verdict the prompt asks for.
-    """
-
-    def __init__(
-        self,
-        llm,
-        *,
-        max_tokens: int = 256,
-        temperature: float = 0.0,
-        seed: int = 0,
-        chat_template_kwargs: dict | None = None,
-        guided_json: bool = False,
-    ):
-        self.llm = llm
-        self.fitter = PromptFitter(llm.get_tokenizer(), chat_template_kwargs)
-        self.max_model_len = llm.llm_engine.model_config.max_model_len
-        self.max_tokens, self.temperature, self.seed = max_tokens, temperature, seed
-        self.guided_json = guided_json
-
-    def _params(self, schema: dict):
-        from vllm import SamplingParams
-
-        return SamplingParams(
-            max_tokens=self.max_tokens,
-            temperature=self.temperature,
-            seed=request_seed(self.seed, self.temperature),
-            structured_outputs=_structured(schema if self.guided_json else None),
-        )
-
-    def _fit(self, build, texts: list[str], context: list[dict] | None) -> tuple[list[int], bool]:
-        budget = self.max_model_len - self.max_tokens
-        return self.fitter.fit(build, texts, context, budget, f"the judge prompt (window {self.max_model_len} tokens)")
-
-    def pointwise(
-        self, instructions: list[str], responses: list[str], contexts: list[list[dict] | None] | None = None
-    ) -> list[Generation]:
-        """1-10 verdicts, one per (instruction, response); parse with `judge.parse_pointwise`."""
-        from flip_ray.judge import POINTWISE_JSON_SCHEMA, pointwise_messages
-
-        contexts = contexts if contexts is not None else [None] * len(responses)
-        renders = [
-            (lambda q=q, r=r, c=c: self._fit(lambda t, ctx, q=q: pointwise_messages(q, t[0], ctx), [r], c))
-            for q, r, c in zip(instructions, responses, contexts, strict=True)
-        ]
-        return _render_and_generate(self.llm, renders, self._params(POINTWISE_JSON_SCHEMA))
-
-    def pairwise(
-        self, instructions: list[str], pairs: list[tuple[str, str]], contexts: list[list[dict] | None] | None = None
-    ) -> list[Generation]:
-        """A/B verdicts, one per (instruction, (response A, response B)); parse with `judge.parse_pairwise`."""
-        from flip_ray.judge import PAIRWISE_JSON_SCHEMA, pairwise_messages
-
-        contexts = contexts if contexts is not None else [None] * len(pairs)
-        renders = [
-            (lambda q=q, p=p, c=c: self._fit(lambda t, ctx, q=q: pairwise_messages(q, t[0], t[1], ctx), list(p), c))
-            for q, p, c in zip(instructions, pairs, contexts, strict=True)
-        ]
-        return _render_and_generate(self.llm, renders, self._params(PAIRWISE_JSON_SCHEMA))
-
-    def listwise(
-        self, instructions: list[str], candidates: list[list[str]], contexts: list[list[dict] | None] | None = None
-    ) -> list[Generation]:
-        """Best-index verdicts, one per (instruction, responses); parse with `judge.parse_listwise`."""
-        from flip_ray.judge import listwise_json_schema, listwise_messages
-
-        contexts = contexts if contexts is not None else [None] * len(candidates)
-        renders, params = [], []
-        for q, cands, c in zip(instructions, candidates, contexts, strict=True):
-            renders.append(
-                lambda q=q, cands=cands, c=c: self._fit(
-                    lambda t, ctx, q=q: listwise_messages(q, t, ctx), list(cands), c
-                )
-            )
-            params.append(self._params(listwise_json_schema(len(cands))))
-        return _render_and_generate(self.llm, renders, params)

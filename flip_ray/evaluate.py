@@ -2,16 +2,17 @@
 
     flip-ray evaluate input.path=pairs.jsonl output.path=outputs/eval
 
-Input rows are `{id, prompt, chosen, rejected[, subset]}`; `rejected` is a string or a list
-(best-of-N: an item counts as correct only if chosen outscores every rejected response). The job
+Input rows are `{id, prompt, chosen, rejected[, subset]}` (`preference.py`); `rejected` is a string
+or a list (best-of-N: an item counts as correct only if chosen outscores every rejected response).
+`run_evaluate` is a recipe of named steps:
 
-1. reads and checks the pairs on the driver (bad rows go to `errors.jsonl` with their reason),
-2. writes one row per response to `responses/part-*.parquet` (a chat: earlier turns, the
-   instruction, the response) and scores it with the scoring job, one run per engine method under
-   `scores/<method>/` (so each method's speed is measured alone, and a rerun resumes),
-3. runs the per-pair judges (`judge_pairwise` in both orders, `judge_listwise` with a seeded
-   shuffle; `flip_ray.pairjudge`) through the same engine on Ray Data,
-4. computes the trivial baselines (`longer`, `shorter`, `prompt_overlap`) and writes
+1. `prepare`: check the config and the output, read the pairs on the driver (bad rows go to
+   `errors.jsonl` with their reason), write one row per response to `responses/part-*.parquet`;
+2. `score_responses`: the scoring job itself, one run per engine method under `scores/<method>/`
+   (each method's speed measured alone; a rerun resumes);
+3. `judge_pairs`: the per-pair judges (`judge_pairwise` in both orders, `judge_listwise` over a
+   seeded shuffle; `pairjudge.py`) through the same engine on Ray Data;
+4. `write_summary`: the trivial baselines (`longer`, `shorter`, `prompt_overlap`), then
    `summary.json` (keyed by method: accuracy, n, ties, 95% bootstrap CI, per subset, agreement
    with the length rules, rows/s), `summary.md` and `eval_manifest.json`.
 
@@ -22,223 +23,35 @@ from __future__ import annotations
 
 import json
 import logging
-import posixpath
-import random
-import re
 import time
-from dataclasses import dataclass, field
 
 import pyarrow as pa
 from omegaconf import DictConfig, OmegaConf
 
 from flip_ray import __version__
-from flip_ray.config import ScoreConfig, to_dict, validate_eval_config
+from flip_ray.config import ScoreConfig, to_dict
+from flip_ray.config_jobs import BASELINES, PAIR_JUDGES, EvalJobConfig, validate_eval_config
 from flip_ray.evalstats import agreement, markdown_table, pair_outcome, pick_from_scores, summarize
-from flip_ray.io import JSONL, PARQUET, InputError, Shard, _json_lines, _open, list_shards
 from flip_ray.metrics import f1_score
-from flip_ray.pairjudge import listwise_outcome, pairwise_outcome, run_pair_judges
-from flip_ray.records import ROLES, RowError, text_field
+from flip_ray.pairjudge import judge_outcomes, run_pair_judges
+from flip_ray.preference import Item, load_items, response_id, responses_table
+from flip_ray.runtime import apply_storage_config
+from flip_ray.schema import SCORE_COLUMN, SCORE_METHODS
+from flip_ray.score import run_score
+from flip_ray.shards import InputError
 from flip_ray.store import OutputError, OutputStore, open_scored, parquet_bytes, write_bytes_durably
 
 logger = logging.getLogger(__name__)
 
-ENGINE_METHODS = ("flip", "flip_logprob", "judge_pointwise")
-PAIR_JUDGES = ("judge_pairwise", "judge_listwise")
-# The column each per-response engine method ranks by (higher is better).
-SCORE_COLUMNS = {"flip": "flip_score", "flip_logprob": "flip_logprob_mean", "judge_pointwise": "judge_score"}
 RESPONSES = "responses"  # directory of Parquet parts, one scoring shard each
 RESPONSES_PER_PART = 2000
 SUMMARY, SUMMARY_MD, EVAL_MANIFEST, ERRORS = "summary.json", "summary.md", "eval_manifest.json", "errors.jsonl"
-
-_HH_TURN = re.compile(r"(?:^|\n\n)(Human|Assistant): ", re.MULTILINE)
-
-
-@dataclass
-class Item:
-    """One preference item: candidates[0] is the chosen response, the rest were rejected."""
-
-    id: str
-    instruction: str
-    context: list[dict]
-    candidates: list[str]
-    subset: str
-    prompt_text: str = ""
-    extra: dict = field(default_factory=dict)
-
-
-def parse_transcript(text: str) -> list[dict] | None:
-    """An HH-RLHF style transcript ("Human: ...\\n\\nAssistant: ...") as chat turns, or None if
-    `text` is not one."""
-    if not text.lstrip().startswith("Human:"):
-        return None
-    marks = list(_HH_TURN.finditer(text.lstrip()))
-    body = text.lstrip()
-    turns = []
-    for k, m in enumerate(marks):
-        end = marks[k + 1].start() if k + 1 < len(marks) else len(body)
-        content = body[m.end() : end].strip()
-        turns.append({"role": "user" if m.group(1) == "Human" else "assistant", "content": content})
-    if len(turns) < 1 or turns[-1]["role"] != "user":
-        return None
-    return turns
-
-
-def prompt_parts(prompt) -> tuple[str, list[dict]]:
-    """(instruction, earlier turns) of a pair's prompt: a string, an HH transcript or a chat.
-
-    Raises:
-        RowError: An empty prompt, or a chat that does not end with a user turn.
-    """
-    if isinstance(prompt, str):
-        turns = parse_transcript(prompt)
-        if turns is None:
-            return text_field(prompt, "prompt"), []
-        prompt = turns
-    if not isinstance(prompt, (list, tuple)) or not prompt:
-        raise RowError(f"prompt is {type(prompt).__name__}, expected a string or a list of {{role, content}}")
-    turns = []
-    for i, m in enumerate(prompt):
-        if not isinstance(m, dict) or m.get("role") not in ROLES:
-            raise RowError(f"prompt[{i}] is not a {{role, content}} turn with a role in {ROLES}")
-        turns.append({"role": m["role"], "content": text_field(m.get("content"), f"prompt[{i}].content")})
-    if turns[-1]["role"] != "user":
-        raise RowError(f"prompt ends with a {turns[-1]['role']} turn; the last turn must be the user's instruction")
-    return turns[-1]["content"], turns[:-1]
-
-
-def _records(shard: Shard):
-    """(row index, record or None, read error) for every row of a shard."""
-    if shard.format == JSONL:
-        with _open(shard.uri, compression="infer") as f:
-            index = 0
-            for lineno, raw in _json_lines(f, shard):
-                if not raw.strip():
-                    continue
-                try:
-                    obj = json.loads(raw.decode("utf-8") if isinstance(raw, bytes) else raw)
-                    if not isinstance(obj, dict):
-                        raise ValueError(f"expected a JSON object, got {type(obj).__name__}")
-                    yield index, obj, None
-                except (ValueError, UnicodeDecodeError) as e:
-                    yield index, None, f"{shard.key} line {lineno}: {e}"
-                index += 1
-        return
-    import pyarrow.parquet as pq
-
-    with _open(shard.uri) as f:
-        table = pq.read_table(f) if shard.format == PARQUET else pa.ipc.open_stream(f).read_all()
-    yield from ((i, r, None) for i, r in enumerate(table.to_pylist()))
-
-
-def _candidates(row: dict, chosen_col: str, rejected_col: str) -> list[str]:
-    chosen = text_field(row.get(chosen_col), chosen_col)
-    rejected = row.get(rejected_col)
-    if isinstance(rejected, (list, tuple)):
-        if not rejected:
-            raise RowError(f"{rejected_col} is an empty list")
-        rejected = [text_field(r, f"{rejected_col}[{k}]") for k, r in enumerate(rejected)]
-    else:
-        rejected = [text_field(rejected, rejected_col)]
-    if any(r == chosen for r in rejected):
-        raise RowError(f"{rejected_col} repeats the chosen response; the pair cannot be ranked")
-    return [chosen, *rejected]
-
-
-def load_items(cfg: DictConfig) -> tuple[list[Item], list[dict]]:
-    """Reads and checks every pair. Returns (good items, bad rows with their reason).
-
-    Raises:
-        InputError: No input, or a pair id that repeats.
-    """
-    i = cfg.input
-    shards = list_shards(i.path, i.format)
-    items: list[Item] = []
-    bad: list[dict] = []
-    for shard in shards:
-        rows = list(_records(shard))
-        if i.sample_per_file is not None and len(rows) > i.sample_per_file:
-            rows = sorted(random.Random(f"{i.sample_seed}:{shard.key}").sample(rows, i.sample_per_file))
-        file_subset = posixpath.basename(shard.key).split(".")[0] if "/" not in shard.key else shard.key.split("/")[0]
-        for index, row, error in rows:
-            where = f"{shard.key}:{index}"
-            if error is not None:
-                bad.append({"row": where, "id": None, "error": error})
-                continue
-            pid = row.get(i.id_column) if i.id_column else where
-            try:
-                if i.id_column and (pid is None or (isinstance(pid, str) and not pid.strip())):
-                    raise RowError(f"{i.id_column} is missing")
-                instruction, context = prompt_parts(row.get(i.prompt_column))
-                candidates = _candidates(row, i.chosen_column, i.rejected_column)
-            except RowError as e:
-                bad.append({"row": where, "id": None if pid is None else str(pid), "error": str(e)})
-                continue
-            column_subset = row.get(i.subset_column)
-            how = cfg.evaluation.subset_from
-            subset = (
-                str(column_subset)
-                if how == "column" or (how == "auto" and column_subset not in (None, ""))
-                else file_subset
-            )
-            prompt = row.get(i.prompt_column)
-            items.append(
-                Item(
-                    str(pid),
-                    instruction,
-                    context,
-                    candidates,
-                    subset,
-                    prompt if isinstance(prompt, str) else instruction,
-                )
-            )
-    seen: dict[str, int] = {}
-    for item in items:
-        seen[item.id] = seen.get(item.id, 0) + 1
-    repeated = [k for k, n in seen.items() if n > 1]
-    if repeated:
-        raise InputError(
-            f"input.id_column {i.id_column!r} repeats ids ({', '.join(map(repr, repeated[:5]))}); "
-            "deduplicate the input or set input.id_column=null to use <file>:<row> ids"
-        )
-    return items, bad
-
-
-def response_id(item_id: str, candidate: int) -> str:
-    return f"{item_id}#{candidate}"
-
-
-def responses_table(items: list[Item]) -> pa.Table:
-    """One row per response: id, pair id, candidate index (0 = chosen), subset, and the chat
-    (earlier turns, the instruction, the response) that the scoring job reads."""
-    rows = {"id": [], "pair_id": [], "candidate": [], "subset": [], "messages": []}
-    for item in items:
-        for k, text in enumerate(item.candidates):
-            rows["id"].append(response_id(item.id, k))
-            rows["pair_id"].append(item.id)
-            rows["candidate"].append(k)
-            rows["subset"].append(item.subset)
-            rows["messages"].append(
-                [*item.context, {"role": "user", "content": item.instruction}, {"role": "assistant", "content": text}]
-            )
-    turn = pa.struct([("role", pa.string()), ("content", pa.string())])
-    return pa.table(
-        {
-            "id": pa.array(rows["id"], pa.string()),
-            "pair_id": pa.array(rows["pair_id"], pa.string()),
-            "candidate": pa.array(rows["candidate"], pa.int64()),
-            "subset": pa.array(rows["subset"], pa.string()),
-            "messages": pa.array(rows["messages"], pa.list_(turn)),
-        }
-    )
+_SHARED_SECTIONS = ("model", "sampling", "reward", "resources", "flags", "dedup", "limits", "storage", "ray")
 
 
 def scoring_config(cfg: DictConfig, method: str, store: OutputStore) -> DictConfig:
     """The scoring-job config of one engine method's pass over `responses/`."""
-    base = OmegaConf.structured(ScoreConfig)
-    shared = {
-        k: cfg[k] for k in ("model", "sampling", "reward", "resources", "flags", "dedup", "limits", "storage", "ray")
-    }
-    sc = OmegaConf.merge(base, shared)
+    sc = OmegaConf.merge(OmegaConf.structured(ScoreConfig), {k: cfg[k] for k in _SHARED_SECTIONS})
     sc.reward.methods = [method]
     sc.input.path = store.uri_of(RESPONSES)
     sc.input.messages_column = "messages"
@@ -287,7 +100,7 @@ def engine_outcomes(
 def score_column(cfg: DictConfig, method: str) -> str:
     if method == "flip_logprob" and cfg.reward.logprob_distractors:
         return "flip_logprob_contrast"
-    return SCORE_COLUMNS[method]
+    return SCORE_COLUMN[method]
 
 
 def baseline_scores(item: Item, method: str) -> list[float]:
@@ -309,7 +122,7 @@ def _judge_status(values: dict, method: str) -> dict | None:
 
 def _add_baselines(items: list[Item], outcomes: dict, picks: dict) -> None:
     """Outcomes and picks of the trivial baselines (the length rules' picks also feed agreement)."""
-    for method in ("longer", "shorter", "prompt_overlap"):
+    for method in BASELINES:
         scores = [baseline_scores(it, method) for it in items]
         outcomes[method] = [pair_outcome(sc[0], sc[1:]) for sc in scores]
         picks[method] = [pick_from_scores(sc) for sc in scores]
@@ -328,19 +141,15 @@ def _method_summary(cfg: DictConfig, outcomes: list, picks: list, length_picks: 
 def resummarize(output_path: str) -> dict:
     """Recomputes summary.json of a finished evaluation from its stored per-response scores (engine
     methods and baselines; per-pair judges keep their stored entries). Returns the new summary."""
-    from omegaconf import OmegaConf
-
-    from flip_ray.config import EvalJobConfig
-
     store = OutputStore(output_path)
     manifest = store.read_json(EVAL_MANIFEST)
     old = store.read_json(SUMMARY)
     if manifest is None or old is None:
         raise OutputError(f"{output_path} holds no finished evaluation")
     cfg = OmegaConf.merge(OmegaConf.structured(EvalJobConfig), manifest["config"])
-    items, _ = load_items(cfg)
+    items, _ = load_items(cfg.input, cfg.evaluation.subset_from)
     outcomes, picks = {}, {}
-    for method in [m for m in old if m in ENGINE_METHODS]:
+    for method in [m for m in old if m in SCORE_METHODS]:
         values = read_scores(store.uri_of("scores", method), score_column(cfg, method))
         outcomes[method], picks[method] = engine_outcomes(items, values)
         if method == "judge_pointwise":
@@ -382,19 +191,11 @@ def _write_errors(store: OutputStore, bad: list[dict]) -> None:
     write_bytes_durably(store.fs, store.path(ERRORS), text.encode())
 
 
-def run_evaluate(cfg: DictConfig) -> dict:
-    """Runs the evaluation described by `cfg`; returns the summary (also written as summary.json).
-
-    Raises:
-        ConfigError, InputError, OutputError: Before any model loads.
-    """
-    from flip_ray.pipeline import run_score
-    from flip_ray.plan import apply_storage_config
-
-    started = time.time()
+def prepare(cfg: DictConfig) -> tuple[OutputStore, list[Item], int]:
+    """Checks the config and the output location, reads the pairs, and writes `errors.jsonl` and
+    the responses the scoring runs read. Raises ConfigError, InputError or OutputError."""
     validate_eval_config(cfg)
-    apply_storage_config(cfg)
-    methods = list(cfg.evaluation.methods)
+    apply_storage_config(cfg.storage)
     store = OutputStore(cfg.output.path)
     store.check_writable_location()
     if store.fs.exists(store.path(SUMMARY)) and not cfg.output.overwrite:
@@ -402,19 +203,20 @@ def run_evaluate(cfg: DictConfig) -> dict:
             f"output.path {store.uri} holds a finished evaluation; choose another output.path or pass "
             "output.overwrite=true"
         )
-    items, bad = load_items(cfg)
+    store.probe_writable()
+    items, bad = load_items(cfg.input, cfg.evaluation.subset_from)
     if not items:
         raise InputError(f"input.path {cfg.input.path} holds no usable pairs ({len(bad)} bad row(s))")
     logger.info("%d pairs (%d responses), %d bad row(s)", len(items), sum(len(x.candidates) for x in items), len(bad))
-    store.fs.makedirs(store.root, exist_ok=True)
     _write_errors(store, bad)
-    table = responses_table(items)
-    _write_responses(store, table)
+    _write_responses(store, responses_table(items))
+    return store, items, len(bad)
 
-    outcomes: dict[str, list[float | None]] = {}
-    picks: dict[str, list[int | None]] = {}
-    extra: dict[str, dict] = {m: {} for m in methods}
-    for method in [m for m in methods if m in ENGINE_METHODS]:
+
+def score_responses(cfg: DictConfig, store: OutputStore, items: list[Item], outcomes: dict, picks: dict) -> dict:
+    """One scoring run per engine method; fills `outcomes` and `picks`, returns per-method extras."""
+    extra = {}
+    for method in [m for m in cfg.evaluation.methods if m in SCORE_METHODS]:
         manifest = run_score(scoring_config(cfg, method, store))
         values = read_scores(store.uri_of("scores", method), score_column(cfg, method))
         outcomes[method], picks[method] = engine_outcomes(items, values)
@@ -425,30 +227,32 @@ def run_evaluate(cfg: DictConfig) -> dict:
             "parse_status": manifest["counts"]["parse_status"] if method == "flip" else _judge_status(values, method),
             "errors": manifest["counts"]["errors"],
         }
-    judges = [m for m in methods if m in PAIR_JUDGES]
-    if judges:
-        results, wall = run_pair_judges(cfg, items, judges)
-        for method in judges:
-            pairs = [
-                pairwise_outcome(n, it, results)
-                if method == "judge_pairwise"
-                else listwise_outcome(n, it, results, cfg.evaluation.seed)
-                for n, it in enumerate(items)
-            ]
-            outcomes[method] = [o for o, _ in pairs]
-            picks[method] = [p for _, p in pairs]
-            statuses: dict[str, int] = {}
-            for job, res in results.items():
-                if job.startswith("p:" if method == "judge_pairwise" else "l:") and res["status"]:
-                    statuses[res["status"]] = statuses.get(res["status"], 0) + 1
-            extra[method] = {"pipeline_s": round(wall, 3), "parse_status": statuses}
-    _add_baselines(items, outcomes, picks)
+    return extra
 
+
+def judge_pairs(cfg: DictConfig, items: list[Item], outcomes: dict, picks: dict) -> dict:
+    """The per-pair judges; fills `outcomes` and `picks`, returns per-method extras."""
+    judges = [m for m in cfg.evaluation.methods if m in PAIR_JUDGES]
+    if not judges:
+        return {}
+    results, wall = run_pair_judges(cfg, items, judges)
+    extra = {}
+    for method in judges:
+        outcomes[method], picks[method], statuses = judge_outcomes(method, items, results, cfg.evaluation.seed)
+        extra[method] = {"pipeline_s": round(wall, 3), "parse_status": statuses}
+    return extra
+
+
+def write_summary(
+    cfg: DictConfig, store: OutputStore, items: list[Item], n_bad: int, outcomes: dict, picks: dict, extra: dict
+) -> dict:
+    """Adds the baselines, writes summary.json, summary.md and eval_manifest.json; returns them."""
+    _add_baselines(items, outcomes, picks)
     subsets = [it.subset for it in items]
     summary = {}
-    for method in methods:
+    for method in cfg.evaluation.methods:
         s = _method_summary(cfg, outcomes[method], picks[method], picks, subsets)
-        s.update({k: v for k, v in extra[method].items() if v is not None})
+        s.update({k: v for k, v in extra.get(method, {}).items() if v is not None})
         summary[method] = s
     write_bytes_durably(store.fs, store.path(SUMMARY), json.dumps(summary, indent=2).encode())
     table = markdown_table(summary, title=f"flip_ray evaluation of {cfg.input.path}")
@@ -458,10 +262,28 @@ def run_evaluate(cfg: DictConfig) -> dict:
         "config": to_dict(cfg),
         "pairs": len(items),
         "responses": sum(len(x.candidates) for x in items),
-        "bad_rows": len(bad),
+        "bad_rows": n_bad,
         "best_of_n_items": sum(len(x.candidates) > 2 for x in items),
-        "total_s": round(time.time() - started, 3),
         "output": {"summary": store.uri_of(SUMMARY), "table": store.uri_of(SUMMARY_MD), "errors": store.uri_of(ERRORS)},
     }
     write_bytes_durably(store.fs, store.path(EVAL_MANIFEST), json.dumps(manifest, indent=2).encode())
     return {"summary": summary, "manifest": manifest, "table": table}
+
+
+def run_evaluate(cfg: DictConfig) -> dict:
+    """Runs the evaluation described by `cfg`: prepare, score the responses, judge the pairs, write
+    the summary. Returns `{summary, manifest, table}` (also written to output.path).
+
+    Raises:
+        ConfigError, InputError, OutputError: Before any model loads.
+    """
+    started = time.time()
+    store, items, n_bad = prepare(cfg)
+    outcomes: dict[str, list[float | None]] = {}
+    picks: dict[str, list[int | None]] = {}
+    extra = score_responses(cfg, store, items, outcomes, picks)
+    extra |= judge_pairs(cfg, items, outcomes, picks)
+    result = write_summary(cfg, store, items, n_bad, outcomes, picks, extra)
+    result["manifest"]["total_s"] = round(time.time() - started, 3)
+    write_bytes_durably(store.fs, store.path(EVAL_MANIFEST), json.dumps(result["manifest"], indent=2).encode())
+    return result

@@ -15,6 +15,7 @@ from collections import _count_elements
 from typing import NamedTuple
 
 from flip_ray.metrics import tokens
+from flip_ray.schema import FLAG_NAMES
 
 # Function words that tell common Latin-script languages apart. A text is assigned the language
 # whose words make up the largest share of its tokens, if that share is large enough.
@@ -41,12 +42,10 @@ _NON_ASCII = re.compile(r"[^\x00-\x7f]")
 _MIN_STOPWORD_SHARE = 0.08
 
 
-class Flags(NamedTuple):
-    prompt_copy_fraction: float
-    response_words: int
-    flag_restates_prompt: bool
-    flag_too_short: bool
-    flag_language_mismatch: bool
+# The output columns `compute_flags` fills, in order; the flag names are `schema.FLAG_NAMES`.
+Flags = NamedTuple(
+    "Flags", [("prompt_copy_fraction", float), ("response_words", int), *((name, bool) for name in FLAG_NAMES)]
+)
 
 
 def copied_fraction(prompt_tokens: list[str], response_tokens: list[str], min_run: int = 4) -> float:

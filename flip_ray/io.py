@@ -1,60 +1,34 @@
-"""Input: finding shards (local or s3://; Parquet, JSONL, HF `save_to_disk`) and reading them.
+"""Input: reading a shard's rows (Parquet, JSONL, HF `save_to_disk`; finding shards is `shards.py`).
 
-A shard is one input file. Reading a shard yields blocks of normalised rows: `id`, the internal
+Reading a shard yields blocks of normalised rows: `id`, the internal
 columns `_flip_instruction`, `_flip_response`, `_flip_context`, the kept input columns, and `error`
 for rows that cannot be scored (null or empty text, malformed JSON line, bad `messages`). Such rows
 are kept, never dropped, so every input row reaches the output exactly once.
 
-Filesystems go through fsspec (s3fs for s3://), configured by the standard AWS variables.
+A row that cannot be decoded (invalid UTF-8, an unpaired surrogate escape) is such a row too, with
+its file and line; the file's other rows are read.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
-import os
-import posixpath
 import re
 from collections.abc import Iterator
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
-import fsspec
 import pyarrow as pa
 import pyarrow.parquet as pq
 
 from flip_ray import schema
 from flip_ray.records import RowError, conversation_parts, derive_id, text_field
+from flip_ray.shards import HF, JSONL, PARQUET, InputError, Shard, open_file
 
-PARQUET, JSONL, HF = "parquet", "jsonl", "hf"
-_SUFFIXES = (
-    (".parquet", PARQUET),
-    (".pq", PARQUET),
-    (".jsonl.gz", JSONL),
-    (".json.gz", JSONL),
-    (".ndjson.gz", JSONL),
-    (".jsonl", JSONL),
-    (".json", JSONL),
-    (".ndjson", JSONL),
-)
 _JSONL_PEEK_ROWS = 100
 # A JSON escape of a UTF-16 surrogate: json.loads pairs valid ones and keeps a lone one as a Python
 # str that cannot be encoded (Arrow and the tokenizer refuse it).
 _SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F][0-9a-fA-F]{2}")
-_IDENTITY_BYTES = 64 * 1024
 logger = logging.getLogger(__name__)
-
-
-class InputError(ValueError):
-    """The input cannot be read as configured; the message names the path or column."""
-
-
-@dataclass(frozen=True)
-class Shard:
-    uri: str  # full URI, protocol included for remote files
-    format: str  # parquet | jsonl | hf (an Arrow stream file of a saved HF dataset)
-    key: str  # path relative to the input root: stable across runs, used in ids and names
 
 
 @dataclass(frozen=True)
@@ -74,166 +48,18 @@ class ColumnMapping:
         return list(dict.fromkeys(self.required() + list(self.keep)))
 
 
-def _format_of(path: str) -> str | None:
-    lowered = path.lower()
-    for suffix, fmt in _SUFFIXES:
-        if lowered.endswith(suffix):
-            return fmt
-    return None
-
-
-def _is_hidden(rel: str) -> bool:
-    return any(part.startswith((".", "_")) for part in rel.split("/"))
-
-
-def _hf_shards(fs, root: str) -> list[tuple[str, str]] | None:
-    """Arrow files of a `save_to_disk` directory (Dataset or DatasetDict), or None if it is not one."""
-    if fs.isfile(posixpath.join(root, "state.json")):
-        with fs.open(posixpath.join(root, "state.json"), "r") as f:
-            state = json.load(f)
-        files = [d["filename"] for d in state.get("_data_files", [])]
-        return [(posixpath.join(root, name), name) for name in files]
-    if fs.isfile(posixpath.join(root, "dataset_dict.json")):
-        with fs.open(posixpath.join(root, "dataset_dict.json"), "r") as f:
-            splits = json.load(f).get("splits", [])
-        out = []
-        for split in splits:
-            inner = _hf_shards(fs, posixpath.join(root, split)) or []
-            out += [(p, f"{split}/{rel}") for p, rel in inner]
-        return out
-    return None
-
-
-def list_shards(uri: str, fmt: str = "auto") -> list[Shard]:
-    """Resolves `input.path` (file, directory or glob) into shards, sorted by key.
-
-    Raises:
-        InputError: The path does not exist or holds no readable file.
-    """
-    try:
-        fs, path = fsspec.core.url_to_fs(uri)
-    except (ImportError, ValueError) as e:
-        raise InputError(f"cannot open input.path {uri}: {e}") from e
-    found: list[tuple[str, str, str]] = []  # (path, format, key)
-    try:
-        if any(ch in path for ch in "*?["):
-            base = path.split("*")[0].split("?")[0].split("[")[0].rsplit("/", 1)[0]
-            for p in sorted(fs.glob(path)):
-                if fs.isfile(p):
-                    found.append((p, fmt if fmt not in ("auto", HF) else _format_of(p), posixpath.relpath(p, base)))
-        elif fs.isdir(path):
-            hf = _hf_shards(fs, path) if fmt in ("auto", HF) else None
-            if hf is not None:
-                found = [(p, HF, rel) for p, rel in hf]
-            else:
-                skipped = []
-                for p in sorted(fs.find(path)):
-                    rel = posixpath.relpath(p, path)
-                    if _is_hidden(rel):
-                        continue
-                    # In a directory, only files with a data extension are shards (READMEs, licenses
-                    # and the like are skipped); input.format only says how to read them.
-                    if _format_of(p) is None:
-                        skipped.append(rel)
-                        continue
-                    found.append((p, fmt if fmt not in ("auto", HF) else _format_of(p), rel))
-                if skipped:
-                    logger.warning(
-                        "input.path %s: skipping %d file(s) without a data extension: %s",
-                        uri,
-                        len(skipped),
-                        skipped[:5],
-                    )
-        elif fs.isfile(path):
-            found.append((path, fmt if fmt != "auto" else _format_of(path), posixpath.basename(path)))
-        else:
-            raise InputError(f"input.path {uri} does not exist")
-    except (FileNotFoundError, PermissionError, OSError) as e:
-        if isinstance(e, InputError):
-            raise
-        raise InputError(f"cannot list input.path {uri}: {e}") from e
-    unknown = [p for p, f, _ in found if f is None]
-    if unknown:
-        raise InputError(
-            f"cannot tell the format of {unknown[0]} (expected .parquet, .jsonl, .jsonl.gz or .json); set input.format"
-        )
-    if not found:
-        raise InputError(f"input.path {uri} holds no .parquet, .jsonl(.gz) or saved HF dataset files")
-    return [Shard(uri=fs.unstrip_protocol(p), format=f, key=k) for p, f, k in sorted(found, key=lambda x: x[2])]
-
-
-def _content_tag(info: dict) -> str | None:
-    """The server's content hash or version of an object (S3 ETag, GCS md5/generation), if any."""
-    for key in ("ETag", "etag", "md5Hash", "generation", "version_id"):
-        if info.get(key):
-            return f"{key}:{str(info[key]).strip(chr(34))}"
-    return None
-
-
-def source_identity(uri: str) -> dict:
-    """A cheap identity of an input file's current content, stored in each done record so that a
-    rerun can tell a file that changed since it was scored.
-
-    Object stores: size and the server's content tag (S3's ETag changes with every new content; no
-    byte is read). Local files: size, mtime in ns and a sha256 of the first and last 64 KiB (two
-    small reads), so that an edit is caught even when it keeps the size or the mtime (`cp -p`,
-    `rsync -t`). A file that is touched without a change counts as changed: rescoring is the safe side.
-    """
-    fs, path = fsspec.core.url_to_fs(uri)
-    info = fs.info(path)
-    size = int(info.get("size") or 0)
-    tag = None if _is_local_fs(fs) else _content_tag(info)
-    if tag is not None:
-        return {"size": size, "tag": tag}
-    identity: dict = {"size": size}
-    if _is_local_fs(fs):
-        identity["mtime_ns"] = os.stat(path).st_mtime_ns
-    else:
-        identity["mtime"] = str(info.get("mtime") or info.get("LastModified") or info.get("last_modified"))
-    h = hashlib.sha256()
-    with fs.open(path, "rb") as f:
-        h.update(f.read(_IDENTITY_BYTES))
-        if size > 2 * _IDENTITY_BYTES:
-            f.seek(size - _IDENTITY_BYTES)
-        h.update(f.read(_IDENTITY_BYTES))
-    identity["head_tail_sha256"] = h.hexdigest()
-    return identity
-
-
-def source_identities(uris: list[str]) -> dict[str, dict]:
-    """`source_identity` of each file, read in parallel (object stores answer in tens of ms each)."""
-    unique = list(dict.fromkeys(uris))
-    try:
-        with ThreadPoolExecutor(max_workers=16) as pool:
-            return dict(zip(unique, pool.map(source_identity, unique), strict=True))
-    except (FileNotFoundError, PermissionError, OSError) as e:
-        raise InputError(f"cannot read the input files' sizes and dates: {e}") from e
-
-
-def _is_local_fs(fs) -> bool:
-    protocol = fs.protocol if isinstance(fs.protocol, str) else fs.protocol[0]
-    return protocol in ("file", "local")
-
-
-def _open(uri: str, mode: str = "rb", **kwargs):
-    """Opens a file through its fsspec file system; kwargs (`compression`, `block_size`) go to
-    `fs.open` (passed to `fsspec.open` they would configure the file system instead)."""
-    fs, path = fsspec.core.url_to_fs(uri)
-    return fs.open(path, mode, **kwargs)
-
-
 def peek_columns(shard: Shard) -> pa.Schema:
     """The columns of a shard and their types (JSONL: keys of the first records, all strings)."""
     try:
         if shard.format == PARQUET:
-            with _open(shard.uri) as f:
+            with open_file(shard.uri) as f:
                 return pq.read_schema(f)
         if shard.format == HF:
-            with _open(shard.uri) as f:
+            with open_file(shard.uri) as f:
                 return pa.ipc.open_stream(f).schema
         names: dict[str, None] = {}
         # A small block: object-store files are otherwise fetched 5 MB at a time for a few lines.
-        with _open(shard.uri, compression="infer", block_size=1 << 18) as f:
+        with open_file(shard.uri, compression="infer", block_size=1 << 18) as f:
             for n, (_, line) in enumerate(_json_lines(f, shard)):
                 if n >= _JSONL_PEEK_ROWS:
                     break
@@ -277,27 +103,14 @@ def _jsonl_batches(shard: Shard, mapping: ColumnMapping, batch_rows: int, limit:
         return SourceBatch(start, values, kept, list(errors))
 
     index = 0
-    with _open(shard.uri, compression="infer") as f:
+    with open_file(shard.uri, compression="infer") as f:
         lines = _json_lines(f, shard)
         for lineno, raw in lines:
             if not raw.strip():
                 continue
             if limit is not None and index >= limit:
                 break
-            record, error = None, None
-            try:
-                obj = json.loads(raw.decode("utf-8"))
-                if not isinstance(obj, dict):
-                    error = f"{shard.key} line {lineno}: expected a JSON object, got {type(obj).__name__}"
-                elif _SURROGATE_ESCAPE.search(raw) and (bad := _unencodable(obj)):
-                    error = f"{shard.key} line {lineno}: {bad}"
-                    record = {k: v for k, v in obj.items() if _unencodable(v) is None}  # the id and other clean fields
-                else:
-                    record = obj
-            except UnicodeDecodeError as e:
-                error = f"{shard.key} line {lineno}: not valid UTF-8 ({e.reason} at byte {e.start})"
-            except json.JSONDecodeError as e:
-                error = f"{shard.key} line {lineno}: malformed JSON ({e.msg} at column {e.colno})"
+            record, error = decode_json_line(raw, shard.key, lineno)
             records.append(record)
             errors.append(error)
             index += 1
@@ -307,6 +120,50 @@ def _jsonl_batches(shard: Shard, mapping: ColumnMapping, batch_rows: int, limit:
                 records, errors = [], []
     if records:
         yield flush()
+
+
+def decode_json_line(raw: bytes, key: str, lineno: int) -> tuple[dict | None, str | None]:
+    """One JSONL line as (record, None), or (None, why) naming the file and line. A record whose
+    text cannot be stored (an unpaired surrogate escape) comes back with its clean fields (its id
+    among them) and the reason."""
+    try:
+        obj = json.loads(raw.decode("utf-8"))
+    except UnicodeDecodeError as e:
+        return None, f"{key} line {lineno}: not valid UTF-8 ({e.reason} at byte {e.start})"
+    except json.JSONDecodeError as e:
+        return None, f"{key} line {lineno}: malformed JSON ({e.msg} at column {e.colno})"
+    if not isinstance(obj, dict):
+        return None, f"{key} line {lineno}: expected a JSON object, got {type(obj).__name__}"
+    if _SURROGATE_ESCAPE.search(raw) and (bad := _unencodable(obj)):
+        return {k: v for k, v in obj.items() if _unencodable(v) is None}, f"{key} line {lineno}: {bad}"
+    return obj, None
+
+
+def read_records(shard: Shard) -> Iterator[tuple[int, dict | None, str | None]]:
+    """(row index, record, read error) for every row of a shard, nested values as Python objects:
+    for small inputs read whole on the driver (evaluation sets). Same line rules as the scoring
+    reader; a Parquet row Python cannot decode is an error of its own."""
+    if shard.format == JSONL:
+        with open_file(shard.uri, compression="infer") as f:
+            index = 0
+            for lineno, raw in _json_lines(f, shard):
+                if raw.strip():
+                    record, error = decode_json_line(raw, shard.key, lineno)
+                    yield index, None if error else record, error
+                    index += 1
+        return
+    with open_file(shard.uri) as f:
+        table = pq.read_table(f) if shard.format == PARQUET else pa.ipc.open_stream(f).read_all()
+    try:
+        yield from ((i, record, None) for i, record in enumerate(table.to_pylist()))
+        return
+    except UnicodeDecodeError:
+        pass
+    for i in range(table.num_rows):  # only when some row is not valid UTF-8: find it
+        try:
+            yield i, table.slice(i, 1).to_pylist()[0], None
+        except UnicodeDecodeError as e:
+            yield i, None, f"{shard.key} row {i}: not valid UTF-8 ({e.reason} at byte {e.start})"
 
 
 def _json_lines(f, shard: Shard) -> Iterator[tuple[int, bytes]]:
@@ -345,7 +202,7 @@ def _as_text(value) -> str | None:
 
 def _arrow_batches(shard: Shard, mapping: ColumnMapping, batch_rows: int, limit: int | None) -> Iterator[SourceBatch]:
     start = 0
-    with _open(shard.uri) as f:
+    with open_file(shard.uri) as f:
         if shard.format == PARQUET:
             pf = pq.ParquetFile(f)
             _check_columns(shard, pf.schema_arrow, mapping)

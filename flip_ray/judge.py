@@ -1,4 +1,5 @@
-"""LLM-as-a-judge baselines: the authors' pointwise, pairwise and listwise judge prompts and parsers.
+"""LLM-as-a-judge baselines: the authors' pointwise, pairwise and listwise judge prompts, and `Judge`,
+which runs them on a `vllm.LLM` (the verdict parsers are in `verdicts.py`).
 
 Text follows the public FLIP code, repo yikee/FLIP at commit 7bbe2c9866df4d6c739b27bb35ee26b33c24ff40:
 prompts/llmjudge_pointwise_rating_{SYSTEM,USER}.prompt, prompts/llmjudge_pairwise_ranking_{SYSTEM,USER}.prompt
@@ -12,40 +13,16 @@ Two things the files leave open are filled in here:
 - The listwise `{response_list}` layout is not in the repo. The system prompt asks for "the index (starting
   from 0)", so each answer is labelled `[AI Response i]` with i from 0, in the style of the pairwise
   `[AI Response A]`, and the parser reads the model's index as 0-based.
-
-The parsers are lenient in the same way as parsing.py (which they reuse): `<think>` blocks and code fences
-are stripped, key spellings vary, embedded and cut-off JSON is read, and a verdict written as plain text
-("Score: 7", "Response B is better") is accepted. Each result carries a status from `JUDGE_PARSE_STATUSES`;
-an answer with no usable verdict, or one outside what the prompt allows, gives None with `INVALID`.
 """
 
 from __future__ import annotations
 
-import math
-import re
-from collections.abc import Callable, Iterator
-
-# Private helpers of parsing.py, reused so both parsers clean answers the same way.
-from flip_ray.parsing import (
-    _FENCE,
-    _SPECIAL_TOKENS,
-    EMPTY,
-    JSON,
-    JSON_EMBEDDED,
-    PARTIAL_JSON,
-    RAW_TEXT,
-    _json_objects,
-    _loads_lenient,
-    _normal_key,
-    strip_think,
-)
-from flip_ray.prompts import _HISTORY_HEADER, render_history
+from flip_ray.engine import Generation, PromptFitter, render_and_generate, request_seed, structured_outputs
+from flip_ray.prompts import HISTORY_HEADER, render_history
+from flip_ray.specs import PromptSpec
 
 # Recorded in every run manifest; bump on any change to the prompt text or layout below.
 JUDGE_PROMPT_VERSION = "judge-v1"
-
-INVALID = "invalid"  # an answer was there, but no verdict the prompt allows could be read from it
-JUDGE_PARSE_STATUSES = (JSON, JSON_EMBEDDED, PARTIAL_JSON, RAW_TEXT, EMPTY, INVALID)
 
 SCORE_MIN, SCORE_MAX = 1, 10  # "a score on a scale of 1 to 10"
 PAIRWISE_CHOICES = ("A", "B")  # the prompt allows no tie
@@ -162,7 +139,7 @@ def listwise_json_schema(n: int) -> dict:
 
 def _messages(system: str, body: str, context: list[dict] | None) -> list[dict]:
     history = render_history(context)
-    user = f"{_HISTORY_HEADER}{history}\n\n{body}" if history else body
+    user = f"{HISTORY_HEADER}{history}\n\n{body}" if history else body
     return [{"role": "system", "content": system}, {"role": "user", "content": user}]
 
 
@@ -219,243 +196,73 @@ def listwise_messages(instruction: str, responses: list[str], context: list[dict
     return _messages(LISTWISE_SYSTEM_PROMPT, body, context)
 
 
-# ---- parsing -------------------------------------------------------------------------------------------
-
-_MISSING = object()
-
-# Normalised key spellings (lowercase, no spaces/underscores/hyphens), the prompt's own first.
-_SCORE_KEYS = ("score", "rating", "overallscore", "finalscore", "grade")
-_CHOICE_KEYS = ("betterresponse", "bestresponse", "better", "preferredresponse", "winner", "choice", "verdict")
-_INDEX_KEYS = ("bestresponseindex", "bestindex", "bestresponse", "index", "best")
-
-_NUMBER = r"(?<![\d.\-])(\d+(?:\.\d+)?)"  # not the tail of "-1" or "3.7"
-_LABEL = r"(?i:(?:ai\s+)?(?:response|answer|output|assistant|candidate))"  # "AI Response", "Output", ...
-# After a number in cut-off JSON. End of text does not count: a cut "10" would otherwise read as 1.
-_NUMBER_END = r"(?=\s*[\"'},\]\n])"
-# After a closed string in cut-off JSON: a comma, brace or line break, or the end of the text.
-_VALUE_END = r"(?=\s*(?:[,}\]\n]|$))"
-# What may wrap a bare value: quotes, markdown emphasis, brackets, a full stop. Not "-", so "-1" is no 1.
-_OPEN = r"[\s\"'*`\[(]*"
-_CLOSE = r"[\s\"'*`\])\.!]*"
-# Up to two words before "better"/"best" ("clearly the best"), but no "not".
-_PRAISE = r"(?i:(?:(?!not\b)\w+\s+){0,2})"
-
-# A score value: "7", "7.5", "8/10", "8 out of 10", optionally quoted or followed by a full stop.
-_SCORE_VALUE = re.compile(rf"{_OPEN}{_NUMBER}(?:\s*(?:/|out\s+of)\s*(\d+))?{_CLOSE}", re.IGNORECASE)
-# Cut-off JSON: the SCORE value read by pattern.
-_PARTIAL_SCORE = re.compile(
-    rf'"\s*(?:score|rating|overall[\s_\-]*score|final[\s_\-]*score)\s*"\s*:\s*"?\s*{_NUMBER}{_NUMBER_END}',
-    re.IGNORECASE,
-)
-# A score in prose: "Score: 7", "I would rate this 8/10", "a rating of **6**", "9 out of 10". A quoted
-# key ("SCORE": 1 at the cut) is not prose: it is cut-off JSON, read only with a delimiter above.
-_SCORE_CUE = re.compile(
-    rf"\b(?:score|rating|rate|rated|grade)\b(?!\s*\")[^\d\n]{{0,30}}?{_NUMBER}(?:\s*(?:/|out\s+of)\s*(\d+))?",
-    re.IGNORECASE,
-)
-_SCORE_OF_TEN = re.compile(rf"{_NUMBER}\s*(?:/|out\s+of)\s*(10)\b", re.IGNORECASE)
-
-# A choice value: "A", "b", "Response B", "AI Response A", "Output (a)", "[[A]]".
-_CHOICE_VALUE = re.compile(rf"{_OPEN}(?:{_LABEL}\s*)?\(?([ab])\)?{_CLOSE}", re.IGNORECASE)
-_PARTIAL_CHOICE = re.compile(
-    rf'"\s*(?:better|best)[\s_\-]*response\s*"\s*:\s*"\s*(?:{_LABEL}\s*)?\(?([ab])\)?\s*"{_VALUE_END}', re.IGNORECASE
-)
-# A choice in prose. A bare letter must be uppercase, or "a" the article would count as a verdict.
-_CHOICE_CUES = (
-    re.compile(rf"{_LABEL}\s*\(?([ABab])\)?\s+(?i:is|was)\s+{_PRAISE}(?i:better|superior|preferred|stronger)"),
-    re.compile(
-        rf"(?i:(?:better|best|preferred)[\s_\-]*(?:response|answer|output))(?!\s*\")\W{{0,5}}(?i:is\W{{1,3}})?"
-        rf"(?:(?:{_LABEL}\s*\(?([ABab])\)?)|\(?([AB])\)?)\b"
-    ),
-    re.compile(r"\[\[([AB])\]\]"),
-    re.compile(
-        rf"(?i:\b(?:choose|chose|select|pick|prefer|verdict|winner|final\s+answer)\b)\W{{0,5}}(?i:is\W{{1,3}})?"
-        rf"(?:(?:{_LABEL}\s*\(?([ABab])\)?)|\(?([AB])\)?)\b"
-    ),
-)
-
-# An index value: "2", "2.0", "Response 2", "[AI Response 2]", "#2".
-_INDEX_VALUE = re.compile(rf"{_OPEN}(?:{_LABEL}\s*)?(?:index\s*)?#?\(?(\d+)\)?{_CLOSE}", re.IGNORECASE)
-_PARTIAL_INDEX = re.compile(
-    rf'"\s*best[\s_\-]*(?:response[\s_\-]*)?index\s*"\s*:\s*"?\s*(?:{_LABEL}\s*)?#?(\d+){_NUMBER_END}', re.IGNORECASE
-)
-_INDEX_CUES = (
-    re.compile(r"(?i:best[\s_\-]*(?:response[\s_\-]*)?index)(?!\s*\")\W{0,5}(?i:is\W{1,3})?(\d+)\b"),
-    re.compile(rf"{_LABEL}\s*#?\(?(\d+)\)?\s+(?i:is)\s+{_PRAISE}(?i:best|strongest|better)"),
-    re.compile(rf"(?i:best\s+(?:response|answer|output))\W{{0,5}}(?i:is\W{{1,3}})?(?:{_LABEL}\s*)?#?\(?(\d+)\)?\b"),
-    re.compile(rf"(?i:\b(?:choose|chose|select|pick|prefer)\b)\s+{_LABEL}\s*#?\(?(\d+)\)?\b"),
-)
-
-
-def _json_answers(text: str, cleaned: str) -> Iterator[tuple[dict, str]]:
-    """Yields the JSON objects of an answer, best-placed first, each with its parse status."""
-    whole = _loads_lenient(cleaned)
-    if isinstance(whole, dict):
-        yield whole, JSON if cleaned == text.strip() else JSON_EMBEDDED
-    for region in [*(m.group(1) for m in _FENCE.finditer(cleaned)), cleaned]:
-        obj = _loads_lenient(region.strip())
-        if isinstance(obj, dict):
-            yield obj, JSON_EMBEDDED
-        for candidate in _json_objects(region):  # also objects nested in one without the key
-            yield candidate, JSON_EMBEDDED
-
-
-def _lookup(obj: dict, keys: tuple[str, ...]):
-    by_key = {_normal_key(str(k)): v for k, v in obj.items()}
-    return next((by_key[key] for key in keys if key in by_key), _MISSING)
-
-
-def _last_match(patterns: tuple[re.Pattern, ...], text: str) -> re.Match | None:
-    """The match that ends last over all `patterns`: the prompt asks for the verdict after the reasoning."""
-    matches = [m for pattern in patterns for m in pattern.finditer(text)]
-    return max(matches, key=lambda m: (m.end(), m.start()), default=None)
-
-
-def _parse(
-    text: str | None,
-    keys: tuple[str, ...],
-    convert: Callable[[object], object | None],
-    partial: re.Pattern,
-    raw: Callable[[str], object | None],
-) -> tuple[object | None, str]:
-    """Reads one verdict: whole JSON, embedded JSON, cut-off JSON, then prose (`raw`)."""
-    if not text or not text.strip():
-        return None, EMPTY
-    cleaned = strip_think(text).strip()
-    if not cleaned:
-        return None, EMPTY
-
-    keyed = False
-    for obj, status in _json_answers(text, cleaned):
-        value = _lookup(obj, keys)
-        if value is _MISSING:
-            continue
-        keyed = True
-        verdict = convert(value)
-        if verdict is not None:
-            return verdict, status
-    if keyed:  # the model answered in the asked-for JSON, but with a value the prompt does not allow
-        return None, INVALID
-
-    match = partial.search(cleaned)
-    if match:
-        verdict = convert(next(g for g in match.groups() if g is not None))
-        return (verdict, PARTIAL_JSON) if verdict is not None else (None, INVALID)
-
-    prose = _SPECIAL_TOKENS.sub(" ", cleaned)
-    prose = _FENCE.sub(lambda m: m.group(1), prose).replace("```", " ").strip()
-    verdict = raw(prose) if prose else None
-    return (verdict, RAW_TEXT) if verdict is not None else (None, INVALID)
-
-
-def _score(value: object) -> float | None:
-    if isinstance(value, bool):
-        return None
-    if isinstance(value, int | float):
-        score = float(value)
-    elif isinstance(value, str):
-        match = _SCORE_VALUE.fullmatch(value.strip())
-        if not match or (match.group(2) is not None and match.group(2) != "10"):
-            return None  # another scale ("4/5") is not the prompt's; mapping it would invent a score
-        score = float(match.group(1))
-    else:
-        return None
-    if not math.isfinite(score) or not SCORE_MIN <= score <= SCORE_MAX:
-        return None
-    return score
-
-
-def _score_in_prose(text: str) -> float | None:
-    whole = _score(text)
-    if whole is not None:
-        return whole
-    match = _last_match((_SCORE_CUE, _SCORE_OF_TEN), text)
-    if match is None or (match.group(2) is not None and match.group(2) != "10"):
-        return None
-    return _score(match.group(1))
-
-
-def _choice(value: object) -> str | None:
-    if not isinstance(value, str):
-        return None
-    match = _CHOICE_VALUE.fullmatch(value.strip())
-    return match.group(1).upper() if match else None
-
-
-def _choice_in_prose(text: str) -> str | None:
-    whole = _choice(text)
-    if whole is not None:
-        return whole
-    match = _last_match(_CHOICE_CUES, text)
-    if match is None:
-        return None
-    return next(g for g in match.groups() if g is not None).upper()
-
-
-def _index(value: object, n: int) -> int | None:
-    if isinstance(value, bool):
-        return None
-    if isinstance(value, float):
-        if not value.is_integer():
-            return None
-        value = int(value)
-    if isinstance(value, str):
-        match = _INDEX_VALUE.fullmatch(value.strip())
-        if not match:
-            return None
-        value = int(match.group(1))
-    if not isinstance(value, int) or not 0 <= value < n:
-        return None
-    return value
-
-
-def _index_in_prose(text: str, n: int) -> int | None:
-    whole = _index(text, n)
-    if whole is not None:
-        return whole
-    match = _last_match(_INDEX_CUES, text)
-    return _index(match.group(1), n) if match else None
-
-
-def parse_pointwise(text: str | None) -> tuple[float | None, str]:
-    """Reads the 1-10 score from a pointwise judge answer.
+class Judge:
+    """The same model as an LLM judge (the authors' prompts above): a baseline for FLIP.
 
     Args:
-        text: The generated answer to `pointwise_messages`.
-
-    Returns:
-        `(score, status)`: the score on the prompt's 1-10 scale (None when there is no usable score;
-        out-of-range scores are refused, not clamped) and a status from `JUDGE_PARSE_STATUSES`.
+        llm: A built `vllm.LLM`.
+        prompt: Only its chat-template arguments and `guided_json` (constrain decoding to the JSON
+            verdict the prompt asks for) apply.
+        max_tokens, temperature, seed: Sampling parameters of the verdict.
     """
-    return _parse(text, _SCORE_KEYS, _score, _PARTIAL_SCORE, _score_in_prose)
 
+    def __init__(
+        self, llm, prompt: PromptSpec | None = None, *, max_tokens: int = 256, temperature: float = 0.0, seed: int = 0
+    ):
+        prompt = prompt or PromptSpec()
+        self.llm = llm
+        self.fitter = PromptFitter(llm.get_tokenizer(), prompt.chat_template_kwargs)
+        self.max_model_len = llm.llm_engine.model_config.max_model_len
+        self.max_tokens, self.temperature, self.seed = max_tokens, temperature, seed
+        self.guided_json = prompt.guided_json
 
-def parse_pairwise(text: str | None) -> tuple[str | None, str]:
-    """Reads the verdict, "A" or "B", from a pairwise judge answer.
+    def _params(self, schema: dict):
+        from vllm import SamplingParams
 
-    The authors' prompt allows no tie, so "tie", "C" or "both" is refused with `INVALID`.
+        return SamplingParams(
+            max_tokens=self.max_tokens,
+            temperature=self.temperature,
+            seed=request_seed(self.seed, self.temperature),
+            structured_outputs=structured_outputs(schema if self.guided_json else None),
+        )
 
-    Args:
-        text: The generated answer to `pairwise_messages`.
+    def _fit(self, build, texts: list[str], context: list[dict] | None) -> tuple[list[int], bool]:
+        budget = self.max_model_len - self.max_tokens
+        return self.fitter.fit(build, texts, context, budget, f"the judge prompt (window {self.max_model_len} tokens)")
 
-    Returns:
-        `(choice, status)`: "A", "B" or None, and a status from `JUDGE_PARSE_STATUSES`.
-    """
-    return _parse(text, _CHOICE_KEYS, _choice, _PARTIAL_CHOICE, _choice_in_prose)
+    def pointwise(
+        self, instructions: list[str], responses: list[str], contexts: list[list[dict] | None] | None = None
+    ) -> list[Generation]:
+        """1-10 verdicts, one per (instruction, response); parse with `judge.parse_pointwise`."""
+        contexts = contexts if contexts is not None else [None] * len(responses)
+        renders = [
+            (lambda q=q, r=r, c=c: self._fit(lambda t, ctx, q=q: pointwise_messages(q, t[0], ctx), [r], c))
+            for q, r, c in zip(instructions, responses, contexts, strict=True)
+        ]
+        return render_and_generate(self.llm, renders, self._params(POINTWISE_JSON_SCHEMA))
 
+    def pairwise(
+        self, instructions: list[str], pairs: list[tuple[str, str]], contexts: list[list[dict] | None] | None = None
+    ) -> list[Generation]:
+        """A/B verdicts, one per (instruction, (response A, response B)); parse with `judge.parse_pairwise`."""
+        contexts = contexts if contexts is not None else [None] * len(pairs)
+        renders = [
+            (lambda q=q, p=p, c=c: self._fit(lambda t, ctx, q=q: pairwise_messages(q, t[0], t[1], ctx), list(p), c))
+            for q, p, c in zip(instructions, pairs, contexts, strict=True)
+        ]
+        return render_and_generate(self.llm, renders, self._params(PAIRWISE_JSON_SCHEMA))
 
-def parse_listwise(text: str | None, n: int) -> tuple[int | None, str]:
-    """Reads the 0-based index of the best of `n` responses from a listwise judge answer.
-
-    The prompt numbers responses from 0 (`[AI Response 0]`), so "Response 2" is index 2.
-
-    Args:
-        text: The generated answer to `listwise_messages`.
-        n: How many responses the prompt showed.
-
-    Returns:
-        `(index, status)`: an index in [0, n-1] or None (out of range counts as `INVALID`), and a status.
-    """
-    if n < 1:
-        raise ValueError(f"listwise judging needs at least one response, got n={n}")
-    return _parse(text, _INDEX_KEYS, lambda v: _index(v, n), _PARTIAL_INDEX, lambda prose: _index_in_prose(prose, n))
+    def listwise(
+        self, instructions: list[str], candidates: list[list[str]], contexts: list[list[dict] | None] | None = None
+    ) -> list[Generation]:
+        """Best-index verdicts, one per (instruction, responses); parse with `judge.parse_listwise`."""
+        contexts = contexts if contexts is not None else [None] * len(candidates)
+        renders, params = [], []
+        for q, cands, c in zip(instructions, candidates, contexts, strict=True):
+            renders.append(
+                lambda q=q, cands=cands, c=c: self._fit(
+                    lambda t, ctx, q=q: listwise_messages(q, t, ctx), list(cands), c
+                )
+            )
+            params.append(self._params(listwise_json_schema(len(cands))))
+        return render_and_generate(self.llm, renders, params)

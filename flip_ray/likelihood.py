@@ -7,9 +7,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 from functools import partial
 
-from flip_ray.engine import _TRUNCATION_MARGIN, PromptFitter, _render_and_run
-from flip_ray.prompts import build_flip_messages, flip_answer_prefix
+from flip_ray.engine import TRUNCATION_MARGIN, PromptFitter, render_and_run
+from flip_ray.prompts import build_flip_messages, distractors_for, flip_answer_prefix
 from flip_ray.records import RowError
+from flip_ray.specs import PromptSpec
 
 
 @dataclass
@@ -36,7 +37,7 @@ class FlipLikelihood:
 
     Args:
         llm: A built `vllm.LLM`.
-        chat_template_kwargs, variant, few_shot: The FLIP prompt, as in `FlipGenerator`.
+        prompt: The FLIP prompt, as in `FlipGenerator` (`guided_json` does not apply: nothing is decoded).
         logprob_format: `plain` (the answer is the instruction) or `json` (the instruction follows the
             opening of the JSON answer, `{"INFERRED INSTRUCTION": "`; that opening is not scored).
         distractors: Also score this many contrast instructions (`prompts.distractors_for`) after the
@@ -45,24 +46,15 @@ class FlipLikelihood:
             Costs one more prefill per distractor.
     """
 
-    def __init__(
-        self,
-        llm,
-        *,
-        chat_template_kwargs: dict | None = None,
-        variant: str = "flip",
-        few_shot: int = 0,
-        logprob_format: str = "plain",
-        distractors: int = 0,
-    ):
+    def __init__(self, llm, prompt: PromptSpec | None = None, *, logprob_format: str = "plain", distractors: int = 0):
         from vllm import SamplingParams
 
+        self.prompt = prompt or PromptSpec()
         self.llm = llm
         self.distractors = distractors
         self.tokenizer = llm.get_tokenizer()
-        self.fitter = PromptFitter(self.tokenizer, chat_template_kwargs)
+        self.fitter = PromptFitter(self.tokenizer, self.prompt.chat_template_kwargs)
         self.max_model_len = llm.llm_engine.model_config.max_model_len
-        self.variant, self.few_shot = variant, few_shot
         self.prefix_ids = self.tokenizer.encode(flip_answer_prefix(logprob_format), add_special_tokens=False)
         # prompt_logprobs=0 returns the log-probability of each prompt token as it stands.
         self.params = SamplingParams(max_tokens=1, temperature=0.0, prompt_logprobs=0, detokenize=False)
@@ -72,10 +64,12 @@ class FlipLikelihood:
         if not target:
             raise RowError("instruction has no tokens")
         budget = self.max_model_len - 1 - len(self.prefix_ids) - len(target)
-        if budget <= _TRUNCATION_MARGIN * 8:
+        if budget <= TRUNCATION_MARGIN * 8:
             raise RowError(f"instruction ({len(target)} tokens) is too long for the {self.max_model_len}-token window")
         ids, truncated = self.fitter.fit(
-            lambda texts, ctx: build_flip_messages(texts[0], ctx, variant=self.variant, few_shot=self.few_shot),
+            lambda texts, ctx: build_flip_messages(
+                texts[0], ctx, variant=self.prompt.variant, few_shot=self.prompt.few_shot
+            ),
             [response],
             context,
             budget,
@@ -90,8 +84,6 @@ class FlipLikelihood:
         contexts = contexts if contexts is not None else [None] * len(responses)
         if not self.distractors:
             return self._score(instructions, responses, contexts)
-        from flip_ray.prompts import distractors_for
-
         k = self.distractors
         flat_i, flat_r, flat_c = [], [], []
         for instruction, response, context in zip(instructions, responses, contexts, strict=True):
@@ -116,7 +108,7 @@ class FlipLikelihood:
             ids, target, truncated = self._render(instruction, response, context)
             return ids + target, truncated, target
 
-        return _render_and_run(
+        return render_and_run(
             self.llm,
             [partial(render, *row) for row in zip(instructions, responses, contexts, strict=True)],
             self.params,

@@ -155,18 +155,36 @@ def file_sha256(path: Path, chunk: int = 1 << 20) -> str:
 def weights_fingerprint(model_path: str) -> dict:
     """Hashes the weight files of a local checkpoint for the run manifest.
 
-    Returns the file names and a combined sha256; for a hub name or remote path (nothing local to
-    hash) the hash is None and the manifest says so.
+    The sha256 of multi-GB checkpoints takes minutes, so it is computed once per checkpoint and kept
+    in the flip_ray cache, keyed by the directory and reused while every weight file keeps its size
+    and mtime (a resume costs a few stats). Returns the file names and a combined sha256; for a hub
+    name or remote path (nothing local to hash) the hash is None and the manifest says so.
     """
     path = Path(model_path)
     if not path.is_dir():
         return {"files": [], "sha256": None, "note": "not a local directory; not hashed"}
     files = sorted(p for p in path.iterdir() if p.suffix in {".safetensors", ".bin", ".gguf", ".pt"})
+    stats = [[p.name, p.stat().st_size, p.stat().st_mtime_ns] for p in files]
+    record = cache_dir() / "fingerprints" / f"{hashlib.sha1(str(path.resolve()).encode()).hexdigest()}.json"
+    try:
+        cached = json.loads(record.read_text())
+        if cached["stats"] == stats:
+            return {"files": [p.name for p in files], "sha256": cached["sha256"]}
+    except (OSError, ValueError, KeyError):
+        pass
     h = hashlib.sha256()
     for p in files:
         h.update(p.name.encode())
         h.update(file_sha256(p).encode())
-    return {"files": [p.name for p in files], "sha256": h.hexdigest() if files else None}
+    digest = h.hexdigest() if files else None
+    try:
+        record.parent.mkdir(parents=True, exist_ok=True)
+        tmp = record.with_suffix(f".tmp-{os.getpid()}")
+        tmp.write_text(json.dumps({"path": str(path.resolve()), "stats": stats, "sha256": digest}))
+        os.replace(tmp, record)
+    except OSError as e:  # a read-only cache only costs the next run another hash
+        logger.warning("could not cache the weights fingerprint in %s: %s", record.parent, e)
+    return {"files": [p.name for p in files], "sha256": digest}
 
 
 _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".gguf")

@@ -7,38 +7,41 @@ from __future__ import annotations
 import json
 import random
 import time
-from typing import TYPE_CHECKING
+from dataclasses import replace
 
 import pyarrow as pa
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
-from flip_ray.config import ScoreConfig
+from flip_ray.engine import EngineWatchdog, exit_for_restart, is_fatal_engine_error
 from flip_ray.evalstats import outcome_from_pick, pair_outcome
-
-if TYPE_CHECKING:
-    from flip_ray.evaluate import Item
+from flip_ray.judge import Judge
+from flip_ray.model import prepare_default_model
+from flip_ray.preference import Item
+from flip_ray.runtime import engine_actor_options, init_ray, resolve_device
+from flip_ray.specs import EngineSpec, PromptSpec
+from flip_ray.verdicts import parse_listwise, parse_pairwise
 
 
 class PairJudgeStage:
     """Engine actor for the per-pair judges: one `vllm.LLM`, the authors' pairwise/listwise prompts."""
 
-    def __init__(self, *, engine: dict, max_tokens: int, guided_json: bool, chat_template_kwargs: dict | None):
-        from flip_ray.engine import Judge, build_llm
-
-        engine = dict(engine)
-        model = engine.pop("model")
-        if model is None:
-            from flip_ray.model import prepare_default_model
-
-            model = str(prepare_default_model())
-        llm = build_llm(model, **engine)
-        self.judge = Judge(
-            llm, max_tokens=max_tokens, chat_template_kwargs=chat_template_kwargs, guided_json=guided_json
-        )
+    def __init__(self, *, engine: EngineSpec, prompt: PromptSpec, max_tokens: int):
+        if engine.model is None:
+            engine = replace(engine, model=str(prepare_default_model()))
+        llm = engine.build()
+        if engine.multiprocessing:
+            EngineWatchdog(llm)
+        self.judge = Judge(llm, prompt, max_tokens=max_tokens)
 
     def __call__(self, batch: pa.Table) -> pa.Table:
-        from flip_ray.judge import parse_listwise, parse_pairwise
+        try:
+            return self._judge(batch)
+        except Exception as e:
+            if is_fatal_engine_error(e):
+                exit_for_restart(f"{type(e).__name__}: {e}")
+            raise
 
+    def _judge(self, batch: pa.Table) -> pa.Table:
         rows = batch.to_pylist()
         instr = [r["instruction"] for r in rows]
         ctx = [json.loads(r["context"]) or None for r in rows]
@@ -114,51 +117,39 @@ def pair_judge_jobs(items: list[Item], methods: list[str], seed: int) -> list[di
 
 def run_pair_judges(cfg: DictConfig, items: list[Item], methods: list[str]) -> tuple[dict[str, dict], float]:
     """Runs the per-pair judges on Ray Data; returns (job id -> result, wall seconds)."""
-    from flip_ray.pipeline import engine_actor_options, engine_stage_kwargs, init_ray, resolve_device
-
     jobs = pair_judge_jobs(items, methods, cfg.evaluation.seed)
     if not jobs:
         return {}, 0.0
-    ray = init_ray(cfg.ray.address, cfg.ray.local_num_cpus)
+    ray = init_ray(cfg.ray)
     device = resolve_device(cfg.model.device, ray.cluster_resources().get("GPU", 0))
-    from flip_ray.model import prepare_default_model
-
-    model_path = cfg.model.path or str(prepare_default_model())
-    kw = engine_stage_kwargs(
-        OmegaConf.merge(
-            OmegaConf.structured(ScoreConfig), {k: cfg[k] for k in ("model", "sampling", "reward", "dedup")}
-        ),
-        device,
-        model_path,
-    )
-    engine = {
-        k: kw[k]
-        for k in (
-            "model",
-            "dtype",
-            "max_model_len",
-            "tensor_parallel_size",
-            "gpu_memory_utilization",
-            "enable_prefix_caching",
-            "enforce_eager",
-            "trust_remote_code",
-            "seed",
-            "load_format",
-        )
-    }
+    engine = EngineSpec.from_config(cfg.model, device=device, seed=cfg.sampling.seed)
     t0 = time.time()
     ds = ray.data.from_items(jobs).map_batches(
         PairJudgeStage,
         fn_constructor_kwargs=dict(
             engine=engine,
+            prompt=PromptSpec.from_config(cfg.model, cfg.reward),
             max_tokens=cfg.evaluation.judge_max_tokens,
-            guided_json=cfg.reward.guided_json,
-            chat_template_kwargs=kw["chat_template_kwargs"],
         ),
-        **engine_actor_options(cfg, device, model_path),
+        **engine_actor_options(engine, cfg.resources),
     )
     results = {row["job"]: row for row in ds.take_all()}
     return results, time.time() - t0
+
+
+def judge_outcomes(
+    method: str, items: list[Item], results: dict[str, dict], seed: int
+) -> tuple[list[float | None], list[int | None], dict[str, int]]:
+    """Outcome and pick per item of one per-pair judge, and the parse statuses of its verdicts."""
+    pairs = [
+        pairwise_outcome(n, it, results) if method == "judge_pairwise" else listwise_outcome(n, it, results, seed)
+        for n, it in enumerate(items)
+    ]
+    statuses: dict[str, int] = {}
+    for job, res in results.items():
+        if job.startswith("p:" if method == "judge_pairwise" else "l:") and res["status"]:
+            statuses[res["status"]] = statuses.get(res["status"], 0) + 1
+    return [o for o, _ in pairs], [p for _, p in pairs], statuses
 
 
 def pairwise_outcome(item_index: int, item: Item, results: dict[str, dict]) -> tuple[float | None, int | None]:

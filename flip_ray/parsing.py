@@ -21,8 +21,8 @@ EMPTY = "empty"  # nothing left after cleaning
 PARSE_STATUSES = (JSON, JSON_EMBEDDED, PARTIAL_JSON, RAW_TEXT, EMPTY)
 
 _THINK_BLOCK = re.compile(r"<think>.*?</think>", re.DOTALL | re.IGNORECASE)
-_FENCE = re.compile(r"```[a-zA-Z0-9_-]*\s*\n?(.*?)```", re.DOTALL)
-_SPECIAL_TOKENS = re.compile(r"<\|[^|>]{1,40}\|>|</?think>", re.IGNORECASE)
+FENCE = re.compile(r"```[a-zA-Z0-9_-]*\s*\n?(.*?)```", re.DOTALL)
+SPECIAL_TOKENS = re.compile(r"<\|[^|>]{1,40}\|>|</?think>", re.IGNORECASE)
 _KEY_CHARS = re.compile(r"[\s_\-]+")
 
 # Normalised key spellings (lowercase, no spaces/underscores/hyphens), including the authors' typo.
@@ -62,12 +62,12 @@ def strip_think(text: str) -> str:
     return text
 
 
-def _normal_key(key: str) -> str:
+def normal_key(key: str) -> str:
     return _KEY_CHARS.sub("", key).lower()
 
 
 def _pick(obj: dict, keys: tuple[str, ...]) -> str | None:
-    by_key = {_normal_key(str(k)): v for k, v in obj.items()}
+    by_key = {normal_key(str(k)): v for k, v in obj.items()}
     for key in keys:
         value = by_key.get(key)
         if value is None:
@@ -78,7 +78,7 @@ def _pick(obj: dict, keys: tuple[str, ...]) -> str | None:
     return None
 
 
-def _json_objects(text: str):
+def json_objects(text: str):
     """Yields every JSON object that decodes from a `{` in `text`, in order."""
     decoder = json.JSONDecoder(strict=False)
     start = text.find("{")
@@ -92,7 +92,7 @@ def _json_objects(text: str):
         start = text.find("{", start + 1)
 
 
-def _loads_lenient(text: str):
+def loads_lenient(text: str):
     """json.loads, then once more with raw newlines escaped (models often emit them in strings)."""
     for candidate in (text, text.replace("\r\n", "\n").replace("\n", "\\n")):
         try:
@@ -125,17 +125,17 @@ def parse_inferred_instruction(text: str | None) -> ParsedAnswer:
     if not cleaned:
         return ParsedAnswer("", None, EMPTY)
 
-    whole = _loads_lenient(cleaned)
+    whole = loads_lenient(cleaned)
     if isinstance(whole, dict):
         instruction = _pick(whole, _INSTRUCTION_KEYS)
         if instruction is not None:
             status = JSON if cleaned == text.strip() else JSON_EMBEDDED
             return ParsedAnswer(instruction.strip(), _pick(whole, _REASONING_KEYS), status)
 
-    fenced = [m.group(1) for m in _FENCE.finditer(cleaned)]
+    fenced = [m.group(1) for m in FENCE.finditer(cleaned)]
     for region in [*fenced, cleaned]:
-        obj = _loads_lenient(region.strip())
-        candidates = [obj] if isinstance(obj, dict) else list(_json_objects(region))
+        obj = loads_lenient(region.strip())
+        candidates = [obj] if isinstance(obj, dict) else list(json_objects(region))
         for candidate in candidates:
             instruction = _pick(candidate, _INSTRUCTION_KEYS)
             if instruction is not None:
@@ -150,8 +150,8 @@ def parse_inferred_instruction(text: str | None) -> ParsedAnswer:
             PARTIAL_JSON,
         )
 
-    raw = _SPECIAL_TOKENS.sub(" ", cleaned)
-    raw = _FENCE.sub(lambda m: m.group(1), raw).replace("```", " ").strip()
+    raw = SPECIAL_TOKENS.sub(" ", cleaned)
+    raw = FENCE.sub(lambda m: m.group(1), raw).replace("```", " ").strip()
     if not raw:
         return ParsedAnswer("", None, EMPTY)
     return ParsedAnswer(raw, None, RAW_TEXT)

@@ -17,7 +17,6 @@ A run whose `input.path` differs from the one the output was made from is refuse
 from __future__ import annotations
 
 import logging
-import os
 import posixpath
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -28,10 +27,12 @@ from omegaconf import DictConfig
 
 from flip_ray import schema
 from flip_ray.config import to_dict, validate_score_config
-from flip_ray.io import ColumnMapping, InputError, Shard, check_columns, list_shards, source_identities
+from flip_ray.io import ColumnMapping, check_columns
 from flip_ray.judge import JUDGE_PROMPT_VERSION
 from flip_ray.model import check_model_path
 from flip_ray.prompts import PROMPT_TEMPLATE_VERSION
+from flip_ray.runtime import apply_storage_config, on_cluster
+from flip_ray.shards import InputError, Shard, list_shards, source_identities
 from flip_ray.store import DATA, RUN, OutputError, OutputStore, config_fingerprint, shard_id
 
 logger = logging.getLogger(__name__)
@@ -116,17 +117,7 @@ def unified_columns(shards: list[Shard], mapping: ColumnMapping) -> tuple[pa.Sch
     return pa.schema(list(fields.values())), notes
 
 
-def apply_storage_config(cfg: DictConfig) -> None:
-    """Exports `storage.*` as the standard AWS variables for this process (and, through
-    `storage_env`, its workers). Only non-secret settings live in the config."""
-    for key, var in (("endpoint_url", "AWS_ENDPOINT_URL"), ("profile", "AWS_PROFILE"), ("region", "AWS_REGION")):
-        value = cfg.storage[key]
-        if value:
-            os.environ[var] = str(value)
-
-
-def _column_mapping(cfg: DictConfig, present: pa.Schema) -> ColumnMapping:
-    i = cfg.input
+def _column_mapping(i: DictConfig, present: pa.Schema) -> ColumnMapping:
     if i.keep_columns is None:
         keep = tuple(present.names)
     else:
@@ -212,6 +203,43 @@ def reconcile(
     return kept, pending, remove, notes
 
 
+def _input_columns(input_cfg: DictConfig, shards: list[Shard]) -> tuple[ColumnMapping, pa.Schema, list[str]]:
+    """The column mapping, the kept columns' schema and notes for the log, from every shard's columns."""
+    base = ColumnMapping(
+        prompt=input_cfg.prompt_column,
+        response=input_cfg.response_column,
+        id=input_cfg.id_column,
+        messages=input_cfg.messages_column,
+    )
+    present, notes = unified_columns(shards, base)
+    mapping = _column_mapping(input_cfg, present)
+    notes = [n for n in notes if any(f"input column {c!r}" in n for c in mapping.keep)]
+    notes += [
+        f"input column {c!r} is written as {schema.output_column_name(c)!r}"
+        for c in mapping.keep
+        if c in schema.RESERVED
+    ]
+    return mapping, pa.schema([present.field(c) for c in mapping.keep]), notes
+
+
+def _earlier_run(store: OutputStore, fingerprint: str, input_uri: str) -> dict[str, dict]:
+    """The done records of the run already in `store`, after checking that it was made with this
+    config from this input (else OutputExistsError)."""
+    run = store.read_json(RUN) or {}
+    if run.get("config_fingerprint") != fingerprint:
+        raise OutputExistsError(
+            f"output.path {store.uri} holds a run made with a different config "
+            f"(fingerprint {run.get('config_fingerprint', 'unknown')[:12]}, this config "
+            f"{fingerprint[:12]}); choose another output.path or pass output.overwrite=true to replace it"
+        )
+    if run.get("input_path") not in (None, input_uri):
+        raise OutputExistsError(
+            f"output.path {store.uri} holds the scores of input.path {run['input_path']}, not of {input_uri}; "
+            "choose another output.path, or pass output.overwrite=true to replace it"
+        )
+    return store.done_records()
+
+
 def plan_run(cfg: DictConfig) -> RunPlan:
     """Validates the config, the input, the model path and the output location, without loading any
     model or changing anything, and decides which shards to score.
@@ -220,56 +248,20 @@ def plan_run(cfg: DictConfig) -> RunPlan:
         ConfigError, InputError, ModelError, OutputError: With a message naming the key, path or column.
     """
     validate_score_config(cfg)
-    apply_storage_config(cfg)
-    model_note = check_model_path(
-        cfg.model.path,
-        load_format=cfg.model.load_format,
-        on_cluster=bool(cfg.ray.address or os.environ.get("RAY_ADDRESS")),
-    )
+    apply_storage_config(cfg.storage)
+    model_note = check_model_path(cfg.model.path, load_format=cfg.model.load_format, on_cluster=on_cluster(cfg.ray))
     shards = list_shards(cfg.input.path, cfg.input.format)
-    base = ColumnMapping(
-        prompt=cfg.input.prompt_column,
-        response=cfg.input.response_column,
-        id=cfg.input.id_column,
-        messages=cfg.input.messages_column,
-    )
-    present, notes = unified_columns(shards, base)
-    mapping = _column_mapping(cfg, present)
-    notes = [n for n in notes if any(f"input column {c!r}" in n for c in mapping.keep)]
-    if model_note:
-        notes.insert(0, model_note)
-    kept_schema = pa.schema([present.field(c) for c in mapping.keep])
-    notes += [
-        f"input column {c!r} is written as {schema.output_column_name(c)!r}"
-        for c in mapping.keep
-        if c in schema.RESERVED
-    ]
-
+    mapping, kept_schema, notes = _input_columns(cfg.input, shards)
     store = OutputStore(cfg.output.path)
     _check_output(cfg, store)
     fingerprint = config_fingerprint(to_dict(cfg), f"{PROMPT_TEMPLATE_VERSION}+{JUDGE_PROMPT_VERSION}")
     input_uri = canonical_uri(cfg.input.path)
     identities = source_identities([s.uri for s in shards])
-    done: dict[str, dict] = {}
-    if store.has_run() and not cfg.output.overwrite:
-        run = store.read_json(RUN) or {}
-        if run.get("config_fingerprint") != fingerprint:
-            raise OutputExistsError(
-                f"output.path {store.uri} holds a run made with a different config "
-                f"(fingerprint {run.get('config_fingerprint', 'unknown')[:12]}, this config "
-                f"{fingerprint[:12]}); choose another output.path or pass output.overwrite=true to replace it"
-            )
-        if run.get("input_path") not in (None, input_uri):
-            raise OutputExistsError(
-                f"output.path {store.uri} holds the scores of input.path {run['input_path']}, not of {input_uri}; "
-                "choose another output.path, or pass output.overwrite=true to replace it"
-            )
-        done = store.done_records()
+    done = _earlier_run(store, fingerprint, input_uri) if store.has_run() and not cfg.output.overwrite else {}
     parts = _part_files(store) if done else {}
     done, pending, remove, reconcile_notes = reconcile(
         done, shards, identities, parts, rescore_changed=cfg.input.rescore_changed, where="the run in " + store.uri
     )
-    strays = [(sid, name) for sid, record in done.items() for name in sorted(parts[sid] - set(record["files"]))]
     return RunPlan(
         shards=shards,
         mapping=mapping,
@@ -282,6 +274,6 @@ def plan_run(cfg: DictConfig) -> RunPlan:
         done=done,
         pending=pending,
         remove=remove,
-        strays=strays,
-        notes=notes + reconcile_notes,
+        strays=[(sid, name) for sid, record in done.items() for name in sorted(parts[sid] - set(record["files"]))],
+        notes=([model_note] if model_note else []) + notes + reconcile_notes,
     )

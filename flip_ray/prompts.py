@@ -44,6 +44,8 @@ NO_REASONING_SYSTEM_PROMPT = (
 )
 NO_REASONING_USER_TEMPLATE = _USER_HEAD + 'Respond in JSON format. {{"INFERRED INSTRUCTION": "<instruction>"}}'
 PROMPT_VARIANTS = ("flip", "no_reasoning")
+# The job's default and every class's (docs/EVAL.md: best for both FLIP forms with the embedded model).
+DEFAULT_PROMPT_VARIANT = "no_reasoning"
 _SYSTEM_PROMPTS = {"flip": FLIP_SYSTEM_PROMPT, "no_reasoning": NO_REASONING_SYSTEM_PROMPT}
 _USER_TEMPLATES = {"flip": FLIP_USER_TEMPLATE, "no_reasoning": NO_REASONING_USER_TEMPLATE}
 
@@ -69,7 +71,7 @@ FEW_SHOT_EXAMPLES = (
     },
 )
 
-_HISTORY_HEADER = "[Conversation History]\n"
+HISTORY_HEADER = "[Conversation History]\n"
 _ROLE_NAMES = {"system": "System", "user": "User", "assistant": "Assistant"}
 
 
@@ -81,12 +83,14 @@ def render_history(context: list[dict] | None) -> str:
     return "\n\n".join(turns)
 
 
-def build_flip_user_message(response: str, context: list[dict] | None = None, variant: str = "flip") -> str:
+def build_flip_user_message(
+    response: str, context: list[dict] | None = None, variant: str = DEFAULT_PROMPT_VARIANT
+) -> str:
     """The FLIP user message for one response, with the conversation history first if any."""
     body = _USER_TEMPLATES[variant].format(response=response)
     history = render_history(context)
     if history:
-        return f"{_HISTORY_HEADER}{history}\n\n{body}"
+        return f"{HISTORY_HEADER}{history}\n\n{body}"
     return body
 
 
@@ -102,7 +106,7 @@ def _few_shot_turns(variant: str, few_shot: int) -> list[dict]:
 
 
 def build_flip_messages(
-    response: str, context: list[dict] | None = None, *, variant: str = "flip", few_shot: int = 0
+    response: str, context: list[dict] | None = None, *, variant: str = DEFAULT_PROMPT_VARIANT, few_shot: int = 0
 ) -> list[dict]:
     """Chat messages asking the model to infer the instruction behind `response`.
 

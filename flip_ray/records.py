@@ -6,9 +6,11 @@ into a recorded per-row error instead of a crash.
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 ROLES = ("system", "user", "assistant")
+_HH_TURN = re.compile(r"(?:^|\n\n)(Human|Assistant): ", re.MULTILINE)
 
 
 class RowError(ValueError):
@@ -61,3 +63,43 @@ def conversation_parts(messages: Any) -> tuple[str, str, list[dict]]:
     if len(turns) < 2 or turns[-2]["role"] != "user":
         raise RowError("the assistant's last turn does not follow a user turn")
     return turns[-2]["content"], turns[-1]["content"], turns[:-2]
+
+
+def parse_transcript(text: str) -> list[dict] | None:
+    """An HH-RLHF style transcript ("Human: ...\\n\\nAssistant: ...") as chat turns, or None if
+    `text` is not one."""
+    if not text.lstrip().startswith("Human:"):
+        return None
+    marks = list(_HH_TURN.finditer(text.lstrip()))
+    body = text.lstrip()
+    turns = []
+    for k, m in enumerate(marks):
+        end = marks[k + 1].start() if k + 1 < len(marks) else len(body)
+        content = body[m.end() : end].strip()
+        turns.append({"role": "user" if m.group(1) == "Human" else "assistant", "content": content})
+    if len(turns) < 1 or turns[-1]["role"] != "user":
+        return None
+    return turns
+
+
+def prompt_parts(prompt) -> tuple[str, list[dict]]:
+    """(instruction, earlier turns) of a pair's prompt: a string, an HH transcript or a chat.
+
+    Raises:
+        RowError: An empty prompt, or a chat that does not end with a user turn.
+    """
+    if isinstance(prompt, str):
+        turns = parse_transcript(prompt)
+        if turns is None:
+            return text_field(prompt, "prompt"), []
+        prompt = turns
+    if not isinstance(prompt, (list, tuple)) or not prompt:
+        raise RowError(f"prompt is {type(prompt).__name__}, expected a string or a list of {{role, content}}")
+    turns = []
+    for i, m in enumerate(prompt):
+        if not isinstance(m, dict) or m.get("role") not in ROLES:
+            raise RowError(f"prompt[{i}] is not a {{role, content}} turn with a role in {ROLES}")
+        turns.append({"role": m["role"], "content": text_field(m.get("content"), f"prompt[{i}].content")})
+    if turns[-1]["role"] != "user":
+        raise RowError(f"prompt ends with a {turns[-1]['role']} turn; the last turn must be the user's instruction")
+    return turns[-1]["content"], turns[:-1]

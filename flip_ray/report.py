@@ -16,7 +16,7 @@ import random
 import fsspec
 import pyarrow.dataset as pads
 
-from flip_ray.stages import FLAG_NAMES
+from flip_ray.schema import FLAG_NAMES
 from flip_ray.store import NotAScoredOutput, ScoredOutput, open_scored
 
 _BINS = 40

@@ -30,6 +30,15 @@ CONTROL_COLUMNS = pa.schema(
     ]
 )
 
+# Per-row rewards the scoring job computes, in one engine pass, and the column each ranks by.
+SCORE_METHODS = ("flip", "flip_logprob", "judge_pointwise")
+SCORE_COLUMN = {"flip": "flip_score", "flip_logprob": "flip_logprob_mean", "judge_pointwise": "judge_score"}
+# Per reward method: why that method could not score a row (its columns are then null). A row's
+# `error` is set only when every requested method failed, or the row could not be read at all.
+METHOD_ERROR = {m: f"{m}_error" for m in SCORE_METHODS}
+# Reward-hacking and weak-spot flags (`flags.compute_flags`), one boolean column each.
+FLAG_NAMES = ("flag_restates_prompt", "flag_too_short", "flag_language_mismatch")
+
 FLIP_COLUMNS = pa.schema(
     [
         pa.field("inferred_instruction", pa.string()),
@@ -50,18 +59,11 @@ FLIP_COLUMNS = pa.schema(
         pa.field("truncated", pa.bool_()),
         pa.field("prompt_copy_fraction", pa.float64()),
         pa.field("response_words", pa.int64()),
-        pa.field("flag_restates_prompt", pa.bool_()),
-        pa.field("flag_too_short", pa.bool_()),
-        pa.field("flag_language_mismatch", pa.bool_()),
-        pa.field("flip_error", pa.string()),
-        pa.field("flip_logprob_error", pa.string()),
-        pa.field("judge_pointwise_error", pa.string()),
+        *(pa.field(name, pa.bool_()) for name in FLAG_NAMES),
+        *(pa.field(name, pa.string()) for name in METHOD_ERROR.values()),
         pa.field("error", pa.string()),
     ]
 )
-# Per reward method: why that method could not score a row (its columns are then null). A row's
-# `error` is set only when every requested method failed, or the row could not be read at all.
-METHOD_ERROR = {"flip": "flip_error", "flip_logprob": "flip_logprob_error", "judge_pointwise": "judge_pointwise_error"}
 FLIP_COLUMN_NAMES = tuple(FLIP_COLUMNS.names)
 RESERVED = {ID, *FLIP_COLUMN_NAMES}
 
@@ -69,39 +71,40 @@ RESERVED = {ID, *FLIP_COLUMN_NAMES}
 ENGINE_COLUMNS = pa.schema(
     [
         pa.field(GENERATIONS, pa.list_(pa.string())),
-        pa.field("flip_logprob_mean", pa.float64()),
-        pa.field("flip_logprob_sum", pa.float64()),
-        pa.field("flip_logprob_tokens", pa.int64()),
-        pa.field("flip_logprob_contrast", pa.float64()),
-        pa.field("judge_score", pa.float64()),
-        pa.field("judge_parse_status", pa.string()),
-        pa.field("finish_reason", pa.string()),
-        pa.field("n_prompt_tokens", pa.int64()),
-        pa.field("n_output_tokens", pa.int64()),
-        pa.field("truncated", pa.bool_()),
-        *(pa.field(name, pa.string()) for name in METHOD_ERROR.values()),
-        pa.field("error", pa.string()),
+        *(
+            FLIP_COLUMNS.field(name)
+            for name in (
+                "flip_logprob_mean",
+                "flip_logprob_sum",
+                "flip_logprob_tokens",
+                "flip_logprob_contrast",
+                "judge_score",
+                "judge_parse_status",
+                "finish_reason",
+                "n_prompt_tokens",
+                "n_output_tokens",
+                "truncated",
+                *METHOD_ERROR.values(),
+                "error",
+            )
+        ),
     ]
 )
 
 
-# What the writer reports to the driver for each part file it wrote (or each shard marker it saw).
+# What the writer reports to the driver for each part file it wrote (or each shard marker it saw):
+# sums, and JSON objects of counts, that the driver adds up per shard (done records) and per run.
+PART_SUMS = ("rows", "scored", "errors", "score_sum", "flip_scored", "output_tokens", "truncated", "dedup_saved")
+PART_COUNTS = ("flagged", "parse_status", "error_kinds", "method_errors")
 PART_META = pa.schema(
     [
         pa.field("shard_id", pa.string()),
         pa.field("file", pa.string()),
-        pa.field("rows", pa.int64()),
-        pa.field("scored", pa.int64()),
-        pa.field("errors", pa.int64()),
-        pa.field("score_sum", pa.float64()),
-        pa.field("flip_scored", pa.int64()),  # rows with a flip_score (score_sum is over them)
-        pa.field("output_tokens", pa.int64()),
-        pa.field("truncated", pa.int64()),
-        pa.field("dedup_saved", pa.int64()),
-        pa.field("flagged", pa.string()),  # JSON object: flag -> count
-        pa.field("parse_status", pa.string()),  # JSON object: status -> count
-        pa.field("error_kinds", pa.string()),  # JSON object: error kind -> count
-        pa.field("method_errors", pa.string()),  # JSON object: method -> rows it could not score
+        # score_sum: of flip_score over the rows that have one (flip_scored)
+        *(pa.field(k, pa.float64() if k == "score_sum" else pa.int64()) for k in PART_SUMS),
+        # flagged: flag -> rows; parse_status: status -> rows; error_kinds: kind -> rows;
+        # method_errors: method -> rows it could not score
+        *(pa.field(k, pa.string()) for k in PART_COUNTS),
         pa.field("total", pa.int64()),  # marker only
         pa.field("shard_error", pa.string()),  # marker only
     ]

@@ -15,8 +15,11 @@ from __future__ import annotations
 
 from typing import Any
 
+from flip_ray.engine import FlipGenerator
+from flip_ray.likelihood import FlipLikelihood
 from flip_ray.records import RowError, conversation_parts, text_field
 from flip_ray.scoring import FlipScore, score_generations
+from flip_ray.specs import PromptSpec, SamplingSpec
 
 
 def _response_text(completion: Any) -> str:
@@ -56,47 +59,44 @@ def _split_rows(prompts: list[Any], responses: list[Any]) -> tuple[list, list[in
 class FlipScorer:
     """FLIP rewards for (prompt, response) pairs from a `vllm.LLM`.
 
+    Defaults are the scoring job's (`PromptSpec`, `SamplingSpec`): `FlipScorer(llm)` gives the same
+    rewards as `flip-ray score` with its defaults on the same engine.
+
     Args:
         llm: A built `vllm.LLM`.
-        temperature, top_p, max_tokens, seed, n: Sampling parameters (greedy by default).
+        variant, few_shot, chat_template_kwargs, guided_json: The FLIP prompt, as `reward.prompt`,
+            `reward.few_shot`, `model.chat_template_kwargs` and `reward.guided_json` in the job.
+        temperature, top_p, max_tokens, seed, n: Sampling of `flip`, as `sampling.*` (greedy).
         aggregate: How F1 over n samples is combined (`mean` or `max`).
         error_reward: The reward given to a pair that cannot be scored (empty text, too long).
-        variant, few_shot, guided_json: The FLIP prompt and decoding, as `reward.*` in the batch job.
         likelihood: If true, `__call__` returns the `flip_logprob` reward (mean log-probability of the
             real instruction given the response; one prefill, no decoding) instead of the F1 reward.
+        logprob_format: `flip_logprob` scores the instruction alone (`plain`) or inside the JSON answer.
     """
 
     def __init__(
         self,
         llm,
         *,
-        temperature: float = 0.0,
-        top_p: float = 1.0,
-        max_tokens: int = 256,
-        seed: int = 0,
-        n: int = 1,
+        variant: str = PromptSpec.variant,
+        few_shot: int = PromptSpec.few_shot,
+        chat_template_kwargs: dict | None = None,
+        guided_json: bool = PromptSpec.guided_json,
+        temperature: float = SamplingSpec.temperature,
+        top_p: float = SamplingSpec.top_p,
+        max_tokens: int = SamplingSpec.max_tokens,
+        seed: int = SamplingSpec.seed,
+        n: int = SamplingSpec.n,
         aggregate: str = "mean",
         error_reward: float = 0.0,
-        variant: str = "flip",
-        few_shot: int = 0,
-        guided_json: bool = False,
         likelihood: bool = False,
+        logprob_format: str = "plain",
     ):
-        from flip_ray.engine import FlipGenerator
-        from flip_ray.likelihood import FlipLikelihood
-
-        self.generator = FlipGenerator(
-            llm,
-            temperature=temperature,
-            top_p=top_p,
-            max_tokens=max_tokens,
-            seed=seed,
-            n=n,
-            variant=variant,
-            few_shot=few_shot,
-            guided_json=guided_json,
-        )
-        self.likelihood = FlipLikelihood(llm, variant=variant, few_shot=few_shot) if likelihood else None
+        prompt = PromptSpec(variant, few_shot, dict(chat_template_kwargs or {}), guided_json)
+        sampling = SamplingSpec(temperature=temperature, top_p=top_p, max_tokens=max_tokens, seed=seed, n=n)
+        self.generator = FlipGenerator(llm, prompt, sampling)
+        self.lk = FlipLikelihood(llm, prompt, logprob_format=logprob_format)
+        self.likelihood = likelihood
         self.aggregate = aggregate
         self.error_reward = error_reward
 
@@ -114,17 +114,14 @@ class FlipScorer:
 
     def log_likelihoods(self, prompts: list[Any], responses: list[Any]) -> list[float | RowError]:
         """`flip_logprob` per pair: the mean log-probability of the instruction given the response."""
-        from flip_ray.likelihood import FlipLikelihood
-
-        lk = self.likelihood or FlipLikelihood(self.generator.llm, variant=self.generator.variant)
         results, todo, instructions, texts, contexts = _split_rows(prompts, responses)
-        for i, out in zip(todo, lk.score(instructions, texts, contexts), strict=True):
+        for i, out in zip(todo, self.lk.score(instructions, texts, contexts), strict=True):
             results[i] = RowError(out.error) if out.error else out.logprob_mean
         return results  # type: ignore[return-value]
 
     def __call__(self, prompts: list[Any], completions: list[Any], **_: Any) -> list[float]:
         """Reward-function form (TRL's GRPOTrainer calling convention): one float per completion."""
-        if self.likelihood is not None:
+        if self.likelihood:
             return [
                 r if isinstance(r, float) else self.error_reward for r in self.log_likelihoods(prompts, completions)
             ]

@@ -8,7 +8,6 @@ import json
 import random
 from typing import Any
 
-FLAG_COLUMNS = ("flag_restates_prompt", "flag_too_short", "flag_language_mismatch")
 STRATEGIES = ("best_vs_worst", "all_pairs", "best_vs_random")
 
 

@@ -23,25 +23,27 @@ the engine.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import re
 import uuid
-from collections import OrderedDict
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 
 import fsspec
 import pyarrow as pa
 
 from flip_ray import schema
-from flip_ray.io import ColumnMapping, InputError, Shard, read_shard
+from flip_ray.flags import Flags, compute_flags
+from flip_ray.io import ColumnMapping, read_shard
+from flip_ray.scoring import score_batch
+from flip_ray.shards import InputError, Shard
+from flip_ray.similarity import EmbeddingSimilarity
 from flip_ray.store import DATA, parquet_bytes, shard_id, write_bytes_durably
 
 logger = logging.getLogger(__name__)
 
 
-def _require_columns(stage: str, batch: pa.Table, columns: list[str]) -> None:
+def require_columns(stage: str, batch: pa.Table, columns: list[str]) -> None:
     missing = [c for c in columns if c not in batch.column_names]
     if missing:
         raise KeyError(f"{stage}: batch lacks column(s) {missing}; it has {batch.column_names}")
@@ -90,7 +92,7 @@ def read_shards(
 ) -> Iterator[pa.Table]:
     """Ray Data map_batches function: streams each shard named in `batch` as normalised blocks,
     then one end-of-shard marker carrying the row count (or the error that stopped the read)."""
-    _require_columns("read_shards", batch, ["uri", "format", "key"])
+    require_columns("read_shards", batch, ["uri", "format", "key"])
     target = schema.normalized_schema(kept)
     for row in batch.to_pylist():
         shard = Shard(uri=row["uri"], format=row["format"], key=row["key"])
@@ -121,14 +123,14 @@ def read_ids(
             continue
 
 
-def _work_rows(batch: pa.Table) -> list[int]:
-    """Rows that still need work: no error and not a marker."""
+def work_rows(batch: pa.Table) -> list[int]:
+    """Rows that still need work: no error and not a shard marker."""
     errors = batch.column("error").to_pylist()
     totals = batch.column(schema.SHARD_TOTAL).to_pylist()
     return [i for i, (e, t) in enumerate(zip(errors, totals, strict=True)) if e is None and t is None]
 
 
-def row_error(methods: tuple[str, ...], failed: dict[str, str]) -> str | None:
+def row_error(methods: Sequence[str], failed: dict[str, str]) -> str | None:
     """A row's `error` from its per-method failures: set only when every requested method failed
     (one method's failure keeps the others' rewards, with the reason in `<method>_error`)."""
     if not methods or any(m not in failed for m in methods):
@@ -138,194 +140,60 @@ def row_error(methods: tuple[str, ...], failed: dict[str, str]) -> str | None:
     return "; ".join(f"{m}: {failed[m]}" for m in methods)
 
 
-def _errors(batch: pa.Table) -> list[str | None]:
-    return batch.column("error").to_pylist()
-
-
-class BackwardInferenceStage:
-    """Engine actor: one `vllm.LLM` per actor, built once; computes the configured rewards per batch.
-
-    Args:
-        model: Checkpoint directory or model name; None prepares and uses the embedded model.
-        dtype, max_model_len, tensor_parallel_size, gpu_memory_utilization, enable_prefix_caching,
-        enforce_eager, trust_remote_code, load_format: vLLM engine arguments.
-        temperature, top_p, max_tokens, seed, n, ignore_eos: Sampling parameters of `flip`.
-        methods: Rewards to compute (`config.SCORE_METHODS`).
-        prompt_variant, few_shot, guided_json, logprob_format, judge_max_tokens, logprob_distractors: See
-            `config.RewardConfig`.
-        dedup_cache_size: `flip` answers remembered per actor for identical (response, history) rows;
-            0 turns deduplication off.
-    """
-
-    def __init__(
-        self,
-        *,
-        model: str | None,
-        dtype: str,
-        max_model_len: int | None,
-        tensor_parallel_size: int,
-        gpu_memory_utilization: float,
-        enable_prefix_caching: bool,
-        enforce_eager: bool,
-        trust_remote_code: bool,
-        temperature: float,
-        top_p: float,
-        max_tokens: int,
-        seed: int,
-        n: int,
-        chat_template_kwargs: dict | None = None,
-        dedup_cache_size: int = 0,
-        load_format: str = "auto",
-        ignore_eos: bool = False,
-        methods: tuple[str, ...] = ("flip",),
-        prompt_variant: str = "flip",
-        few_shot: int = 0,
-        guided_json: bool = False,
-        logprob_format: str = "plain",
-        judge_max_tokens: int = 256,
-        logprob_distractors: int = 0,
-    ):
-        from flip_ray.engine import FlipGenerator, Judge, build_llm
-        from flip_ray.likelihood import FlipLikelihood
-
-        self.cache: OrderedDict[str, object] = OrderedDict()
-        self.cache_size = dedup_cache_size
-        self.methods = tuple(methods)
-
-        if model is None:
-            from flip_ray.model import prepare_default_model
-
-            model = str(prepare_default_model())
-        llm = build_llm(
-            model,
-            dtype=dtype,
-            max_model_len=max_model_len,
-            tensor_parallel_size=tensor_parallel_size,
-            gpu_memory_utilization=gpu_memory_utilization,
-            enable_prefix_caching=enable_prefix_caching,
-            enforce_eager=enforce_eager,
-            trust_remote_code=trust_remote_code,
-            seed=seed,
-            load_format=load_format,
+def flag_columns(
+    instructions: list[str | None], responses: list[str | None], *, copy_threshold: float, min_response_words: int
+) -> dict[str, list]:
+    """`prompt_copy_fraction`, `response_words` and the flags of each row with both texts."""
+    cols: dict[str, list] = {name: [None] * len(responses) for name in Flags._fields}
+    for i, (instruction, response) in enumerate(zip(instructions, responses, strict=True)):
+        if instruction is None or response is None:
+            continue
+        flags = compute_flags(
+            instruction, response, copy_threshold=copy_threshold, min_response_words=min_response_words
         )
-        prompt = dict(chat_template_kwargs=chat_template_kwargs, variant=prompt_variant, few_shot=few_shot)
-        self.generator = None
-        if "flip" in self.methods:
-            self.generator = FlipGenerator(
-                llm,
-                temperature=temperature,
-                top_p=top_p,
-                max_tokens=max_tokens,
-                seed=seed,
-                n=n,
-                ignore_eos=ignore_eos,
-                guided_json=guided_json,
-                **prompt,
-            )
-        self.likelihood = (
-            FlipLikelihood(llm, logprob_format=logprob_format, distractors=logprob_distractors, **prompt)
-            if "flip_logprob" in self.methods
-            else None
-        )
-        self.judge = None
-        if "judge_pointwise" in self.methods:
-            self.judge = Judge(
-                llm,
-                max_tokens=judge_max_tokens,
-                seed=seed,
-                chat_template_kwargs=chat_template_kwargs,
-                guided_json=guided_json,
-            )
+        for name, value in zip(Flags._fields, flags, strict=True):
+            cols[name][i] = value
+    return cols
 
-    def __call__(self, batch: pa.Table) -> pa.Table:
-        _require_columns(
-            "BackwardInferenceStage",
-            batch,
-            [schema.INSTRUCTION, schema.RESPONSE, schema.CONTEXT, "error", schema.SHARD_TOTAL],
-        )
-        errors = _errors(batch)
-        todo = _work_rows(batch)
-        instructions = batch.column(schema.INSTRUCTION).to_pylist()
-        responses = batch.column(schema.RESPONSE).to_pylist()
-        contexts = batch.column(schema.CONTEXT).to_pylist()
-        n = batch.num_rows
-        cols: dict[str, list] = {name: [None] * n for name in schema.ENGINE_COLUMNS.names}
-        cols["error"] = list(errors)
-        dedup = [None] * n
-        row_errors: dict[int, dict[str, str]] = {i: {} for i in todo}
-        if self.generator is not None:
-            results, reused = self._generate_deduplicated(todo, responses, contexts)
-            for i in todo:
-                g = results[i]
-                cols[schema.GENERATIONS][i] = g.texts
-                cols["finish_reason"][i] = g.finish_reason
-                cols["n_prompt_tokens"][i] = g.n_prompt_tokens
-                cols["n_output_tokens"][i] = 0 if i in reused else g.n_output_tokens
-                cols["truncated"][i] = g.truncated
-                dedup[i] = i in reused
-                if g.error:
-                    row_errors[i]["flip"] = g.error
-        if self.likelihood is not None or self.judge is not None:
-            parsed = [json.loads(contexts[i]) if contexts[i] else None for i in todo]
-            rows = ([instructions[i] for i in todo], [responses[i] for i in todo], parsed)
-        if self.likelihood is not None:
-            for i, lk in zip(todo, self.likelihood.score(*rows), strict=True):
-                cols["flip_logprob_mean"][i] = lk.logprob_mean
-                cols["flip_logprob_sum"][i] = lk.logprob_sum
-                cols["flip_logprob_tokens"][i] = lk.tokens
-                cols["flip_logprob_contrast"][i] = lk.contrast
-                cols["n_prompt_tokens"][i] = cols["n_prompt_tokens"][i] or lk.n_prompt_tokens
-                cols["truncated"][i] = bool(cols["truncated"][i]) or lk.truncated
-                if lk.error:
-                    row_errors[i]["flip_logprob"] = lk.error
-        if self.judge is not None:
-            from flip_ray.judge import parse_pointwise
 
-            for i, g in zip(todo, self.judge.pointwise(*rows), strict=True):
-                cols["truncated"][i] = bool(cols["truncated"][i]) or g.truncated
-                if g.error:
-                    row_errors[i]["judge_pointwise"] = g.error
-                    continue
-                cols["judge_score"][i], cols["judge_parse_status"][i] = parse_pointwise(g.texts[0] if g.texts else "")
-        for i, errs in row_errors.items():
-            for method, message in errs.items():
-                cols[schema.METHOD_ERROR[method]][i] = message
-            cols["error"][i] = row_error(self.methods, errs)
-        batch = schema.put_column(batch, schema.CONTROL_COLUMNS.field(schema.DEDUP), pa.array(dedup, pa.bool_()))
-        for f in schema.ENGINE_COLUMNS:
-            batch = schema.put_column(batch, f, pa.array(cols[f.name], f.type))
-        return batch
+FLIP_SCORE_COLUMNS = (
+    "inferred_instruction",
+    "reasoning",
+    "flip_score",
+    "flip_precision",
+    "flip_recall",
+    "parse_status",
+)
 
-    def _generate_deduplicated(self, todo: list[int], responses: list, contexts: list):
-        """Engine answers for rows `todo`; rows whose (response, history) was already answered by
-        this actor, or appears earlier in the batch, reuse that answer. Returns (answers by row,
-        rows that reused)."""
-        keys = {i: hashlib.sha1(f"{contexts[i] or ''}\x1f{responses[i]}".encode()).hexdigest() for i in todo}
-        results, reused, first_of = {}, set(), {}
-        for i in todo:
-            k = keys[i]
-            if self.cache_size and k in self.cache:
-                self.cache.move_to_end(k)
-                results[i] = self.cache[k]
-                reused.add(i)
-            elif self.cache_size and k in first_of:
-                reused.add(i)
-            else:
-                first_of[k] = i
-        fresh = list(first_of.values())
-        generations = self.generator.generate(
-            [responses[i] for i in fresh], [json.loads(contexts[i]) if contexts[i] else None for i in fresh]
-        )
-        for i, g in zip(fresh, generations, strict=True):
-            results[i] = g
-            if self.cache_size and g.error is None:
-                self.cache[keys[i]] = g
-                if len(self.cache) > self.cache_size:
-                    self.cache.popitem(last=False)
-        for i in todo:
-            if i not in results:
-                results[i] = results[first_of[keys[i]]]
-        return results, reused
+
+def flip_columns(
+    instructions: list[str | None], generations: list[list[str] | None], rows: list[int], score
+) -> dict[str, list]:
+    """The `flip` reward columns of `rows` from their answers; `score(instructions, generations)`
+    gives one `scoring.FlipScore` per row."""
+    cols: dict[str, list] = {name: [None] * len(instructions) for name in FLIP_SCORE_COLUMNS}
+    scores = score([instructions[i] for i in rows], [generations[i] for i in rows])
+    for i, s in zip(rows, scores, strict=True):
+        for name, value in zip(FLIP_SCORE_COLUMNS, s, strict=True):
+            cols[name][i] = value
+    return cols
+
+
+def output_table(batch: pa.Table, computed: dict[str, list], output_schema: pa.Schema) -> pa.Table:
+    """The batch in the declared output schema (plus the control columns): `computed` columns
+    first, then the batch's own, null for the rest."""
+    n = batch.num_rows
+    out = {}
+    for f in output_schema:
+        if f.name in computed:
+            out[f.name] = pa.array(computed[f.name], f.type)
+        elif f.name in batch.column_names:
+            out[f.name] = batch.column(f.name).cast(f.type)
+        else:
+            out[f.name] = pa.nulls(n, f.type)
+    for f in schema.CONTROL_COLUMNS:
+        out[f.name] = batch.column(f.name)
+    return pa.table(out, schema=pa.schema(list(output_schema) + list(schema.CONTROL_COLUMNS)))
 
 
 class SimilarityStage:
@@ -336,7 +204,7 @@ class SimilarityStage:
         aggregate: How F1 over n samples is combined (`mean` or `max`).
         output_schema: The schema every output block is cast to.
         copy_threshold, min_response_words: Thresholds of the reward-hacking flags (`flags.py`).
-        similarity: The `flip_score` metric (`config.SIMILARITIES`).
+        similarity: The `flip_score` metric (`similarity.METRICS`).
         methods: The rewards the engine stage computed; without `flip` there is nothing to compare.
     """
 
@@ -352,8 +220,6 @@ class SimilarityStage:
     ):
         self.embedder = None
         if similarity == "embedding" and "flip" in methods:
-            from flip_ray.similarity import EmbeddingSimilarity
-
             self.embedder = EmbeddingSimilarity()
         self.similarity = similarity
         self.methods = tuple(methods)
@@ -364,71 +230,30 @@ class SimilarityStage:
         self.min_response_words = min_response_words
 
     def __call__(self, batch: pa.Table) -> pa.Table:
-        from flip_ray.flags import Flags, compute_flags
-        from flip_ray.scoring import score_batch
-
-        _require_columns(
+        require_columns(
             "SimilarityStage",
             batch,
             [schema.INSTRUCTION, schema.RESPONSE, schema.GENERATIONS, "error", schema.SHARD_TOTAL],
         )
-        n = batch.num_rows
-        errors = _errors(batch)
-        work = set(_work_rows(batch))
         instructions = batch.column(schema.INSTRUCTION).to_pylist()
-        generations = batch.column(schema.GENERATIONS).to_pylist()
         responses = batch.column(schema.RESPONSE).to_pylist()
-        flip_errors = batch.column(schema.METHOD_ERROR["flip"]).to_pylist()
-        names = ["inferred_instruction", "reasoning", "flip_score", "flip_precision", "flip_recall", "parse_status"]
-        cols: dict[str, list] = {name: [None] * n for name in [*names, *Flags._fields]}
-        scorable = []
-        for i in range(n):
-            if instructions[i] is not None and responses[i] is not None:
-                flags = compute_flags(
-                    instructions[i],
-                    responses[i],
-                    copy_threshold=self.copy_threshold,
-                    min_response_words=self.min_response_words,
-                )
-                for name, value in zip(Flags._fields, flags, strict=True):
-                    cols[name][i] = value
-            if i not in work or not self.compare or flip_errors[i] is not None:
-                continue
-            if not generations[i]:
-                flip_errors[i] = "engine returned no output"
-                failed = {m: batch.column(schema.METHOD_ERROR[m])[i].as_py() for m in self.methods if m != "flip"}
-                errors[i] = row_error(self.methods, {"flip": flip_errors[i], **{m: e for m, e in failed.items() if e}})
-                continue
-            scorable.append(i)
-        scores = score_batch(
-            [instructions[i] for i in scorable],
-            [generations[i] for i in scorable],
-            self.aggregate,
-            self.similarity,
-            self.embedder,
+        computed = flag_columns(
+            instructions, responses, copy_threshold=self.copy_threshold, min_response_words=self.min_response_words
         )
-        for i, s in zip(scorable, scores, strict=True):
-            for name, value in zip(names, s, strict=False):
-                cols[name][i] = value
-        out = {}
-        for f in self.output_schema:
-            if f.name in cols:
-                out[f.name] = pa.array(cols[f.name], f.type)
-            elif f.name == "error":
-                out[f.name] = pa.array(errors, f.type)
-            elif f.name == schema.METHOD_ERROR["flip"]:
-                out[f.name] = pa.array(flip_errors, f.type)
-            elif f.name in batch.column_names:
-                out[f.name] = batch.column(f.name).cast(f.type)
-            else:
-                out[f.name] = pa.nulls(n, f.type)
-        for f in schema.CONTROL_COLUMNS:
-            out[f.name] = batch.column(f.name)
-        return pa.table(out, schema=pa.schema(list(self.output_schema) + list(schema.CONTROL_COLUMNS)))
+        if self.compare:
+            generations = batch.column(schema.GENERATIONS).to_pylist()
+            flip_errors = batch.column(schema.METHOD_ERROR["flip"]).to_pylist()
+            rows = [i for i in work_rows(batch) if flip_errors[i] is None]
+            computed |= flip_columns(
+                instructions,
+                generations,
+                rows,
+                lambda q, g: score_batch(q, g, self.aggregate, self.similarity, self.embedder),
+            )
+        return output_table(batch, computed, self.output_schema)
 
 
 _NUMBERS = re.compile(r"\d+")
-FLAG_NAMES = ("flag_restates_prompt", "flag_too_short", "flag_language_mismatch")
 
 
 def error_kind(message: str) -> str:
@@ -448,7 +273,7 @@ def _counts(values: list) -> str:
 def part_stats(table: pa.Table) -> dict:
     """Counts of one part file, summed by the driver into done records and the manifest."""
     d = table.select(["error", "flip_score", "n_output_tokens", "truncated", "parse_status"]).to_pydict()
-    flagged = {f: sum(bool(v) for v in table.column(f).to_pylist()) for f in FLAG_NAMES}
+    flagged = {f: sum(bool(v) for v in table.column(f).to_pylist()) for f in schema.FLAG_NAMES}
     scores = [s for s, e in zip(d["flip_score"], d["error"], strict=True) if s is not None and e is None]
     return {
         "rows": table.num_rows,
@@ -471,7 +296,7 @@ def part_stats(table: pa.Table) -> dict:
 def write_parts(batch: pa.Table, *, output_uri: str, output_schema: pa.Schema) -> pa.Table:
     """Ray Data map_batches function: writes the batch's rows as one part file per shard and
     returns what it wrote (`schema.PART_META`). The driver turns these into done records."""
-    _require_columns("write_parts", batch, list(schema.CONTROL_COLUMNS.names))
+    require_columns("write_parts", batch, list(schema.CONTROL_COLUMNS.names))
     fs, root = fsspec.core.url_to_fs(output_uri)
     sids = batch.column(schema.SHARD).to_pylist()
     totals = batch.column(schema.SHARD_TOTAL).to_pylist()

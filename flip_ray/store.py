@@ -30,7 +30,7 @@ import fsspec
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from flip_ray.io import InputError
+from flip_ray.shards import InputError
 
 logger = logging.getLogger(__name__)
 
@@ -50,6 +50,7 @@ _FINGERPRINT_EXCLUDES = {
         "cpu_threads",
         "tensor_parallel_size",
         "enforce_eager",
+        "engine_multiprocessing",
     },
     "resources": None,
     "ray": None,

@@ -11,7 +11,8 @@ import time
 
 import pyarrow as pa
 
-from flip_ray.io import Shard
+from flip_ray.schema import PART_COUNTS, PART_SUMS
+from flip_ray.shards import Shard
 from flip_ray.store import OutputStore, shard_id
 
 
@@ -19,8 +20,7 @@ class ErrorBudgetExceeded(RuntimeError):
     """Too many rows failed; finished shards are kept and a rerun resumes."""
 
 
-_SUMMED = ("rows", "scored", "errors", "score_sum", "flip_scored", "output_tokens", "truncated", "dedup_saved")
-_COUNTED = ("parse_status", "error_kinds", "flagged", "method_errors")  # JSON objects of counts, merged
+_SUMMED, _COUNTED = PART_SUMS, PART_COUNTS
 
 
 def _merge_counts(into: dict, encoded: str | dict | None) -> None:

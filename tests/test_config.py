@@ -3,18 +3,15 @@ from pathlib import Path
 import pytest
 from omegaconf import OmegaConf
 
-from flip_ray.config import (
-    ConfigError,
+from flip_ray.config import ConfigError, ScoreConfig, load_config, validate_score_config
+from flip_ray.config_jobs import (
     EvalJobConfig,
     FilterJobConfig,
     PairsJobConfig,
-    ScoreConfig,
-    load_config,
     schema_for_yaml,
     validate_eval_config,
     validate_filter_config,
     validate_pairs_config,
-    validate_score_config,
 )
 
 VALIDATORS = {

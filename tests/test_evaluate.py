@@ -6,17 +6,24 @@ from pathlib import Path
 
 import pytest
 
-from flip_ray.config import ConfigError, EvalJobConfig, load_config, validate_eval_config
-from flip_ray.evaluate import Item, baseline_scores, load_items, parse_transcript, prompt_parts, responses_table
-from flip_ray.io import InputError
+from flip_ray.config import ConfigError, load_config
+from flip_ray.config_jobs import EvalJobConfig, validate_eval_config
+from flip_ray.evaluate import baseline_scores
 from flip_ray.pairjudge import listwise_order, listwise_outcome, pair_judge_jobs, pairwise_outcome
-from flip_ray.records import RowError
+from flip_ray.preference import Item, load_items, responses_table
+from flip_ray.records import RowError, parse_transcript, prompt_parts
+from flip_ray.shards import InputError
 
 SAMPLE = "flip_ray/samples/preference_pairs_sample.jsonl"
 
 
 def _cfg(path, *overrides):
     return load_config(None, [f"input.path={path}", "output.path=/tmp/unused", *overrides], schema=EvalJobConfig)
+
+
+def _items(path, *overrides):
+    cfg = _cfg(path, *overrides)
+    return load_items(cfg.input, cfg.evaluation.subset_from)
 
 
 def test_prompt_parts_reads_strings_transcripts_and_chats():
@@ -49,7 +56,7 @@ def test_load_items_records_bad_rows_and_keeps_good_ones(tmp_path):
     ]
     path = tmp_path / "pairs.jsonl"
     path.write_text("\n".join(json.dumps(r) for r in rows) + "\n{not json\n")
-    items, bad = load_items(_cfg(path))
+    items, bad = _items(path)
     assert [i.id for i in items] == ["a", "b", "g", "h"]
     assert items[3].candidates == ["A", "[1, 2, 3]"]
     assert items[1].candidates == ["One.", "Two.", "Three."] and items[1].subset == "bon"
@@ -68,7 +75,7 @@ def test_duplicate_pair_ids_are_refused(tmp_path):
     path = tmp_path / "dup.jsonl"
     path.write_text("\n".join(json.dumps({"id": "x", "prompt": "Q", "chosen": "A", "rejected": "B"}) for _ in range(2)))
     with pytest.raises(InputError, match="repeats ids"):
-        load_items(_cfg(path))
+        _items(path)
 
 
 def test_sampling_is_seeded_and_nested(tmp_path):
@@ -76,15 +83,15 @@ def test_sampling_is_seeded_and_nested(tmp_path):
     path.write_text(
         "\n".join(json.dumps({"id": str(k), "prompt": "Q", "chosen": "A", "rejected": "B"}) for k in range(300))
     )
-    small = {i.id for i in load_items(_cfg(path, "input.sample_per_file=30"))[0]}
-    large = {i.id for i in load_items(_cfg(path, "input.sample_per_file=60"))[0]}
+    small = {i.id for i in _items(path, "input.sample_per_file=30")[0]}
+    large = {i.id for i in _items(path, "input.sample_per_file=60")[0]}
     assert len(small) == 30 and len(large) == 60 and small <= large
-    assert small == {i.id for i in load_items(_cfg(path, "input.sample_per_file=30"))[0]}
-    assert small != {i.id for i in load_items(_cfg(path, "input.sample_per_file=30", "input.sample_seed=1"))[0]}
+    assert small == {i.id for i in _items(path, "input.sample_per_file=30")[0]}
+    assert small != {i.id for i in _items(path, "input.sample_per_file=30", "input.sample_seed=1")[0]}
 
 
 def test_bundled_sample_and_response_rows():
-    items, bad = load_items(_cfg(SAMPLE, "evaluation.subset_from=column"))
+    items, bad = _items(SAMPLE, "evaluation.subset_from=column")
     assert len(items) == 20 and not bad
     assert sum(len(i.candidates) > 2 for i in items) == 2
     assert {i.subset for i in items} == {"pandalm_test", "hh_rlhf_harmless_test", "llmeval2_human"}

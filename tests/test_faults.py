@@ -24,8 +24,10 @@ from invariant import assert_output_matches_input
 
 from flip_ray.cli import main as cli_main
 from flip_ray.config import load_config
-from flip_ray.pipeline import ErrorBudgetExceeded, RunInterrupted, run_score
+from flip_ray.pipeline import RunInterrupted
 from flip_ray.plan import DuplicateIdError
+from flip_ray.score import run_score
+from flip_ray.tracker import ErrorBudgetExceeded
 
 pytestmark = pytest.mark.slow
 

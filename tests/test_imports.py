@@ -2,36 +2,14 @@
 
 import subprocess
 import sys
+from pathlib import Path
 
-CPU_MODULES = [
-    "flip_ray",
-    "flip_ray.config",
-    "flip_ray.io",
-    "flip_ray.metrics",
-    "flip_ray.parsing",
-    "flip_ray.prompts",
-    "flip_ray.records",
-    "flip_ray.schema",
-    "flip_ray.scoring",
-    "flip_ray.similarity",
-    "flip_ray.judge",
-    "flip_ray.evalstats",
-    "flip_ray.evaluate",
-    "flip_ray.pairjudge",
-    "flip_ray.likelihood",
-    "flip_ray.flags",
-    "flip_ray.selection",
-    "flip_ray.store",
-    "flip_ray.tracker",
-    "flip_ray.downstream",
-    "flip_ray.report",
-    "flip_ray.stages",
-    "flip_ray.pipeline",
-    "flip_ray.model",
-    "flip_ray.engine",
-    "flip_ray.scorer",
-    "flip_ray.cli",
-]
+# Every module of the package: vLLM, torch and transformers are imported inside functions only.
+CPU_MODULES = ["flip_ray"] + sorted(
+    f"flip_ray.{p.stem}"
+    for p in (Path(__file__).resolve().parents[1] / "flip_ray").glob("*.py")
+    if p.stem != "__init__"
+)
 
 
 def test_cpu_modules_import_no_heavy_frameworks():
@@ -43,3 +21,37 @@ def test_cpu_modules_import_no_heavy_frameworks():
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "", f"imported at module level: {out.stdout.strip()}"
+
+
+def test_no_import_cycle_and_no_builder_from_the_scoring_run():
+    """Imports between flip_ray modules (lazy ones inside functions included) form no cycle, and no
+    module takes a builder from the scoring run (`score`): builders live in `runtime` and `specs`."""
+    import ast
+
+    root = Path(__file__).resolve().parents[1] / "flip_ray"
+    modules = {p.stem for p in root.glob("*.py")}
+    graph, from_score = {}, set()
+    for path in root.glob("*.py"):
+        deps = set()
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("flip_ray."):
+                deps.add(node.module.split(".")[1])
+                if node.module == "flip_ray.score":
+                    from_score |= {a.name for a in node.names}
+            elif isinstance(node, ast.Import):
+                deps |= {a.name.split(".")[1] for a in node.names if a.name.startswith("flip_ray.")}
+        graph[path.stem] = deps & modules
+    state: dict[str, int] = {}
+
+    def visit(node, trail):
+        if state.get(node) == 1:
+            raise AssertionError(f"import cycle: {' -> '.join([*trail, node])}")
+        if state.get(node) != 2:
+            state[node] = 1
+            for dep in sorted(graph.get(node, ())):
+                visit(dep, [*trail, node])
+            state[node] = 2
+
+    for module in sorted(graph):
+        visit(module, [])
+    assert from_score <= {"run_score", "RunStopped", "Terminated"}, from_score

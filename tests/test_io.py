@@ -9,8 +9,9 @@ import pyarrow.parquet as pq
 import pytest
 
 from flip_ray import schema
-from flip_ray.io import ColumnMapping, InputError, check_columns, list_shards, read_shard
+from flip_ray.io import ColumnMapping, check_columns, read_shard
 from flip_ray.records import RowError, conversation_parts, derive_id
+from flip_ray.shards import InputError, list_shards
 
 SAMPLE = "flip_ray/samples/alpacaeval_sample.jsonl"
 

@@ -5,26 +5,28 @@ import sys
 import pytest
 
 from flip_ray.judge import (
+    JUDGE_PROMPT_VERSION,
+    LISTWISE_SYSTEM_PROMPT,
+    PAIRWISE_JSON_SCHEMA,
+    PAIRWISE_SYSTEM_PROMPT,
+    POINTWISE_JSON_SCHEMA,
+    POINTWISE_SYSTEM_PROMPT,
+    listwise_json_schema,
+    listwise_messages,
+    pairwise_messages,
+    pointwise_messages,
+)
+from flip_ray.verdicts import (
     EMPTY,
     INVALID,
     JSON,
     JSON_EMBEDDED,
     JUDGE_PARSE_STATUSES,
-    JUDGE_PROMPT_VERSION,
-    LISTWISE_SYSTEM_PROMPT,
-    PAIRWISE_JSON_SCHEMA,
-    PAIRWISE_SYSTEM_PROMPT,
     PARTIAL_JSON,
-    POINTWISE_JSON_SCHEMA,
-    POINTWISE_SYSTEM_PROMPT,
     RAW_TEXT,
-    listwise_json_schema,
-    listwise_messages,
-    pairwise_messages,
     parse_listwise,
     parse_pairwise,
     parse_pointwise,
-    pointwise_messages,
 )
 
 INSTRUCTION = "Name three {curly} Broadway actors."
@@ -293,7 +295,7 @@ def test_schema_conforming_answers_parse_as_clean_json():
 
 def test_import_loads_no_heavy_frameworks():
     code = (
-        "import sys, flip_ray.judge\n"
+        "import sys, flip_ray.judge, flip_ray.verdicts\n"
         "print(','.join(m for m in ('vllm', 'torch', 'transformers') if m in sys.modules))\n"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)

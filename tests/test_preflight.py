@@ -13,8 +13,9 @@ import pytest
 
 from flip_ray import schema
 from flip_ray.config import load_config
-from flip_ray.io import ColumnMapping, InputError, list_shards
+from flip_ray.io import ColumnMapping
 from flip_ray.plan import plan_run
+from flip_ray.shards import InputError, list_shards
 from flip_ray.stages import read_shards
 
 REPO = Path(__file__).resolve().parents[1]

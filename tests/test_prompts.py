@@ -31,7 +31,7 @@ def test_authors_system_prompt_is_verbatim():
 
 
 def test_user_message_has_the_authors_layout():
-    (system, user) = build_flip_messages("Paris is the capital of France.")
+    (system, user) = build_flip_messages("Paris is the capital of France.", variant="flip")
     assert system == {"role": "system", "content": AUTHORS_SYSTEM}
     assert user["content"] == (
         "[Response]\nParis is the capital of France.\n\n[Your Inferred Instruction]\n"
@@ -58,7 +58,7 @@ def test_no_reasoning_variant_drops_only_the_reasoning_notes():
 
 def test_history_comes_first_and_few_shot_turns_precede_the_question():
     context = [{"role": "user", "content": "Name a fruit."}, {"role": "assistant", "content": "Apple."}]
-    msgs = build_flip_messages("Banana is yellow.", context, few_shot=2)
+    msgs = build_flip_messages("Banana is yellow.", context, variant="flip", few_shot=2)
     assert [m["role"] for m in msgs] == ["system", "user", "assistant", "user", "assistant", "user"]
     assert msgs[-1]["content"].startswith(
         "[Conversation History]\nUser: Name a fruit.\n\nAssistant: Apple.\n\n[Response]"

@@ -11,11 +11,12 @@ import pytest
 from invariant import assert_output_matches_input
 
 from flip_ray.cli import main as cli_main
-from flip_ray.config import FilterJobConfig, PairsJobConfig, load_config
+from flip_ray.config import load_config
+from flip_ray.config_jobs import FilterJobConfig, PairsJobConfig
 from flip_ray.downstream import run_filter, run_pairs
-from flip_ray.pipeline import run_score
 from flip_ray.plan import OutputExistsError
 from flip_ray.report import build_report
+from flip_ray.score import run_score
 from flip_ray.store import NotAScoredOutput
 
 pytestmark = pytest.mark.slow

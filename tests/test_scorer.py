@@ -15,9 +15,9 @@ def llm(embedded_model):
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
     os.environ.setdefault("VLLM_HOST_IP", "127.0.0.1")
     os.environ.setdefault("VLLM_LOOPBACK_IP", "127.0.0.1")
-    from flip_ray.engine import build_llm
+    from flip_ray.specs import EngineSpec
 
-    return build_llm(embedded_model, dtype="float32", max_model_len=512, enforce_eager=True)
+    return EngineSpec(embedded_model, dtype="float32", max_model_len=512, enforce_eager=True).build()
 
 
 def test_scorer_matches_metric_and_handles_chat_and_bad_rows(llm):
@@ -46,8 +46,9 @@ def test_scorer_matches_metric_and_handles_chat_and_bad_rows(llm):
 def test_render_truncates_to_the_window(llm):
     from flip_ray.engine import FlipGenerator
     from flip_ray.records import RowError
+    from flip_ray.specs import SamplingSpec
 
-    gen = FlipGenerator(llm, max_tokens=64)
+    gen = FlipGenerator(llm, sampling=SamplingSpec(max_tokens=64))
     ids, truncated = gen.render("word " * 2000)
     assert truncated and len(ids) <= 512 - 64
     context = [{"role": "user", "content": "old " * 600}, {"role": "assistant", "content": "reply"}]
@@ -55,7 +56,9 @@ def test_render_truncates_to_the_window(llm):
     assert truncated and len(ids) <= 512 - 64
     ids, truncated = gen.render("short answer")
     assert not truncated
-    tight = FlipGenerator(llm, max_tokens=400)  # the prompt template alone does not fit in 112 tokens
+    tight = FlipGenerator(
+        llm, sampling=SamplingSpec(max_tokens=400)
+    )  # the prompt template alone does not fit in 112 tokens
     with pytest.raises(RowError, match="does not fit"):
         tight.render("anything")
 
@@ -95,11 +98,13 @@ def test_flip_likelihood_truncates_long_responses_and_records_errors(llm):
 
 
 def test_judge_and_prompt_levers_on_the_real_engine(llm):
-    from flip_ray.engine import FlipGenerator, Judge
-    from flip_ray.judge import parse_pairwise, parse_pointwise
+    from flip_ray.engine import FlipGenerator
+    from flip_ray.judge import Judge
     from flip_ray.parsing import parse_inferred_instruction
+    from flip_ray.specs import PromptSpec, SamplingSpec
+    from flip_ray.verdicts import parse_pairwise, parse_pointwise
 
-    judge = Judge(llm, max_tokens=160, guided_json=True)
+    judge = Judge(llm, PromptSpec(guided_json=True), max_tokens=160)
     g = judge.pointwise(["Name a primary colour."], ["Red is a primary colour."])[0]
     score, status = parse_pointwise(g.texts[0])
     assert status == "json" and 1 <= score <= 10, g.texts[0]
@@ -110,7 +115,7 @@ def test_judge_and_prompt_levers_on_the_real_engine(llm):
     assert json.loads(g.texts[0])["BEST_RESPONSE_INDEX"] in (0, 1, 2)
     # Guided decoding always yields the JSON the prompt asks for, with or without the reasoning key.
     for variant in ("flip", "no_reasoning"):
-        gen = FlipGenerator(llm, max_tokens=128, guided_json=True, variant=variant, few_shot=1)
+        gen = FlipGenerator(llm, PromptSpec(variant, few_shot=1, guided_json=True), SamplingSpec(max_tokens=128))
         g = gen.generate(["Crimson leaves drift down,\nthe maple lets go at last."])[0]
         assert g.error is None, g.error
         text = g.texts[0]
@@ -138,6 +143,7 @@ def test_flip_likelihood_contrast_subtracts_generic_instructions(llm):
 def test_scorer_likelihood_reward(llm):
     from flip_ray.likelihood import FlipLikelihood
     from flip_ray.scorer import FlipScorer
+    from flip_ray.specs import PromptSpec
 
     scorer = FlipScorer(llm, likelihood=True, variant="no_reasoning")
     prompts = [
@@ -146,7 +152,7 @@ def test_scorer_likelihood_reward(llm):
     ]
     completions = ["Crimson leaves drift down,\nthe maple lets go.", [{"role": "assistant", "content": ""}]]
     rewards = scorer(prompts=prompts, completions=completions)
-    direct = FlipLikelihood(llm, variant="no_reasoning").score([prompts[0]], [completions[0]])[0]
+    direct = FlipLikelihood(llm, PromptSpec("no_reasoning")).score([prompts[0]], [completions[0]])[0]
     assert rewards[0] == pytest.approx(direct.logprob_mean) and rewards[0] < 0
     assert rewards[1] == 0.0  # an empty completion gets error_reward
 
@@ -159,8 +165,9 @@ def _long_responses(tag: str, n: int = 24) -> list[str]:
 
 def test_sampling_on_cpu_uses_the_engine_seed(llm):
     from flip_ray.engine import FlipGenerator
+    from flip_ray.specs import PromptSpec, SamplingSpec
 
-    gen = FlipGenerator(llm, temperature=0.7, max_tokens=4, seed=0)
+    gen = FlipGenerator(llm, PromptSpec("flip"), SamplingSpec(temperature=0.7, max_tokens=4, seed=0))
     assert gen.params.seed is None  # vLLM's CPU backend fails on per-request seeds with split prefills
     out = gen.generate(_long_responses("sampled"))
     assert [g.error for g in out] == [None] * len(out)
@@ -169,11 +176,13 @@ def test_sampling_on_cpu_uses_the_engine_seed(llm):
 
 def test_a_failed_batch_leaves_no_request_behind(llm, monkeypatch, caplog):
     import flip_ray.engine as engine
+    from flip_ray.specs import PromptSpec, SamplingSpec
 
     # Force the per-request seed the CPU backend cannot honour: the batch fails, the rows are retried
     # one by one, and the requests the failed call left in the engine must not run again.
     monkeypatch.setattr(engine, "request_seed", lambda seed, temperature: seed)
-    gen = engine.FlipGenerator(llm, temperature=0.7, max_tokens=2, seed=0)
+    # The authors' longer prompt: the batch's prefills then exceed one engine step and are split.
+    gen = engine.FlipGenerator(llm, PromptSpec("flip"), SamplingSpec(temperature=0.7, max_tokens=2, seed=0))
     with caplog.at_level("WARNING", logger="flip_ray.engine"):
         out = gen.generate(_long_responses("forced"))
     assert "retrying 24 prompts one by one" in caplog.text

@@ -75,7 +75,7 @@ def test_sigint_and_sigterm_stop_cleanly_and_the_rerun_resumes(tmp_path, embedde
     assert_output_matches_input(out, inp, id_column="id")
 
 
-BUGGY = '''
+BUGGY = """
 import pyarrow as pa
 
 from flip_ray.stages import SimilarityStage
@@ -84,7 +84,7 @@ from flip_ray.stages import SimilarityStage
 class BuggySimilarityStage(SimilarityStage):
     def __call__(self, batch: pa.Table) -> pa.Table:
         return {}["a bug in flip_ray"]
-'''
+"""
 
 
 def test_a_bug_shows_its_traceback_and_exit_4(tmp_path, embedded_model):
@@ -92,7 +92,7 @@ def test_a_bug_shows_its_traceback_and_exit_4(tmp_path, embedded_model):
     remote traceback and exit 4."""
     make_shards(tmp_path / "in", n_shards=1, rows=2)
     (tmp_path / "buggy.py").write_text(BUGGY)
-    driver = f'''
+    driver = f"""
 import sys
 sys.path.insert(0, {str(tmp_path)!r})
 import ray.cloudpickle
@@ -102,7 +102,7 @@ ray.cloudpickle.register_pickle_by_value(buggy)  # the workers cannot import thi
 flip_ray.stages.SimilarityStage = buggy.BuggySimilarityStage
 from flip_ray.cli import main
 sys.exit(main(sys.argv[1:]))
-'''
+"""
     ray_tmp = tempfile.mkdtemp(prefix="frb-", dir="/tmp")
     env = {**{k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}, "RAY_TMPDIR": ray_tmp}
     args = ["score", f"input.path={tmp_path / 'in'}", f"output.path={tmp_path / 'out'}", *ENGINE]

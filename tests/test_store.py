@@ -8,7 +8,8 @@ import pyarrow.parquet as pq
 import pytest
 
 from flip_ray import schema
-from flip_ray.io import ColumnMapping, Shard
+from flip_ray.io import ColumnMapping
+from flip_ray.shards import Shard
 from flip_ray.stages import read_shards, write_parts
 from flip_ray.store import OutputError, OutputStore, config_fingerprint, shard_id
 from flip_ray.tracker import ErrorBudgetExceeded, ShardTracker, summarize

