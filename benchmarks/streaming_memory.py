@@ -2,9 +2,13 @@
 with the engine replaced by a cheap stand-in (`standin.py`; the shipped job never does this).
 
     .venv/bin/python benchmarks/streaming_memory.py [--rows 10000,100000,1000000] [key=value ...]
+    .venv/bin/python benchmarks/streaming_memory.py --rows 1000000 --files 1 --format jsonl   # one big file
 
-Input: Parquet shards of 50k rows built from ../shared/data AlpacaEval outputs (responses cut to 600
-characters), unique ids. Each size runs in a fresh process that starts its own local Ray. The
+Input: rows built from ../shared/data AlpacaEval outputs (responses cut to 600 characters), unique
+ids, written as Parquet files of 50k rows (row groups of 10k), or as `--files N` files of the
+`--format` (parquet or jsonl) sharing the rows evenly: one 1M-row file is split by the job into
+shards of `input.rows_per_shard` rows (Parquet by row groups, JSONL by byte ranges).
+Each size runs in a fresh process that starts its own local Ray. The
 driver's peak is its VmHWM (reset when the process starts, since ru_maxrss inherits the parent's
 RSS across fork and exec); a thread samples the RSS of the driver and of every process under it
 (raylet, workers, object store) for the node peak.
@@ -34,24 +38,40 @@ HERE = Path(__file__).resolve().parent
 SHARD_ROWS = 50_000
 
 
-def make_input(directory: Path, rows: int) -> None:
+def make_input(directory: Path, rows: int, files: int | None = None, fmt: str = "parquet") -> None:
     with gzip.open(DATA / "alpacaeval_outputs" / "data.jsonl.gz", "rt") as f:
         base = [json.loads(line) for line in f]
     directory.mkdir(parents=True, exist_ok=True)
+    per_file = SHARD_ROWS if files is None else -(-rows // files)
     written = 0
     while written < rows:
-        n = min(SHARD_ROWS, rows - written)
-        chunk = [base[(written + i) % len(base)] for i in range(n)]
-        table = pa.table(
-            {
-                "id": [f"row-{written + i}" for i in range(n)],
-                "prompt": [r["prompt"] for r in chunk],
-                "response": [r["response"][:600] for r in chunk],
-                "model": [r["model"] for r in chunk],
-            }
-        )
-        pq.write_table(table, directory / f"part-{written // SHARD_ROWS:05d}.parquet")
+        n = min(per_file, rows - written)
+        path = directory / f"part-{written // per_file:05d}.{'parquet' if fmt == 'parquet' else 'jsonl'}"
+        if fmt == "jsonl":
+            with open(path, "w") as out:
+                for i in range(n):
+                    r = base[(written + i) % len(base)]
+                    row = {"id": f"row-{written + i}", "prompt": r["prompt"], "response": r["response"][:600]}
+                    out.write(json.dumps({**row, "model": r["model"]}) + "\n")
+        else:
+            with pq.ParquetWriter(path, _SCHEMA) as out:
+                for start in range(0, n, 10_000):
+                    chunk = [base[(written + i) % len(base)] for i in range(start, min(n, start + 10_000))]
+                    out.write_table(
+                        pa.table(
+                            {
+                                "id": [f"row-{written + start + i}" for i in range(len(chunk))],
+                                "prompt": [r["prompt"] for r in chunk],
+                                "response": [r["response"][:600] for r in chunk],
+                                "model": [r["model"] for r in chunk],
+                            },
+                            schema=_SCHEMA,
+                        )
+                    )
         written += n
+
+
+_SCHEMA = pa.schema([("id", pa.string()), ("prompt", pa.string()), ("response", pa.string()), ("model", pa.string())])
 
 
 def _peak_rss_mib() -> float:
@@ -134,6 +154,10 @@ def child(input_dir: str, output_dir: str, extra: list[str]) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--rows", default="10000,100000,1000000")
+    parser.add_argument(
+        "--files", type=int, default=None, help="write the rows as this many files (default 50k rows each)"
+    )
+    parser.add_argument("--format", choices=("parquet", "jsonl"), default="parquet")
     parser.add_argument("--child", nargs=2, metavar=("INPUT", "OUTPUT"))
     parser.add_argument("overrides", nargs="*", help="extra key=value config overrides for the job")
     args = parser.parse_args()
@@ -143,7 +167,7 @@ def main() -> None:
     results = []
     for rows in (int(x) for x in args.rows.split(",")):
         with tempfile.TemporaryDirectory(dir=os.environ.get("TMPDIR", "/tmp")) as tmp:
-            make_input(Path(tmp) / "in", rows)
+            make_input(Path(tmp) / "in", rows, args.files, args.format)
             cmd = [sys.executable, __file__, "--child", f"{tmp}/in", f"{tmp}/out", *args.overrides]
             env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0"}
             out = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=3600)

@@ -51,6 +51,12 @@ def format_summary(manifest: dict) -> str:
         f"flip_ray: scored {c['scored']}/{c['rows']} rows ({c['errors']} with errors, {c['truncated']} truncated)",
         f"  shards: {sh['done']}/{sh['total']} done ({sh['skipped_already_done']} skipped as already done, "
         f"{sh['scored_this_run']} scored now, {len(sh['failed'])} failed)",
+        "  ids: "
+        + (
+            f"from the input column {manifest['input']['id_column']!r}"
+            if manifest["input"].get("id_column")
+            else "<file>:<row> (derived: no id column)"
+        ),
         f"  mean flip_score {mean}   parse_status {c['parse_status']}",
         f"  flagged {c['flagged']}   engine calls saved by dedup: {c['dedup_saved']}",
         f"  this run: {t['rows_this_run']} rows, {t['rows_per_s']} rows/s, {t['output_tokens_per_s']} output tokens/s "
@@ -68,11 +74,24 @@ def format_summary(manifest: dict) -> str:
     return "\n".join(lines)
 
 
+def quiet_console(output_path, verbose: bool):
+    """The run's console: flip_ray's lines and progress on the terminal, the rest in a log file under
+    output.path/logs/ (or ./flip_ray_logs/ for an output on object storage)."""
+    from flip_ray.console import Console, log_dir_for
+
+    try:
+        log_dir = log_dir_for(str(output_path)) if output_path else None
+    except (ValueError, ImportError):
+        log_dir = None
+    return Console(log_dir, verbose=verbose)
+
+
 def cmd_score(args: argparse.Namespace) -> int:
     from flip_ray.score import run_score
 
     cfg = load_config(args.config, args.overrides)
-    manifest = run_score(cfg)
+    with quiet_console(cfg.output.path, args.verbose):
+        manifest = run_score(cfg)
     print(format_summary(manifest), flush=True)
     if manifest["counts"]["rows"] == 0 and not manifest["shards"]["failed"]:
         print(f"flip-ray: error: input.path {cfg.input.path} holds no rows", file=sys.stderr)
@@ -106,7 +125,8 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     from flip_ray.evaluate import run_evaluate
 
     cfg = load_config(args.config, args.overrides, schema=EvalJobConfig)
-    result = run_evaluate(cfg)
+    with quiet_console(cfg.output.path, args.verbose):
+        result = run_evaluate(cfg)
     m = result["manifest"]
     print(result["table"])
     print(
@@ -145,33 +165,109 @@ def cmd_prepare_model(args: argparse.Namespace) -> int:
     return 0
 
 
+# The keys most runs set, shown with their defaults by `flip-ray <command> --help`.
+COMMON_KEYS = {
+    "score": (
+        "input.path", "output.path", "input.prompt_column", "input.response_column", "input.messages_column",
+        "input.id_column", "model.path", "model.device", "reward.methods", "reward.prompt", "sampling.max_tokens",
+        "resources.concurrency", "resources.batch_size", "input.rows_per_shard", "output.overwrite",
+        "input.rescore_changed",
+    ),
+    "filter": (
+        "input.path", "output.path", "filter.mode", "filter.threshold", "filter.quantile", "filter.top_k",
+        "columns.score", "eligibility.include_errors", "output.format", "input.allow_incomplete",
+    ),
+    "pairs": (
+        "input.path", "output.path", "pairs.strategy", "pairs.min_margin", "pairs.max_pairs_per_prompt",
+        "columns.score", "output.format", "input.allow_incomplete",
+    ),
+    "evaluate": (
+        "input.path", "output.path", "evaluation.methods", "input.sample_per_file", "model.path",
+        "reward.prompt", "sampling.max_tokens",
+    ),
+}  # fmt: skip
+EXAMPLES = {
+    "score": "flip-ray score --config configs/local.yaml        # the demo: the bundled sample, embedded model",
+    "filter": "flip-ray filter --config configs/filter.yaml",
+    "pairs": "flip-ray pairs --config configs/pairs.yaml",
+    "evaluate": "flip-ray evaluate --config configs/evaluate.yaml",
+}
+
+
+def _keys_help(command: str) -> str:
+    from omegaconf import OmegaConf
+
+    from flip_ray.config_jobs import JOB_SCHEMAS
+
+    defaults = OmegaConf.structured(JOB_SCHEMAS[command])
+    lines = []
+    for key in COMMON_KEYS[command]:
+        section, leaf = key.rsplit(".", 1)
+        node = OmegaConf.select(defaults, section)
+        value = "(required)" if OmegaConf.is_missing(node, leaf) else node[leaf]
+        if OmegaConf.is_config(value):
+            value = OmegaConf.to_container(value)
+        lines.append(f"  {key:<32} {value}")
+    return (
+        "config: the built-in defaults (flip_ray/config.py, config_jobs.py), then --config FILE, then\n"
+        "key=value overrides; unknown keys are refused with the nearest valid name.\n\n"
+        "most used keys (default):\n" + "\n".join(lines) + f"\n\nexample:\n  {EXAMPLES[command]}\n"
+        "all keys: the README's config reference."
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="flip-ray", description="FLIP backward-inference rewards on Ray + vLLM")
-    sub = parser.add_subparsers(dest="command", required=True)
-    score = sub.add_parser("score", help="score a corpus of (prompt, response) rows")
-    score.add_argument("--config", help="YAML config (default: built-in defaults, embedded model on CPU)")
-    score.add_argument("overrides", nargs="*", help="key=value overrides, e.g. input.path=data.jsonl")
-    score.set_defaults(func=cmd_score)
-    for name, func, text in (
+    parser = argparse.ArgumentParser(
+        prog="flip-ray",
+        description="FLIP backward-inference rewards on Ray + vLLM: a small LM reads only the response, infers the "
+        "instruction behind it, and the reward is how well it matches the real one.",
+        epilog="`flip-ray <command> --help` lists the command's most used keys and their defaults. Exit codes: 0 "
+        "complete, 1 a shard unreadable, 2 bad config/input/output/model, 3 stopped (rerun resumes), 4 a bug, "
+        "130/143 Ctrl-C/SIGTERM.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="command")
+    jobs = (
+        ("score", cmd_score, "score a corpus of (prompt, response) rows"),
         ("filter", cmd_filter, "keep scored rows by threshold, quantile, top-k or best-of-N"),
         ("pairs", cmd_pairs, "build DPO preference pairs from scored rows"),
         ("evaluate", cmd_evaluate, "measure reward methods' accuracy on preference data (chosen vs rejected)"),
-    ):
-        p = sub.add_parser(name, help=text)
-        p.add_argument("--config", help="YAML config")
-        p.add_argument("overrides", nargs="*", help="key=value overrides, e.g. input.path=outputs/scored")
+    )
+    for name, func, text in jobs:
+        p = sub.add_parser(
+            name, help=text, description=text, epilog=_keys_help(name), formatter_class=argparse.RawTextHelpFormatter
+        )
+        p.add_argument("--config", help="YAML config (default: none, the built-in defaults)")
+        p.add_argument("--verbose", action="store_true", help="show vLLM's and Ray's own logs in the terminal")
+        p.add_argument("overrides", nargs="*", help="key=value overrides, e.g. input.path=data.jsonl")
         p.set_defaults(func=func)
-    rep = sub.add_parser("report", help="write an HTML report with plots for a scored output")
+    rep = sub.add_parser("report", help="write the HTML report of a scored output")
     rep.add_argument("output", help="a scoring run's output.path")
     rep.add_argument(
         "--allow-incomplete", action="store_true", help="report on the finished shards of an unfinished run"
     )
-    rep.set_defaults(func=cmd_report)
+    rep.set_defaults(func=cmd_report, verbose=False)
     prep = sub.add_parser("prepare-model", help="convert the embedded SmolLM2-135M GGUF into an HF checkpoint")
     prep.add_argument("--dir", default=None, help="target directory (default: the flip_ray cache)")
     prep.add_argument("--force", action="store_true", help="rebuild even if already prepared")
-    prep.set_defaults(func=cmd_prepare_model)
+    prep.set_defaults(func=cmd_prepare_model, verbose=False)
     return parser
+
+
+COMMANDS = ("score", "filter", "pairs", "evaluate", "report", "prepare-model")
+
+
+def _unknown_command(argv: list[str]) -> str | None:
+    """A message with the nearest command when the first word is not one (argparse only lists them)."""
+    import difflib
+
+    commands = list(COMMANDS)
+    word = next((a for a in argv if not a.startswith("-")), None)
+    if word is None or word in commands:
+        return None
+    close = difflib.get_close_matches(word, commands, n=1)
+    hint = f"; did you mean '{close[0]}'?" if close else ""
+    return f"flip-ray: unknown command '{word}'{hint} Commands: {', '.join(commands)} (flip-ray --help)"
 
 
 def _terminate(signum, frame):
@@ -181,7 +277,13 @@ def _terminate(signum, frame):
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    argv = sys.argv[1:] if argv is None else argv
+    unknown = _unknown_command(argv)
+    if unknown:
+        print(unknown, file=sys.stderr)
+        return EXIT_USER
+    args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     _quiet_telemetry()
     from flip_ray.pipeline import RunInterrupted

@@ -41,8 +41,9 @@ class InputConfig:
     format: str = "auto"
     prompt_column: str = "prompt"
     response_column: str = "response"
-    # Column holding row ids; when None, ids are "<file relative to input.path>:<row index>".
-    id_column: str | None = None
+    # Column holding row ids (checked unique); null: ids are "<file relative to input.path>:<row index>";
+    # auto: the `id` column when every file has one, else derived ids (the summary says which).
+    id_column: str | None = "auto"
     # With id_column: read all ids first (a distributed group-by, before any model loads) and refuse
     # the job if any id repeats.
     check_duplicate_ids: bool = True
@@ -50,13 +51,17 @@ class InputConfig:
     messages_column: str | None = None
     # Input columns copied to the output; None copies all of them.
     keep_columns: list[str] | None = None
-    # Rows per block read from a shard.
-    read_batch_rows: int = 1024
+    # Rows per block read from a shard; None: resources.batch_size, so that each engine call is one
+    # block and progress and part files move every batch (a bigger block is passed on whole).
+    read_batch_rows: int | None = None
     # Score only the first N rows of each shard (for trials); None reads everything.
     limit_per_shard: int | None = None
     # A rerun refuses input files that changed since the output was scored (they would leave stale
     # rows); true rescores just those files.
     rescore_changed: bool = False
+    # Rows per shard, the unit of reading, scoring, committing and resume: larger files are split
+    # (Parquet by row groups, HF files by record batches, JSONL by byte ranges; see layout.py).
+    rows_per_shard: int = 10000
 
 
 @dataclass
@@ -148,11 +153,12 @@ class ResourcesConfig:
     num_cpus: float = 1.0
     # Number of engine actors.
     concurrency: int = 1
-    # Rows per engine call.
+    # Rows per engine call (and, by default, per read block and per part file).
     batch_size: int = 64
     similarity_concurrency: int = 1
     similarity_num_cpus: float = 1.0
-    similarity_batch_size: int = 1024
+    # Rows per call of the CPU stage; None: each block as the engine stage emits it.
+    similarity_batch_size: int | None = None
 
 
 @dataclass
@@ -190,6 +196,10 @@ class StorageConfig:
     endpoint_url: str | None = None
     profile: str | None = None
     region: str | None = None
+    # Local paths are on a file system every node mounts at the same path (NFS, Lustre, ...). Without
+    # it, a local input.path or output.path on a multi-node cluster is refused; with it, each node is
+    # checked to see the output directory.
+    shared_filesystem: bool = False
 
 
 @dataclass
@@ -290,7 +300,8 @@ def validate_score_config(cfg: DictConfig) -> None:
         )
     i, m, s, r = cfg.input, cfg.model, cfg.sampling, cfg.resources
     require(i.format in INPUT_FORMATS, f"`input.format` must be one of {INPUT_FORMATS}, got {i.format!r}")
-    require(i.read_batch_rows >= 1, "`input.read_batch_rows` must be >= 1")
+    require(i.read_batch_rows is None or i.read_batch_rows >= 1, "`input.read_batch_rows` must be >= 1")
+    require(i.rows_per_shard >= 1, "`input.rows_per_shard` must be >= 1")
     require(i.limit_per_shard is None or i.limit_per_shard >= 1, "`input.limit_per_shard` must be >= 1")
     require(m.device in DEVICES, f"`model.device` must be one of {DEVICES}, got {m.device!r}")
     require(m.tensor_parallel_size >= 1, "`model.tensor_parallel_size` must be >= 1")
@@ -315,7 +326,10 @@ def validate_score_config(cfg: DictConfig) -> None:
     require(r.concurrency >= 1, "`resources.concurrency` must be >= 1")
     require(r.batch_size >= 1, "`resources.batch_size` must be >= 1")
     require(r.similarity_concurrency >= 1, "`resources.similarity_concurrency` must be >= 1")
-    require(r.similarity_batch_size >= 1, "`resources.similarity_batch_size` must be >= 1")
+    require(
+        r.similarity_batch_size is None or r.similarity_batch_size >= 1,
+        "`resources.similarity_batch_size` must be >= 1",
+    )
     require(r.num_gpus is None or r.num_gpus >= 0, "`resources.num_gpus` must be >= 0")
     require(0 < cfg.flags.copy_threshold <= 1, "`flags.copy_threshold` must be in (0, 1]")
     require(cfg.flags.min_response_words >= 0, "`flags.min_response_words` must be >= 0")

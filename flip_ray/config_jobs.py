@@ -133,7 +133,10 @@ def validate_pairs_config(cfg: DictConfig) -> None:
 # same engine) and the trivial baselines.
 PAIR_JUDGES = ("judge_pairwise", "judge_listwise")
 BASELINES = ("longer", "shorter", "prompt_overlap")
-EVAL_METHODS = (*SCORE_METHODS, *PAIR_JUDGES, *BASELINES)
+# Label-free combinations: the mean of the candidates' ranks (within each item, i.e. within a prompt
+# group) under two rewards that fail differently; both must be evaluated too.
+COMBINATIONS = {"flip_lexical_rank": ("flip", "flip_logprob_lexical"), "flip_pmi_rank": ("flip", "pmi_forward")}
+EVAL_METHODS = (*SCORE_METHODS, *PAIR_JUDGES, *BASELINES, *COMBINATIONS)
 SUBSET_SOURCES = ("auto", "column", "file")
 
 
@@ -207,6 +210,9 @@ def validate_eval_config(cfg: DictConfig) -> None:
         OmegaConf.merge(cfg.reward, {"methods": list(e.methods)}), allowed=EVAL_METHODS, key="evaluation.methods"
     )
     require(e.subset_from in SUBSET_SOURCES, f"`evaluation.subset_from` must be one of {SUBSET_SOURCES}")
+    for combo, parts in COMBINATIONS.items():
+        missing = [m for m in parts if combo in e.methods and m not in e.methods]
+        require(not missing, f"`evaluation.methods` has {combo}, which combines {parts}: add {missing} too")
     require(e.bootstrap >= 100, "`evaluation.bootstrap` must be >= 100")
     require(e.judge_max_tokens >= 1, "`evaluation.judge_max_tokens` must be >= 1")
 

@@ -30,7 +30,8 @@ from omegaconf import DictConfig, OmegaConf
 
 from flip_ray import __version__
 from flip_ray.config import ScoreConfig, to_dict
-from flip_ray.config_jobs import BASELINES, PAIR_JUDGES, EvalJobConfig, validate_eval_config
+from flip_ray.config_jobs import BASELINES, COMBINATIONS, PAIR_JUDGES, EvalJobConfig, validate_eval_config
+from flip_ray.evalplot import plot_summary
 from flip_ray.evalstats import agreement, markdown_table, pair_outcome, pick_from_scores, summarize
 from flip_ray.metrics import f1_score
 from flip_ray.pairjudge import judge_outcomes, run_pair_judges
@@ -45,7 +46,8 @@ logger = logging.getLogger(__name__)
 
 RESPONSES = "responses"  # directory of Parquet parts, one scoring shard each
 RESPONSES_PER_PART = 2000
-SUMMARY, SUMMARY_MD, EVAL_MANIFEST, ERRORS = "summary.json", "summary.md", "eval_manifest.json", "errors.jsonl"
+SUMMARY, SUMMARY_MD, SUMMARY_PNG = "summary.json", "summary.md", "summary.png"
+EVAL_MANIFEST, ERRORS = "eval_manifest.json", "errors.jsonl"
 _SHARED_SECTIONS = ("model", "sampling", "reward", "resources", "flags", "dedup", "limits", "storage", "ray")
 
 
@@ -128,14 +130,53 @@ def _add_baselines(items: list[Item], outcomes: dict, picks: dict) -> None:
         picks[method] = [pick_from_scores(sc) for sc in scores]
 
 
-def _method_summary(cfg: DictConfig, outcomes: list, picks: list, length_picks: dict, subsets: list) -> dict:
-    """`evalstats.summarize` of one method plus its agreement with the length rules."""
+def _method_summary(cfg: DictConfig, outcomes: list, picks: list, rule_picks: dict, subsets: list) -> dict:
+    """`evalstats.summarize` of one method plus its agreement with the length rules and with prompt
+    overlap (a method that only tracks length, or restating, shows there)."""
     s = summarize(outcomes, subsets, n_boot=cfg.evaluation.bootstrap, seed=cfg.evaluation.seed)
-    for rule in ("longer", "shorter"):
-        value, n = agreement(picks, length_picks[rule])
-        s[f"agree_{rule}"] = None if value is None else round(value, 4)
-    s["agree_n"] = n  # items where both the method and the length rules pick one response
+    for rule in ("longer", "shorter", "prompt_overlap"):
+        value, n = agreement(picks, rule_picks[rule])
+        key = "agree_overlap" if rule == "prompt_overlap" else f"agree_{rule}"
+        s[key] = None if value is None else round(value, 4)
+        if rule == "longer":
+            s["agree_n"] = n  # items where both the method and the length rules pick one response
     return s
+
+
+def _ranks(values: list[float]) -> list[float]:
+    """Ranks of `values` (0 = lowest), ties sharing their mean rank."""
+    order = sorted(range(len(values)), key=lambda k: values[k])
+    ranks = [0.0] * len(values)
+    i = 0
+    while i < len(order):
+        j = i
+        while j + 1 < len(order) and values[order[j + 1]] == values[order[i]]:
+            j += 1
+        for k in order[i : j + 1]:
+            ranks[k] = (i + j) / 2
+        i = j + 1
+    return ranks
+
+
+def combined_outcomes(items: list[Item], scores: list[dict]) -> tuple[list[float | None], list[int | None]]:
+    """Outcome and pick per item of the mean rank of its candidates under several rewards (per-response
+    `scores` of each, as `read_scores` gives them). No weight is fitted: each reward counts the same."""
+    outcomes, picks = [], []
+    for it in items:
+        per_method = []
+        for values in scores:
+            got = [values.get(response_id(it.id, k), (None, "not scored")) for k in range(len(it.candidates))]
+            if any(error is not None or value is None for value, error in got):
+                break
+            per_method.append(_ranks([value for value, _ in got]))
+        if len(per_method) < len(scores):
+            outcomes.append(None)
+            picks.append(None)
+            continue
+        mean_rank = [sum(r[k] for r in per_method) / len(per_method) for k in range(len(it.candidates))]
+        outcomes.append(pair_outcome(mean_rank[0], mean_rank[1:]))
+        picks.append(pick_from_scores(mean_rank))
+    return outcomes, picks
 
 
 def resummarize(output_path: str) -> dict:
@@ -149,11 +190,15 @@ def resummarize(output_path: str) -> dict:
     cfg = OmegaConf.merge(OmegaConf.structured(EvalJobConfig), manifest["config"])
     items, _ = load_items(cfg.input, cfg.evaluation.subset_from)
     outcomes, picks = {}, {}
+    scores = {}
     for method in [m for m in old if m in SCORE_METHODS]:
-        values = read_scores(store.uri_of("scores", method), score_column(cfg, method))
+        values = scores[method] = read_scores(store.uri_of("scores", method), score_column(cfg, method))
         outcomes[method], picks[method] = engine_outcomes(items, values)
         if method == "judge_pointwise":
             old[method]["parse_status"] = _judge_status(values, method)
+    for combo, parts in COMBINATIONS.items():
+        if combo in old and all(m in scores for m in parts):
+            outcomes[combo], picks[combo] = combined_outcomes(items, [scores[m] for m in parts])
     _add_baselines(items, outcomes, picks)
     subsets = [it.subset for it in items]
     summary = {}
@@ -215,10 +260,10 @@ def prepare(cfg: DictConfig) -> tuple[OutputStore, list[Item], int]:
 
 def score_responses(cfg: DictConfig, store: OutputStore, items: list[Item], outcomes: dict, picks: dict) -> dict:
     """One scoring run per engine method; fills `outcomes` and `picks`, returns per-method extras."""
-    extra = {}
+    extra, scores = {}, {}
     for method in [m for m in cfg.evaluation.methods if m in SCORE_METHODS]:
-        manifest = run_score(scoring_config(cfg, method, store))
-        values = read_scores(store.uri_of("scores", method), score_column(cfg, method))
+        manifest = run_score(scoring_config(cfg, method, store), label=method)
+        values = scores[method] = read_scores(store.uri_of("scores", method), score_column(cfg, method))
         outcomes[method], picks[method] = engine_outcomes(items, values)
         t = manifest["timings"]
         extra[method] = {
@@ -227,6 +272,9 @@ def score_responses(cfg: DictConfig, store: OutputStore, items: list[Item], outc
             "parse_status": manifest["counts"]["parse_status"] if method == "flip" else _judge_status(values, method),
             "errors": manifest["counts"]["errors"],
         }
+    for combo, parts in COMBINATIONS.items():
+        if combo in cfg.evaluation.methods:
+            outcomes[combo], picks[combo] = combined_outcomes(items, [scores[m] for m in parts])
     return extra
 
 
@@ -257,6 +305,8 @@ def write_summary(
     write_bytes_durably(store.fs, store.path(SUMMARY), json.dumps(summary, indent=2).encode())
     table = markdown_table(summary, title=f"flip_ray evaluation of {cfg.input.path}")
     write_bytes_durably(store.fs, store.path(SUMMARY_MD), table.encode())
+    plot = plot_summary(summary, f"flip_ray evaluation of {cfg.input.path}")
+    write_bytes_durably(store.fs, store.path(SUMMARY_PNG), plot)
     manifest = {
         "flip_ray_version": __version__,
         "config": to_dict(cfg),
@@ -264,7 +314,12 @@ def write_summary(
         "responses": sum(len(x.candidates) for x in items),
         "bad_rows": n_bad,
         "best_of_n_items": sum(len(x.candidates) > 2 for x in items),
-        "output": {"summary": store.uri_of(SUMMARY), "table": store.uri_of(SUMMARY_MD), "errors": store.uri_of(ERRORS)},
+        "output": {
+            "summary": store.uri_of(SUMMARY),
+            "table": store.uri_of(SUMMARY_MD),
+            "plot": store.uri_of(SUMMARY_PNG),
+            "errors": store.uri_of(ERRORS),
+        },
     }
     write_bytes_durably(store.fs, store.path(EVAL_MANIFEST), json.dumps(manifest, indent=2).encode())
     return {"summary": summary, "manifest": manifest, "table": table}

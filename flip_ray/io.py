@@ -104,13 +104,13 @@ def _jsonl_batches(shard: Shard, mapping: ColumnMapping, batch_rows: int, limit:
 
     index = 0
     with open_file(shard.uri, compression="infer") as f:
-        lines = _json_lines(f, shard)
+        lines = _json_lines(f, shard) if shard.byte_start == 0 and shard.byte_stop is None else _range_lines(f, shard)
         for lineno, raw in lines:
             if not raw.strip():
                 continue
             if limit is not None and index >= limit:
                 break
-            record, error = decode_json_line(raw, shard.key, lineno)
+            record, error = decode_json_line(raw, shard.file_key, lineno)
             records.append(record)
             errors.append(error)
             index += 1
@@ -166,6 +166,19 @@ def read_records(shard: Shard) -> Iterator[tuple[int, dict | None, str | None]]:
             yield i, None, f"{shard.key} row {i}: not valid UTF-8 ({e.reason} at byte {e.start})"
 
 
+def _range_lines(f, shard: Shard) -> Iterator[tuple[int, bytes]]:
+    """(line number, bytes) of the lines that start in the shard's byte range: the reader seeks to
+    it and never reads, let alone parses, a line before it (`layout.py` cuts at line starts)."""
+    f.seek(shard.byte_start)
+    pos, lineno = shard.byte_start, shard.first_line
+    for line in f:
+        if shard.byte_stop is not None and pos >= shard.byte_stop:
+            return
+        yield lineno, line[3:] if pos == 0 and line.startswith(b"\xef\xbb\xbf") else line
+        pos += len(line)
+        lineno += 1
+
+
 def _json_lines(f, shard: Shard) -> Iterator[tuple[int, bytes]]:
     """(line number, bytes) of a JSONL file. A UTF-8 byte-order mark is dropped; a file holding one
     JSON array (alpaca_data.json style) yields its elements, numbered by position."""
@@ -208,22 +221,55 @@ def _arrow_batches(shard: Shard, mapping: ColumnMapping, batch_rows: int, limit:
             _check_columns(shard, pf.schema_arrow, mapping)
             # Kept columns this file lacks are left out here and null in the output (stages.conform).
             cols = [c for c in mapping.source_columns() if c in pf.schema_arrow.names]
-            batches = pf.iter_batches(batch_size=batch_rows, columns=cols)
+            groups, skip = _row_groups(pf.metadata, shard)
+            batches = _window(pf.iter_batches(batch_size=batch_rows, row_groups=groups, columns=cols), skip, shard)
         else:
             reader = pa.ipc.open_stream(f)
             _check_columns(shard, reader.schema, mapping)
-            batches = _rechunk(reader, batch_rows)
+            batches = _rechunk(_window(reader, shard.first_row, shard), batch_rows)
         for rb in batches:
             if limit is not None and start >= limit:
                 break
             if limit is not None and start + rb.num_rows > limit:
                 rb = rb.slice(0, limit - start)
             errors: list[str | None] = [None] * rb.num_rows
-            where = (shard.key, start)
+            where = (shard.file_key, shard.first_row + start)
             values = {c: _values_rowwise(rb.column(c), c, errors, where) for c in mapping.required()}
             kept = {c: _valid_column(rb.column(c), c, errors, where) for c in mapping.keep if c in rb.schema.names}
             yield SourceBatch(start, values, kept, errors)
             start += rb.num_rows
+
+
+def _row_groups(md: pq.FileMetaData, shard: Shard) -> tuple[list[int], int]:
+    """The row groups a row range of the file overlaps, and how many rows of the first to skip."""
+    if shard.first_row == 0 and shard.rows is None:
+        return list(range(md.num_row_groups)), 0
+    stop = shard.first_row + (shard.rows if shard.rows is not None else md.num_rows)
+    groups, skip, at = [], 0, 0
+    for i in range(md.num_row_groups):
+        n = md.row_group(i).num_rows
+        if at + n > shard.first_row and at < stop:
+            if not groups:
+                skip = shard.first_row - at
+            groups.append(i)
+        at += n
+    return groups, skip
+
+
+def _window(batches, skip: int, shard: Shard) -> Iterator[pa.RecordBatch]:
+    """The record batches of `batches` after its first `skip` rows, up to the shard's row count."""
+    left = shard.rows
+    for rb in batches:
+        if skip >= rb.num_rows:
+            skip -= rb.num_rows
+            continue
+        rb, skip = rb.slice(skip), 0
+        if left is not None:
+            if left <= 0:
+                return
+            rb, left = rb.slice(0, left), left - min(left, rb.num_rows)
+        if rb.num_rows:
+            yield rb
 
 
 def _values_rowwise(array: pa.Array, name: str, errors: list[str | None], where: tuple[str, int]) -> list:
@@ -314,7 +360,7 @@ def normalize(batch: SourceBatch, shard: Shard, mapping: ColumnMapping) -> pa.Ta
     n = len(batch)
     ids, instructions, responses, contexts, errors = [], [], [], [], []
     for i in range(n):
-        rid = derive_id(shard.key, batch.start + i)
+        rid = derive_id(shard.file_key, shard.first_row + batch.start + i)
         raw_id = batch.values[mapping.id][i] if mapping.id else None
         if raw_id is not None:  # also for a row that failed to read, when its id could be read
             rid = str(raw_id)

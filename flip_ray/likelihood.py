@@ -4,6 +4,7 @@ after the FLIP prompt about a response, scored by its log-probability in one pre
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from functools import partial
 
@@ -11,6 +12,8 @@ from flip_ray.engine import TRUNCATION_MARGIN, PromptFitter, render_and_run
 from flip_ray.prompts import build_flip_messages, distractors_for, flip_answer_prefix
 from flip_ray.records import RowError
 from flip_ray.specs import PromptSpec
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -44,9 +47,20 @@ class FlipLikelihood:
             same response, and report `contrast` = the real instruction's mean log-probability minus
             theirs: how much better the response explains its own instruction than generic ones.
             Costs one more prefill per distractor.
+        reuse_prefix: Read the FLIP prompt's KV cache from the prefix cache (left by the generation
+            pass over the same rows, or by the other instructions after the same response), so that
+            only the instruction is prefilled; False: a full prefill per row (the path before).
     """
 
-    def __init__(self, llm, prompt: PromptSpec | None = None, *, logprob_format: str = "plain", distractors: int = 0):
+    def __init__(
+        self,
+        llm,
+        prompt: PromptSpec | None = None,
+        *,
+        logprob_format: str = "plain",
+        distractors: int = 0,
+        reuse_prefix: bool = True,
+    ):
         from vllm import SamplingParams
 
         self.prompt = prompt or PromptSpec()
@@ -56,8 +70,18 @@ class FlipLikelihood:
         self.fitter = PromptFitter(self.tokenizer, self.prompt.chat_template_kwargs)
         self.max_model_len = llm.llm_engine.model_config.max_model_len
         self.prefix_ids = self.tokenizer.encode(flip_answer_prefix(logprob_format), add_special_tokens=False)
-        # prompt_logprobs=0 returns the log-probability of each prompt token as it stands.
-        self.params = SamplingParams(max_tokens=1, temperature=0.0, prompt_logprobs=0, detokenize=False)
+        # prompt_logprobs=0 returns the log-probability of each prompt token as it stands. vLLM skips
+        # reading the prefix cache for such requests by default, since cached tokens get no
+        # log-probability; only the instruction's are needed, and they follow the FLIP prompt whose
+        # KV cache the generation pass (or another instruction after the same response) has left.
+        self.params = SamplingParams(
+            max_tokens=1,
+            temperature=0.0,
+            prompt_logprobs=0,
+            detokenize=False,
+            skip_reading_prefix_cache=not reuse_prefix,
+        )
+        self.full_params = SamplingParams(max_tokens=1, temperature=0.0, prompt_logprobs=0, detokenize=False)
 
     def _render(self, instruction: str, response: str, context: list[dict] | None) -> tuple[list[int], list[int], bool]:
         target = self.tokenizer.encode(instruction, add_special_tokens=False)
@@ -108,18 +132,46 @@ class FlipLikelihood:
             ids, target, truncated = self._render(instruction, response, context)
             return ids + target, truncated, target
 
-        return render_and_run(
+        renders = [partial(render, *row) for row in zip(instructions, responses, contexts, strict=True)]
+        results = render_and_run(
             self.llm,
-            [partial(render, *row) for row in zip(instructions, responses, contexts, strict=True)],
+            renders,
             self.params,
             _likelihood,
             lambda message, truncated: Likelihood(truncated=truncated, error=message),
         )
+        # A row whose instruction tokens were partly served from the prefix cache (a prompt seen
+        # before, cache entries of an identical request) has no log-probability for them: that
+        # row again, with a full prefill.
+        again = [k for k, r in enumerate(results) if r is _CACHED]
+        if again:
+            logger.info("flip_logprob: %d row(s) prefilled again without the prefix cache", len(again))
+            redo = render_and_run(
+                self.llm,
+                [renders[k] for k in again],
+                self.full_params,
+                _likelihood,
+                lambda message, truncated: Likelihood(truncated=truncated, error=message),
+            )
+            for k, r in zip(again, redo, strict=True):
+                results[k] = r if r is not _CACHED else Likelihood(error="no log-probabilities for the instruction")
+        return results
+
+
+# `_likelihood`'s answer for a row whose instruction tokens came (partly) from the prefix cache.
+_CACHED = Likelihood(error="instruction tokens served from the prefix cache")
 
 
 def _likelihood(out, truncated: bool, target: list[int]) -> Likelihood:
-    """The instruction's log-probability from the prompt log-probabilities of its tokens."""
-    positions = out.prompt_logprobs[-len(target) :]
+    """The instruction's log-probability from the prompt log-probabilities of its tokens. With the
+    prefix cache read, vLLM returns prompt log-probabilities for the computed (uncached) tokens
+    only; the instruction, after the cached FLIP prompt, is normally all computed, and `_CACHED`
+    says when it was not."""
+    positions = (out.prompt_logprobs or [])[-len(target) :]
+    if len(positions) < len(target) or any(
+        pos is None or tok not in pos for pos, tok in zip(positions, target, strict=True)
+    ):
+        return _CACHED
     values = [pos[tok].logprob for pos, tok in zip(positions, target, strict=True)]
     total = float(sum(values))
     return Likelihood(

@@ -10,20 +10,29 @@ record, `store.py`) once all its rows are durably written. The run around it is 
 from __future__ import annotations
 
 import logging
+from dataclasses import asdict
 
 import pyarrow as pa
 from omegaconf import DictConfig
 
-from flip_ray import inference, schema
+from flip_ray import console, inference, schema
 from flip_ray.io import ColumnMapping
 from flip_ray.model import ModelError
 from flip_ray.plan import RunPlan
+from flip_ray.progress import Progress
 from flip_ray.runtime import engine_actor_options, storage_env
 from flip_ray.specs import EngineSpec, PromptSpec, SamplingSpec
 from flip_ray.stages import SimilarityStage, read_ids, read_shards, write_parts
+from flip_ray.store import shard_id
 from flip_ray.tracker import ErrorBudgetExceeded, ShardTracker
 
 logger = logging.getLogger(__name__)
+
+
+# Reading shards and writing parts wait on storage more than they compute: half a CPU each, so that a
+# small cluster whose CPUs the engine and similarity actors hold still has room for them (a node
+# lost down to 2 CPUs would otherwise deadlock with both actors placed).
+IO_TASK_CPUS = 0.5
 
 
 class RunInterrupted(RuntimeError):
@@ -67,7 +76,7 @@ def build_dataset(plan: RunPlan, cfg: DictConfig, engine: EngineSpec):
     r = cfg.resources
     io_env = {"env_vars": storage_env()}
     shards = ray.data.from_items(
-        [{"uri": s.uri, "format": s.format, "key": s.key} for s in plan.pending],
+        [asdict(s) for s in plan.pending],
         override_num_blocks=len(plan.pending),
     )
     rows = shards.map_batches(
@@ -77,9 +86,10 @@ def build_dataset(plan: RunPlan, cfg: DictConfig, engine: EngineSpec):
         fn_kwargs=dict(
             mapping=plan.mapping,
             kept=plan.kept_schema,
-            batch_rows=cfg.input.read_batch_rows,
+            batch_rows=cfg.input.read_batch_rows or cfg.resources.batch_size,
             limit=cfg.input.limit_per_shard,
         ),
+        num_cpus=IO_TASK_CPUS,
         runtime_env=io_env,
     )
     inferred = rows.map_batches(
@@ -101,6 +111,7 @@ def build_dataset(plan: RunPlan, cfg: DictConfig, engine: EngineSpec):
         batch_size=None,
         batch_format="pyarrow",
         fn_kwargs=dict(output_uri=plan.store.uri, output_schema=plan.output_schema),
+        num_cpus=IO_TASK_CPUS,
         runtime_env=io_env,
     )
 
@@ -111,12 +122,12 @@ def find_duplicate_ids(plan: RunPlan, cfg: DictConfig, limit: int = 5) -> list[t
     import ray
 
     mapping = ColumnMapping(plan.mapping.prompt, plan.mapping.response, plan.mapping.id, plan.mapping.messages)
-    items = [{"uri": s.uri, "format": s.format, "key": s.key} for s in plan.shards]
+    items = [asdict(s) for s in plan.shards]
     ids = ray.data.from_items(items, override_num_blocks=len(items)).map_batches(
         read_ids,
         batch_size=1,
         batch_format="pyarrow",
-        fn_kwargs=dict(mapping=mapping, batch_rows=cfg.input.read_batch_rows, limit=cfg.input.limit_per_shard),
+        fn_kwargs=dict(mapping=mapping, batch_rows=cfg.input.read_batch_rows or 8192, limit=cfg.input.limit_per_shard),
         runtime_env={"env_vars": storage_env()},
     )
     repeated = ids.groupby(schema.ID).count().filter(lambda r: r["count()"] > 1)
@@ -143,9 +154,33 @@ def _last_line(e: BaseException) -> str:
     return text.splitlines()[-1] if text else type(e).__name__
 
 
-def execute(plan: RunPlan, cfg: DictConfig, engine: EngineSpec, attempt: str) -> ShardTracker:
+def start_progress(plan: RunPlan, limit: int | None, label: str) -> Progress:
+    """Row progress over the pending shards: their known sizes (capped by `input.limit_per_shard`),
+    and how many are of unknown size."""
+    sizes = [s.rows if limit is None or s.rows is None else min(s.rows, limit) for s in plan.pending]
+    known = [n for n in sizes if n is not None]
+    stream = console.active().terminal if console.active() else _LogStream(logger)
+    return Progress(label, sum(known), len(sizes) - len(known), stream)
+
+
+class _LogStream:
+    """Progress lines as log records, when no console owns the terminal (the API, tests)."""
+
+    def __init__(self, log: logging.Logger):
+        self.log = log
+
+    def write(self, text: str) -> None:
+        if text.strip():
+            self.log.info(text.strip())
+
+    def flush(self) -> None:
+        pass
+
+
+def execute(plan: RunPlan, cfg: DictConfig, engine: EngineSpec, attempt: str, label: str = "scored") -> ShardTracker:
     """Streams the pending shards through the pipeline and commits each finished shard (done
-    record); returns the tracker with this run's counts and failed shards.
+    record), printing row progress (`label`); returns the tracker with this run's counts and failed
+    shards.
 
     Raises:
         ErrorBudgetExceeded, RunInterrupted (storage or cluster failed), ModelError (an engine's node
@@ -159,11 +194,18 @@ def execute(plan: RunPlan, cfg: DictConfig, engine: EngineSpec, attempt: str) ->
         cfg.limits.min_rows_for_error_check,
         plan.identities,
     )
-    logger.info("scoring %d pending shard(s) on %s", len(plan.pending), engine.device)
+    logger.info("scoring %d pending shard(s) on %s", len(plan.pending), engine.device, extra={"quiet": True})
+    progress = start_progress(plan, cfg.input.limit_per_shard, label)
+    unknown = {shard_id(s.key) for s in plan.pending if s.rows is None}
     batches = build_dataset(plan, cfg, engine).iter_batches(batch_size=None, batch_format="pyarrow")
     try:
         for meta in batches:
             tracker.add(meta)
+            for m in meta.to_pylist():
+                if m["file"]:
+                    progress.add(m["rows"], m["errors"])
+                elif m["shard_id"] in unknown:
+                    progress.add_total(m["total"])
             tracker.check_error_budget()
     except ErrorBudgetExceeded:
         raise
@@ -183,6 +225,7 @@ def execute(plan: RunPlan, cfg: DictConfig, engine: EngineSpec, attempt: str) ->
         close = getattr(batches, "close", None)
         if close is not None:
             close()
+    progress.close()
     for sid, entry in tracker.open.items():
         if sid not in tracker.failed:
             tracker.failed[sid] = (

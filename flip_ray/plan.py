@@ -29,13 +29,18 @@ from flip_ray import schema
 from flip_ray.config import to_dict, validate_score_config
 from flip_ray.io import ColumnMapping, check_columns
 from flip_ray.judge import JUDGE_PROMPT_VERSION
+from flip_ray.layout import split_files
+from flip_ray.lock import RunLock
 from flip_ray.model import check_model_path
 from flip_ray.prompts import PROMPT_TEMPLATE_VERSION
 from flip_ray.runtime import apply_storage_config, on_cluster
 from flip_ray.shards import InputError, Shard, list_shards, source_identities
-from flip_ray.store import DATA, RUN, OutputError, OutputStore, config_fingerprint, shard_id
+from flip_ray.store import DATA, LAYOUT, RUN, OutputError, OutputStore, config_fingerprint, shard_id
 
 logger = logging.getLogger(__name__)
+
+
+ID_COLUMN = "id"  # the column `input.id_column=auto` uses when every file has it
 
 
 class OutputExistsError(OutputError):
@@ -49,7 +54,9 @@ class DuplicateIdError(InputError):
 
 @dataclass
 class RunPlan:
-    shards: list[Shard]
+    files: list[Shard]  # the input files, whole
+    layouts: dict[str, dict]  # file uri -> how it is cut into shards (layout.split_files)
+    shards: list[Shard]  # what is read and committed: files, or row ranges of them
     mapping: ColumnMapping
     kept_schema: pa.Schema
     output_schema: pa.Schema
@@ -117,9 +124,19 @@ def unified_columns(shards: list[Shard], mapping: ColumnMapping) -> tuple[pa.Sch
     return pa.schema(list(fields.values())), notes
 
 
+def resolve_id_column(input_cfg: DictConfig, present: pa.Schema, notes: list[str]) -> str | None:
+    """`input.id_column`, with `auto` resolved: the `id` column when every file has one (checked for
+    uniqueness like any id column), else ids derived from file and row."""
+    if input_cfg.id_column != "auto":
+        return input_cfg.id_column
+    if ID_COLUMN in present.names and not any(n.startswith(f"input column {ID_COLUMN!r} is missing") for n in notes):
+        return ID_COLUMN
+    return None
+
+
 def _column_mapping(i: DictConfig, present: pa.Schema) -> ColumnMapping:
-    if i.keep_columns is None:
-        keep = tuple(present.names)
+    if i.keep_columns is None:  # all but the id column, which is the output's `id` already
+        keep = tuple(c for c in present.names if c != i.id_column)
     else:
         missing = [c for c in i.keep_columns if c not in present.names]
         if missing:
@@ -205,13 +222,16 @@ def reconcile(
 
 def _input_columns(input_cfg: DictConfig, shards: list[Shard]) -> tuple[ColumnMapping, pa.Schema, list[str]]:
     """The column mapping, the kept columns' schema and notes for the log, from every shard's columns."""
+    auto = input_cfg.id_column == "auto"
     base = ColumnMapping(
         prompt=input_cfg.prompt_column,
         response=input_cfg.response_column,
-        id=input_cfg.id_column,
+        id=None if auto else input_cfg.id_column,
         messages=input_cfg.messages_column,
     )
     present, notes = unified_columns(shards, base)
+    if auto:  # resolved here, so that the fingerprint and config.yaml hold what was used
+        input_cfg.id_column = resolve_id_column(input_cfg, present, notes)
     mapping = _column_mapping(input_cfg, present)
     notes = [n for n in notes if any(f"input column {c!r}" in n for c in mapping.keep)]
     notes += [
@@ -240,29 +260,38 @@ def _earlier_run(store: OutputStore, fingerprint: str, input_uri: str) -> dict[s
     return store.done_records()
 
 
-def plan_run(cfg: DictConfig) -> RunPlan:
+def plan_run(cfg: DictConfig, lock: RunLock | None = None) -> RunPlan:
     """Validates the config, the input, the model path and the output location, without loading any
-    model or changing anything, and decides which shards to score.
+    model or changing anything, and decides which shards to score. With `lock`, the output is
+    locked (one run per output) before its state is read; the caller releases it.
 
     Raises:
         ConfigError, InputError, ModelError, OutputError: With a message naming the key, path or column.
+        OutputLocked: Another run holds the output.
     """
     validate_score_config(cfg)
     apply_storage_config(cfg.storage)
     model_note = check_model_path(cfg.model.path, load_format=cfg.model.load_format, on_cluster=on_cluster(cfg.ray))
-    shards = list_shards(cfg.input.path, cfg.input.format)
-    mapping, kept_schema, notes = _input_columns(cfg.input, shards)
+    files = list_shards(cfg.input.path, cfg.input.format)
+    mapping, kept_schema, notes = _input_columns(cfg.input, files)
     store = OutputStore(cfg.output.path)
     _check_output(cfg, store)
     fingerprint = config_fingerprint(to_dict(cfg), f"{PROMPT_TEMPLATE_VERSION}+{JUDGE_PROMPT_VERSION}")
     input_uri = canonical_uri(cfg.input.path)
-    identities = source_identities([s.uri for s in shards])
-    done = _earlier_run(store, fingerprint, input_uri) if store.has_run() and not cfg.output.overwrite else {}
+    identities = source_identities([s.uri for s in files])
+    if lock is not None:
+        lock.acquire()
+    earlier = store.has_run() and not cfg.output.overwrite
+    done = _earlier_run(store, fingerprint, input_uri) if earlier else {}
+    cached = (store.read_json(LAYOUT) or {}) if earlier else {}
+    shards, layouts = split_files(files, identities, cfg.input.rows_per_shard, cached)
     parts = _part_files(store) if done else {}
     done, pending, remove, reconcile_notes = reconcile(
         done, shards, identities, parts, rescore_changed=cfg.input.rescore_changed, where="the run in " + store.uri
     )
     return RunPlan(
+        files=files,
+        layouts=layouts,
         shards=shards,
         mapping=mapping,
         kept_schema=kept_schema,

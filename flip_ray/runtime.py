@@ -9,9 +9,13 @@ import os
 import signal
 from functools import partial
 
+import fsspec
 from omegaconf import DictConfig
 
+from flip_ray import console
+from flip_ray.shards import is_local
 from flip_ray.specs import EngineSpec
+from flip_ray.store import OutputError
 
 # Non-secret storage settings, forwarded to Ray workers through runtime_env. Keys and secrets are
 # not: runtime_env is visible in the Ray dashboard. Workers get credentials the way any AWS client
@@ -68,6 +72,9 @@ def init_ray(ray_cfg: DictConfig):
     if callable(handler) and handler is not signal.getsignal(signal.SIGTERM):
         with contextlib.suppress(ValueError):  # not the main thread: Ray's handler stays
             signal.signal(signal.SIGTERM, handler)
+    if console.active() is not None:
+        console.active().quiet_libraries()
+        console.active().capture_process_output()
     return ray
 
 
@@ -97,3 +104,58 @@ def engine_actor_options(engine: EngineSpec, resources: DictConfig) -> dict:
         # past them the run stops with exit 3 and a rerun resumes.
         ray_remote_args_fn=partial(dict, max_restarts=ENGINE_MAX_RESTARTS, max_task_retries=ENGINE_MAX_TASK_RETRIES),
     )
+
+
+def _sees(paths: list[str]) -> bool:
+    return all(os.path.exists(p) for p in paths)
+
+
+def _local(uri: str) -> bool:
+    return is_local(fsspec.core.url_to_fs(uri)[0])
+
+
+def check_paths_on_cluster(ray, plan, shared_filesystem: bool) -> None:
+    """Refuses local paths that the nodes of a multi-node cluster would not share, before any model
+    loads: every node reads input shards and writes part files. With `shared_filesystem`, a probe
+    file in the output directory must be visible from every node.
+
+    Raises:
+        OutputError: Naming the path, s3:// and `storage.shared_filesystem`.
+    """
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    nodes = [n for n in ray.nodes() if n.get("Alive")]
+    local = [uri for uri in (plan.store.uri, plan.files[0].uri) if _local(uri)]
+    if len(nodes) <= 1 or not local:
+        return
+    if not shared_filesystem:
+        raise OutputError(
+            f"{' and '.join(local)} {'is a local path' if len(local) == 1 else 'are local paths'}, but the Ray "
+            f"cluster has {len(nodes)} nodes and every node reads shards and writes part files: use s3:// (or "
+            "another object store), or a shared file system mounted at the same path on every node and then "
+            "storage.shared_filesystem=true"
+        )
+    # What every node must see: a probe file written in a local output, the first local input file.
+    paths = [fsspec.core.url_to_fs(plan.files[0].uri)[1]] if _local(plan.files[0].uri) else []
+    probe = None
+    if _local(plan.store.uri):
+        probe = plan.store.path(f".flip_ray-node-probe-{os.getpid()}")
+        plan.store.fs.makedirs(plan.store.root, exist_ok=True)
+        plan.store.fs.pipe_file(probe, b"probe")
+        paths.append(probe)
+    try:
+        sees = ray.remote(num_cpus=0)(_sees)
+        checks = [
+            sees.options(scheduling_strategy=NodeAffinitySchedulingStrategy(n["NodeID"], soft=False)).remote(paths)
+            for n in nodes
+        ]
+        seen = ray.get(checks)
+        blind = [f"{n['NodeManagerAddress']} ({n['NodeID'][:8]})" for n, ok in zip(nodes, seen, strict=True) if not ok]
+    finally:
+        if probe is not None:
+            plan.store.fs.rm(probe)
+    if blind:
+        raise OutputError(
+            f"storage.shared_filesystem=true, but node(s) {', '.join(blind)} cannot see {', '.join(local)}: mount "
+            "the shared file system at the same path on every node, or use s3://"
+        )

@@ -1,8 +1,10 @@
 """The scoring run, as a recipe of named steps:
 
-    plan_run        config, input, model path and output checked; what to score decided (`plan.py`)
+    plan_run        config, input, model path and output checked; the output locked (one run per
+                    output, `lock.py`); what to score decided (`plan.py`)
+    start_cluster   Ray joined or started, paths checked from every node, duplicate ids refused, the
+                    device and engine decided
     prepare_output  the output brought in line with the plan (removed, stray and unfinished parts)
-    start_cluster   Ray joined or started, duplicate ids refused, the device and engine decided
     execute         the Ray Data pipeline over the pending shards (`pipeline.py`)
     write_manifest  manifest.json written last, then the report
 
@@ -22,18 +24,19 @@ from importlib import metadata
 
 from omegaconf import DictConfig
 
-from flip_ray import __version__
+from flip_ray import __version__, console
 from flip_ray import model as model_lib
 from flip_ray.config import to_dict, to_yaml
 from flip_ray.judge import JUDGE_PROMPT_VERSION
+from flip_ray.lock import RunLock
 from flip_ray.model import weights_fingerprint
 from flip_ray.pipeline import execute, find_duplicate_ids
 from flip_ray.plan import DuplicateIdError, RunPlan, plan_run
 from flip_ray.prompts import PROMPT_TEMPLATE_VERSION
 from flip_ray.report import build_report
-from flip_ray.runtime import init_ray, resolve_device
+from flip_ray.runtime import check_paths_on_cluster, init_ray, resolve_device
 from flip_ray.specs import EngineSpec
-from flip_ray.store import CONFIG_COPY, DATA, MANIFEST, RUN, shard_id
+from flip_ray.store import CONFIG_COPY, DATA, LAYOUT, MANIFEST, RUN, OutputStore, shard_id
 from flip_ray.tracker import ShardTracker, check_error_budget, summarize
 
 logger = logging.getLogger(__name__)
@@ -68,6 +71,8 @@ def prepare_output(plan: RunPlan, cfg: DictConfig) -> None:
         logger.warning("shard %s: removing part file %s, which its done record does not list", sid, name)
         store.fs.rm(store.path(DATA, sid, name))
     store.prune_uncommitted(set(plan.done))
+    if store.read_json(LAYOUT) != plan.layouts:
+        store.write_json(plan.layouts, LAYOUT)
     run = {"config_fingerprint": plan.fingerprint, "flip_ray_version": __version__, "input_path": plan.input_uri}
     store.write_json(run, RUN)
     store.write_text(to_yaml(cfg), CONFIG_COPY)
@@ -78,6 +83,7 @@ def start_cluster(plan: RunPlan, cfg: DictConfig) -> EngineSpec:
     on the device the cluster offers. The embedded model is converted here, once, before any engine
     actor starts, so that actors on this node find it ready."""
     ray = init_ray(cfg.ray)
+    check_paths_on_cluster(ray, plan, cfg.storage.shared_filesystem)
     if cfg.input.id_column and cfg.input.check_duplicate_ids:
         repeated = find_duplicate_ids(plan, cfg)
         if repeated:
@@ -134,7 +140,13 @@ def write_manifest(
         "complete": not failed and len(done) == len(current),
         "device": device,
         "model": {"path": model_path, "embedded_default": cfg.model.path is None, **weights_fingerprint(model_path)},
-        "input": {"path": cfg.input.path, "uri": plan.input_uri, "shards": len(plan.shards)},
+        "input": {
+            "path": cfg.input.path,
+            "uri": plan.input_uri,
+            "files": len(plan.files),
+            "shards": len(plan.shards),
+            "id_column": plan.mapping.id,  # None: ids derived from file and row
+        },
         "output": {"path": store.uri, "data": f"{store.uri}/data", "schema": plan.output_schema.names},
         "shards": {
             "total": len(plan.shards),
@@ -180,31 +192,55 @@ def _stopped(plan: RunPlan, signum: int) -> RunStopped:
     )
 
 
-def run_score(cfg: DictConfig) -> dict:
-    """Runs (or resumes) the scoring job described by `cfg` and returns its manifest.
+def run_score(cfg: DictConfig, label: str = "scored") -> dict:
+    """Runs (or resumes) the scoring job described by `cfg` and returns its manifest; progress lines
+    count rows under `label`.
 
     Raises:
         ConfigError, InputError, ModelError, OutputError: Before any model loads.
+        OutputLocked: Another run is working in output.path.
         ErrorBudgetExceeded: More rows failed than `limits.max_error_fraction` allows.
         RunInterrupted: Storage or cluster failed; a rerun resumes.
         RunStopped: SIGINT or SIGTERM; a rerun resumes.
     """
     timings = {"started": time.time(), "pipeline_s": 0.0}
-    plan = plan_run(cfg)
-    for note in plan.notes:
-        logger.warning(note)
-    logger.info("resolved config:\n%s", to_yaml(cfg))
-    logger.info("%d input shard(s): %d already done, %d to score", len(plan.shards), len(plan.done), len(plan.pending))
-    tracker = device = None
+    attempt = uuid.uuid4().hex[:12]
+    lock = RunLock(OutputStore(cfg.output.path), attempt)
     try:
-        prepare_output(plan, cfg)
-        if plan.pending:
-            engine = start_cluster(plan, cfg)
-            device, t0 = engine.device, time.time()
-            tracker = execute(plan, cfg, engine, uuid.uuid4().hex[:12])
-            timings["pipeline_s"] = time.time() - t0
-    except KeyboardInterrupt:
-        raise _stopped(plan, signal.SIGINT) from None
-    except Terminated:
-        raise _stopped(plan, signal.SIGTERM) from None
-    return write_manifest(plan, cfg, tracker, device, timings)
+        plan = plan_run(cfg, lock)
+    except BaseException:
+        lock.release()
+        raise
+    try:
+        for note in plan.notes:
+            logger.warning(note)
+        logger.info("resolved config:\n%s", to_yaml(cfg), extra={"quiet": True})
+        known = sum(s.rows or 0 for s in plan.pending)
+        logger.info(
+            "%s -> %s: %d shard(s) of %d file(s), %d done, %d to score (%d%s rows)",
+            cfg.input.path,
+            plan.store.uri,
+            len(plan.shards),
+            len(plan.files),
+            len(plan.done),
+            len(plan.pending),
+            known,
+            "+" if any(s.rows is None for s in plan.pending) else "",
+        )
+        if console.active() is not None and plan.pending:
+            logger.info("vLLM's and Ray's own logs: %s", console.active().path)
+        tracker = device = None
+        try:
+            engine = start_cluster(plan, cfg) if plan.pending else None
+            prepare_output(plan, cfg)
+            if engine is not None:
+                device, t0 = engine.device, time.time()
+                tracker = execute(plan, cfg, engine, attempt, label)
+                timings["pipeline_s"] = time.time() - t0
+        except KeyboardInterrupt:
+            raise _stopped(plan, signal.SIGINT) from None
+        except Terminated:
+            raise _stopped(plan, signal.SIGTERM) from None
+        return write_manifest(plan, cfg, tracker, device, timings)
+    finally:
+        lock.release()

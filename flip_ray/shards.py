@@ -38,9 +38,21 @@ class InputError(ValueError):
 
 @dataclass(frozen=True)
 class Shard:
-    uri: str  # full URI, protocol included for remote files
+    """A file, or a range of its rows (`layout.split`): what is read, scored and committed as one."""
+
+    uri: str  # the file's full URI, protocol included for remote files
     format: str  # parquet | jsonl | hf (an Arrow stream file of a saved HF dataset)
-    key: str  # path relative to the input root: stable across runs, used in ids and names
+    key: str  # the shard's name, stable across runs: the file key, plus "#rows=a-b" when split
+    file_key: str = ""  # the file's path relative to the input root, used in derived ids
+    first_row: int = 0  # index in the file of the shard's first row
+    rows: int | None = None  # rows in the shard when known (None: a JSONL file not counted)
+    byte_start: int = 0  # JSONL: the shard's rows are the lines that start in [byte_start, byte_stop)
+    byte_stop: int | None = None
+    first_line: int = 1  # JSONL: the line number at byte_start, for error messages
+
+    def __post_init__(self):
+        if not self.file_key:
+            object.__setattr__(self, "file_key", self.key)
 
 
 def _format_of(path: str) -> str | None:
@@ -150,11 +162,11 @@ def source_identity(uri: str) -> dict:
     fs, path = fsspec.core.url_to_fs(uri)
     info = fs.info(path)
     size = int(info.get("size") or 0)
-    tag = None if _is_local_fs(fs) else _content_tag(info)
+    tag = None if is_local(fs) else _content_tag(info)
     if tag is not None:
         return {"size": size, "tag": tag}
     identity: dict = {"size": size}
-    if _is_local_fs(fs):
+    if is_local(fs):
         identity["mtime_ns"] = os.stat(path).st_mtime_ns
     else:
         identity["mtime"] = str(info.get("mtime") or info.get("LastModified") or info.get("last_modified"))
@@ -178,7 +190,8 @@ def source_identities(uris: list[str]) -> dict[str, dict]:
         raise InputError(f"cannot read the input files' sizes and dates: {e}") from e
 
 
-def _is_local_fs(fs) -> bool:
+def is_local(fs) -> bool:
+    """Whether an fsspec file system is the local one (a path this host sees, maybe on a shared mount)."""
     protocol = fs.protocol if isinstance(fs.protocol, str) else fs.protocol[0]
     return protocol in ("file", "local")
 

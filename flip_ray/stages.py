@@ -95,7 +95,7 @@ def read_shards(
     require_columns("read_shards", batch, ["uri", "format", "key"])
     target = schema.normalized_schema(kept)
     for row in batch.to_pylist():
-        shard = Shard(uri=row["uri"], format=row["format"], key=row["key"])
+        shard = Shard(**row)
         sid = shard_id(shard.key)
         total, error = 0, None
         try:
@@ -115,7 +115,7 @@ def read_ids(
     """Ray Data map_batches function: only the `id` column of each shard (for the duplicate check).
     Unreadable shards yield nothing here; the scoring run reports them."""
     for row in batch.to_pylist():
-        shard = Shard(uri=row["uri"], format=row["format"], key=row["key"])
+        shard = Shard(**row)
         try:
             for table in read_shard(shard, mapping, batch_rows, limit):
                 yield table.select([schema.ID])

@@ -30,7 +30,7 @@ import fsspec
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from flip_ray.shards import InputError
+from flip_ray.shards import InputError, is_local
 
 logger = logging.getLogger(__name__)
 
@@ -39,6 +39,7 @@ MANIFEST = "manifest.json"
 CONFIG_COPY = "config.yaml"
 DATA = "data"
 DONE = "_done"
+LAYOUT = "_layout.json"  # how each input file is cut into shards (layout.py), by file URI
 
 # Config sections and keys that do not change any score: a rerun may change them freely.
 _FINGERPRINT_EXCLUDES = {
@@ -84,17 +85,12 @@ def config_fingerprint(config: dict, prompt_version: str = "") -> str:
     return hashlib.sha256(json.dumps(trimmed, sort_keys=True).encode()).hexdigest()
 
 
-def _is_local(fs) -> bool:
-    protocol = fs.protocol if isinstance(fs.protocol, str) else fs.protocol[0]
-    return protocol in ("file", "local")
-
-
 def write_bytes_durably(fs, path: str, data: bytes) -> None:
     """Writes `data` so that once this returns it survives a crash, and is never seen half-written.
 
     Local files: temporary sibling, fsync, rename. Object stores: one PUT, atomic by nature.
     """
-    if _is_local(fs):
+    if is_local(fs):
         directory = os.path.dirname(path)
         os.makedirs(directory, exist_ok=True)
         tmp = os.path.join(directory, f".tmp-{uuid.uuid4().hex}")
@@ -134,7 +130,7 @@ class OutputStore:
 
     def check_writable_location(self) -> None:
         """Refuses a missing bucket (never created silently) or a path that is a file."""
-        if not _is_local(self.fs):
+        if not is_local(self.fs):
             bucket = self.root.split("/", 1)[0]
             try:
                 exists = self.fs.exists(bucket)
@@ -225,7 +221,7 @@ class OutputStore:
         return stray
 
     def clear_all(self) -> None:
-        for name in (MANIFEST, DATA, DONE, RUN):
+        for name in (MANIFEST, DATA, DONE, RUN, LAYOUT):
             target = self.path(name)
             if self.fs.exists(target):
                 self.fs.rm(target, recursive=True)

@@ -45,7 +45,7 @@ def test_flip_scorer_defaults_give_the_job_rewards(tmp_path, ray_local, embedded
     flip = scorer.score(prompts, responses)
     logprob = scorer.log_likelihoods(prompts, responses)
     for k in range(len(ROWS)):
-        row = job[f"rows.jsonl:{k}"]
+        row = job[ROWS[k]["id"]]  # input.id_column=auto: the input's own `id` column
         assert flip[k].inferred_instruction == row["inferred_instruction"]
         assert flip[k].flip_score == row["flip_score"]
         assert logprob[k] == pytest.approx(row["flip_logprob_mean"], abs=1e-4)

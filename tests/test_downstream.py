@@ -175,17 +175,35 @@ def test_dpo_pairs_load_with_datasets(scored, tmp_path):
     assert worst["pairs"] <= 6
 
 
-def test_report_images_are_real(scored):
+def test_report_shows_every_reward_with_examples_in_one_file(scored):
+    import base64
+    import io
+    import re
+
     from PIL import Image
 
     out, manifest = scored
     assert manifest["report"].endswith("report/index.html")
     page = (out / "report" / "index.html").read_text()
-    for name in ("score_hist.png", "score_vs_length.png", "status_rates.png", "score_per_model.png"):
-        assert name in page
-        img = Image.open(out / "report" / name)
-        img.verify()
-        img = Image.open(out / "report" / name).convert("L")
+    assert [p.name for p in (out / "report").iterdir()] == ["index.html"], "one self-contained file"
+    images = re.findall(r'src="data:image/png;base64,([^"]+)"', page)
+    assert len(images) >= 5  # two rewards x (distribution + per model) + the rates
+    for data in images:
+        img = Image.open(io.BytesIO(base64.b64decode(data))).convert("L")
         lo, hi = img.getextrema()
         assert img.size[0] > 200 and hi - lo > 100  # not blank
+    for reward in ("flip_score", "flip_logprob_mean"):
+        assert f"<h2>{reward}</h2>" in page
+    assert page.count("Correlation with response length (words): Pearson") == 2
+    assert "gpt4_1106_preview" in page  # the per-model table
+    # Examples: the real instruction, the inferred one and the start of the response.
+    superman = next(r for r in SAMPLE if r["prompt"].startswith("Who created the Superman"))
+    assert html_escape(superman["prompt"]) in page or "Who created the Superman" in page
+    assert page.count("<td>highest</td>") == 10 and page.count("<td>lowest</td>") == 10
     assert Path(build_report(str(out)).removeprefix("file://")).exists()
+
+
+def html_escape(text: str) -> str:
+    import html
+
+    return html.escape(text)

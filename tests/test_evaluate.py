@@ -179,9 +179,11 @@ def test_eval_config_is_checked_before_anything_runs():
 
 
 @pytest.mark.slow
-def test_evaluation_end_to_end_on_real_pairs(tmp_path):
+def test_evaluation_end_to_end_on_real_pairs(tmp_path, caplog):
     """20 human-labelled items (2 best-of-N) through the real engine: summary.json holds every method
     with consistent counts, and the per-response scores are where the summary says."""
+    from PIL import Image
+
     from flip_ray.evaluate import run_evaluate
 
     out = tmp_path / "eval"
@@ -200,7 +202,12 @@ def test_evaluation_end_to_end_on_real_pairs(tmp_path):
         ],
         schema=EvalJobConfig,
     )
-    result = run_evaluate(cfg)
+    with caplog.at_level("INFO", logger="flip_ray"):
+        result = run_evaluate(cfg)
+    # Row progress per method, as the scoring job counts it.
+    assert "flip_logprob 43/43 rows (100%)" in caplog.text and "flip 43/43 rows (100%)" in caplog.text
+    plot = Image.open(out / "summary.png").convert("L")
+    assert plot.size[0] > 400 and plot.getextrema()[1] - plot.getextrema()[0] > 100
     summary = json.loads((out / "summary.json").read_text())
     assert summary == json.loads(json.dumps(result["summary"]))
     assert list(summary) == ["flip", "flip_logprob", "judge_pairwise", "longer", "shorter", "prompt_overlap"]

@@ -82,11 +82,26 @@ def done_files(out: Path) -> dict[str, str]:
     return {p.name: p.read_text() for p in d.glob("*.json")} if d.is_dir() else {}
 
 
+def row_bounded_input(directory: Path) -> set[str]:
+    """A 240-row JSONL and a 120-row Parquet with row groups of 20: split into 40-row shards."""
+    import pyarrow as pa
+
+    directory.mkdir(parents=True)
+    rows = [{"id": f"q{i}", "prompt": f"Name the number {i}.", "response": f"It is {i}."} for i in range(360)]
+    (directory / "big.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows[:240]))
+    pq.write_table(pa.Table.from_pylist(rows[240:]), directory / "big.parquet", row_group_size=20)
+    return {r["id"] for r in rows}
+
+
 def test_driver_killed_then_rerun_finishes_exactly_once(tmp_path, embedded_model):
-    ids = make_shards(tmp_path / "in", n_shards=8, rows=3)
+    """Resume bounded in rows: files split into shards of 40 rows; the driver killed after two."""
+    ids = row_bounded_input(tmp_path / "in")
     out = tmp_path / "out"
     ray_tmp = tempfile.mkdtemp(prefix="frk-", dir="/tmp")  # short: Ray socket paths have a length limit
-    cmd = [sys.executable, "jobs/score.py", f"input.path={tmp_path / 'in'}", f"output.path={out}", *ENGINE]
+    cmd = [
+        sys.executable, "jobs/score.py", f"input.path={tmp_path / 'in'}", f"output.path={out}", *ENGINE,
+        "input.rows_per_shard=40", "reward.methods=[flip_logprob]", "resources.batch_size=20",
+    ]  # fmt: skip
     env = {**os.environ, "RAY_TMPDIR": ray_tmp}
     env.pop("RAY_ADDRESS", None)
     with open(tmp_path / "first.log", "wb") as log:
@@ -101,7 +116,7 @@ def test_driver_killed_then_rerun_finishes_exactly_once(tmp_path, embedded_model
     finally:
         kill_processes_mentioning(ray_tmp)
     before = done_files(out)
-    assert 2 <= len(before) < 8
+    assert 2 <= len(before) < 9
     assert not (out / "manifest.json").exists()
 
     rerun = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
@@ -112,8 +127,10 @@ def test_driver_killed_then_rerun_finishes_exactly_once(tmp_path, embedded_model
     # are byte-for-byte those of the first run.
     assert {k: after[k] for k in before} == before
     manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["shards"]["total"] == 9  # 6 of the JSONL, 3 of the Parquet
     assert manifest["shards"]["skipped_already_done"] == len(before)
-    assert manifest["shards"]["scored_this_run"] == 8 - len(before)
+    assert manifest["shards"]["scored_this_run"] == 9 - len(before)
+    assert all(json.loads(t)["rows"] == 40 for t in after.values())
     got = output_ids(out)
     assert len(got) == len(set(got)) and set(got) == ids
     assert_output_matches_input(out, tmp_path / "in", id_column="id")

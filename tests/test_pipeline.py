@@ -63,7 +63,7 @@ def runs(tmp_path_factory, ray_local, embedded_model, s3_server):
     out = {
         "jsonl": (jsonl, base / "out_jsonl", score(jsonl, base / "out_jsonl", "input.id_column=id")),
         "jsonl_again": (jsonl, base / "out_jsonl2", score(jsonl, base / "out_jsonl2", "input.id_column=id")),
-        "parquet": (parquet, base / "out_pq", score(parquet, base / "out_pq")),
+        "parquet": (parquet, base / "out_pq", score(parquet, base / "out_pq", "input.id_column=null")),
         "messages": (
             MULTITURN,
             base / "out_mt",
@@ -72,7 +72,13 @@ def runs(tmp_path_factory, ray_local, embedded_model, s3_server):
         "s3": (
             None,
             None,
-            score("s3://corpus/in/", "s3://corpus/scored", "input.limit_per_shard=3", "input.keep_columns=[prompt]"),
+            score(
+                "s3://corpus/in/",
+                "s3://corpus/scored",
+                "input.limit_per_shard=3",
+                "input.keep_columns=[prompt]",
+                "input.id_column=null",
+            ),
         ),
     }
     return out

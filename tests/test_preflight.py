@@ -125,3 +125,13 @@ def test_shard_listing_ignores_nothing_it_should_read(tmp_path):
     blocks = list(read_shards(items, mapping=mapping, kept=kept, batch_rows=10))
     data = [r for b in blocks for r in b.to_pylist() if r[schema.SHARD_TOTAL] is None]
     assert data[0]["model"] is None and data[0]["error"] is None
+
+
+def test_id_column_auto_uses_the_id_column_when_every_file_has_it(tmp_path, corpus):
+    cfg = load_config(None, [f"input.path={corpus.parent}", f"output.path={tmp_path / 'out'}"])
+    assert cfg.input.id_column == "auto"
+    plan = plan_run(cfg)
+    assert plan.mapping.id == "id" and cfg.input.id_column == "id"  # resolved before the fingerprint
+    (corpus.parent / "b.jsonl").write_text(json.dumps({"prompt": "p", "response": "r"}) + "\n")
+    cfg = load_config(None, [f"input.path={corpus.parent}", f"output.path={tmp_path / 'out2'}"])
+    assert plan_run(cfg).mapping.id is None  # one file without ids: derived ids for all

@@ -62,7 +62,7 @@ def test_edited_deleted_and_other_inputs(tmp_path, ray_local, embedded_model):
     write_jsonl(inp / "b.jsonl", SAMPLE[3:6])
     pq.write_table(pa.Table.from_pylist(SAMPLE[6:9]), inp / "c.parquet")
     first = score(inp, out)
-    assert_output_matches_input(out, inp)
+    assert_output_matches_input(out, inp, id_column="id")
     assert first["counts"]["rows"] == 9
 
     # Edit a.jsonl in place (one row changed, one appended) and delete b.jsonl.
@@ -76,14 +76,14 @@ def test_edited_deleted_and_other_inputs(tmp_path, ray_local, embedded_model):
     assert done_records(out) == before, "a refused run must change nothing"
 
     again = score(inp, out, "input.rescore_changed=true")
-    assert_output_matches_input(out, inp)
+    assert_output_matches_input(out, inp, id_column="id")
     assert again["counts"]["rows"] == 7
     after = done_records(out)
     unchanged = [name for name in before if name.startswith("c.parquet")]
     assert unchanged and all(after[name] == before[name] for name in unchanged), "c.parquet must not be rescored"
     assert not [name for name in after if name.startswith("b.jsonl")]
     assert {r["key"] for r in again["shards"]["removed"]} == {"a.jsonl", "b.jsonl"}
-    paris = [r for r in pq.read_table(out / "data").to_pylist() if r["id"] == "a.jsonl:1"]
+    paris = [r for r in pq.read_table(out / "data").to_pylist() if r["id"] == SAMPLE[1]["id"]]
     assert paris[0]["response"] == "Paris is the capital of France." and paris[0]["error"] is None
 
     # The same output.path for another corpus: refused, then replaced on request.
@@ -91,7 +91,7 @@ def test_edited_deleted_and_other_inputs(tmp_path, ray_local, embedded_model):
     with pytest.raises(OutputExistsError, match=r"holds the scores of input\.path .*/in.*output\.overwrite=true"):
         score(other.parent, out)
     score(other.parent, out, "output.overwrite=true")
-    assert_output_matches_input(out, other.parent)
+    assert_output_matches_input(out, other.parent, id_column="id")
 
 
 def test_bad_rows_fail_alone_and_methods_fail_alone(tmp_path, ray_local, embedded_model):
