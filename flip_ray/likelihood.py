@@ -26,6 +26,7 @@ class Likelihood:
     # logprob_mean minus the mean of the contrast instructions' logprob_mean (with distractors > 0)
     contrast: float | None = None
     n_prompt_tokens: int | None = None
+    cached_tokens: int = 0  # prompt tokens served from vLLM's prefix cache (not prefilled again)
     truncated: bool = False
     error: str | None = None
 
@@ -179,5 +180,6 @@ def _likelihood(out, truncated: bool, target: list[int]) -> Likelihood:
         logprob_mean=total / len(values),
         tokens=len(values),
         n_prompt_tokens=len(out.prompt_token_ids),
+        cached_tokens=out.num_cached_tokens or 0,
         truncated=truncated,
     )

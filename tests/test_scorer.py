@@ -188,3 +188,43 @@ def test_a_failed_batch_leaves_no_request_behind(llm, monkeypatch, caplog):
     assert "retrying 24 prompts one by one" in caplog.text
     assert [g.error for g in out] == [None] * len(out)
     assert not llm.llm_engine.has_unfinished_requests()
+
+
+def test_flip_logprob_reads_the_prefix_cache_with_identical_scores(llm, caplog):
+    """The likelihood prefill reuses the KV cache the generation pass left for the FLIP prompt, and
+    gives the scores of a full prefill (the path before) to float tolerance; an instruction whose own
+    tokens were cached (the same request again) is prefilled again, logged, with the same score."""
+    from flip_ray.engine import FlipGenerator
+    from flip_ray.likelihood import FlipLikelihood
+    from flip_ray.scorer import FlipScorer
+
+    rows = [json.loads(line) for line in Path("flip_ray/samples/alpacaeval_sample.jsonl").read_text().splitlines()]
+    prompts, responses = [r["prompt"] for r in rows[:6]], [r["response"] for r in rows[:6]]
+    llm.reset_prefix_cache()
+    full = FlipLikelihood(llm, reuse_prefix=False).score(prompts, responses)
+    assert all(r.cached_tokens == 0 for r in full)
+    llm.reset_prefix_cache()
+    FlipGenerator(llm).generate(responses)  # the generation pass, as in the engine stage
+    reused = FlipLikelihood(llm).score(prompts, responses)
+    for a, b in zip(full, reused, strict=True):
+        assert b.cached_tokens > 0 and b.tokens == a.tokens
+        assert b.logprob_sum == pytest.approx(a.logprob_sum, abs=1e-4)
+    # Contrast instructions after the same response share its prefix too.
+    contrast_full = FlipLikelihood(llm, distractors=2, reuse_prefix=False).score(prompts[:2], responses[:2])
+    contrast = FlipLikelihood(llm, distractors=2).score(prompts[:2], responses[:2])
+    assert [c.contrast for c in contrast] == pytest.approx([c.contrast for c in contrast_full], abs=1e-4)
+    # A long instruction scored twice: the second request finds its own tokens cached.
+    long_instruction = "Explain, step by step and with examples, " * 12 + "how tides work."
+    first = FlipLikelihood(llm).score([long_instruction], [responses[0]])[0]
+    with caplog.at_level("INFO", logger="flip_ray.likelihood"):
+        second = FlipLikelihood(llm).score([long_instruction], [responses[0]])[0]
+    assert "prefilled again without the prefix cache" in caplog.text
+    assert second.logprob_sum == pytest.approx(first.logprob_sum, abs=1e-4)
+    # In process: the likelihood reward after the F1 reward reuses the same cache (both prompts fit
+    # this 512-token window whole, so they share their token ids). Fresh rows: the requests above
+    # left these rows' instruction tokens cached, which sends them to a full prefill.
+    llm.reset_prefix_cache()
+    scorer = FlipScorer(llm, likelihood=True, max_tokens=64)
+    scorer.score(prompts[:2], responses[:2])
+    after = scorer.lk.score(prompts[:2], responses[:2])
+    assert after[0].cached_tokens > 0 and after[0].logprob_sum == pytest.approx(full[0].logprob_sum, abs=1e-4)

@@ -3,6 +3,7 @@
     python benchmarks/gpu/bench_gpu.py --shape qwen3-0.6b --rows 12000 --max-tokens 128
     python benchmarks/gpu/bench_gpu.py --shape qwen3-1.7b
     python benchmarks/gpu/bench_gpu.py --shape tiny --device cpu --rows 16   # a smoke test on CPU
+    python benchmarks/gpu/bench_gpu.py --likelihood   # also flip_logprob beside flip, prefix cache on/off
 
 The model is a real architecture (Qwen3 shapes written below) with random weights
 (`load_format="dummy"`), so nothing is downloaded. The tokenizer is a word-level one built here from
@@ -185,6 +186,55 @@ def pipeline(model_dir: Path, rows: list[dict], args, tmp: Path) -> dict:
     return {"total_s": time.perf_counter() - t0, "output_tokens": manifest["counts"]["output_tokens"]}
 
 
+def likelihood_pair(model_dir: Path, rows: list[dict], args) -> None:
+    """rows/s of [flip], [flip_logprob] and [flip, flip_logprob] with the likelihood prefill reading
+    the prefix cache the generation left (after) or not (before), in batches of --batch-size as the
+    engine stage runs them, and vLLM's prefix-cache hit rate (its own counters)."""
+    from vllm import LLM
+
+    from flip_ray.engine import FlipGenerator
+    from flip_ray.likelihood import FlipLikelihood
+    from flip_ray.specs import EngineSpec, SamplingSpec
+
+    spec = EngineSpec(
+        str(model_dir), device=args.device, dtype=args.dtype, max_model_len=args.max_model_len,
+        load_format="dummy", enforce_eager=args.device == "cpu", gpu_memory_utilization=0.9,
+    )  # fmt: skip
+    llm = LLM(**spec.llm_kwargs(), disable_log_stats=False)
+    gen = FlipGenerator(llm, sampling=SamplingSpec(max_tokens=args.max_tokens, ignore_eos=True))
+
+    def counters():
+        got = {m.name: m.value for m in llm.get_metrics() if m.name.startswith("vllm:prefix_cache_")}
+        return got.get("vllm:prefix_cache_queries", 0.0), got.get("vllm:prefix_cache_hits", 0.0)
+
+    warm = rows[: args.batch_size]
+    gen.generate([r["response"] for r in warm])
+    FlipLikelihood(llm).score([r["prompt"] for r in warm], [r["response"] for r in warm])
+    results = {}
+    for name, methods, reuse in (
+        ("[flip]", {"flip"}, True),
+        ("[flip_logprob]", {"flip_logprob"}, True),
+        ("[flip, flip_logprob] before", {"flip", "flip_logprob"}, False),
+        ("[flip, flip_logprob] after", {"flip", "flip_logprob"}, True),
+    ):
+        lk = FlipLikelihood(llm, reuse_prefix=reuse)
+        llm.reset_prefix_cache()
+        q0, h0 = counters()
+        t0 = time.perf_counter()
+        for start in range(0, len(rows), args.batch_size):
+            chunk = rows[start : start + args.batch_size]
+            if "flip" in methods:
+                gen.generate([r["response"] for r in chunk])
+            if "flip_logprob" in methods:
+                lk.score([r["prompt"] for r in chunk], [r["response"] for r in chunk])
+        results[name] = len(rows) / (time.perf_counter() - t0)
+        q1, h1 = counters()
+        hit = (h1 - h0) / (q1 - q0) if q1 > q0 else 0.0
+        print(f"{name:<30} {results[name]:8.1f} rows/s   prefix-cache hit rate {hit:.1%}", flush=True)
+    for name in ("[flip, flip_logprob] before", "[flip, flip_logprob] after"):
+        print(f"{name}: costs {results['[flip]'] / results[name]:.2f}x [flip] alone (target after: <= 1.15x)")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--shape", choices=list(SHAPES), default="qwen3-0.6b")
@@ -195,6 +245,9 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=512)
     parser.add_argument("--device", choices=["gpu", "cpu"], default="gpu")
     parser.add_argument("--dtype", default="bfloat16")
+    parser.add_argument(
+        "--likelihood", action="store_true", help="also time flip_logprob beside flip (prefix cache before/after)"
+    )
     args = parser.parse_args()
     os.environ.setdefault("VLLM_NO_USAGE_STATS", "1")
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
@@ -207,6 +260,8 @@ def main() -> None:
         model_dir.mkdir()
         params = build_model_dir(model_dir, args.shape)
         rows = make_rows(args.rows)
+        if args.likelihood:
+            likelihood_pair(model_dir, rows[: max(args.batch_size * 4, 64)], args)
         a = bare(model_dir, rows, args)
         a_rate = a["output_tokens"] / a["generate_s"]
         print(
