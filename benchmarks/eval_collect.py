@@ -8,7 +8,10 @@ Prints, as markdown:
    and rows/s of each engine method;
 2. the levers: each lever run against the lever baseline on the same pairs;
 3. the similarity-metric lever, recomputed from the baseline's stored inferred instructions
-   (greedy decoding: the generations are the same whatever the metric).
+   (greedy decoding: the generations are the same whatever the metric);
+4. the likelihood variants (runs variants_human, variants_bon): accuracy per set and pooled, the
+   agreement with the length and overlap rules, and each method's paired difference from the
+   trivial baselines with a 95% paired-bootstrap interval over items.
 """
 
 from __future__ import annotations
@@ -183,6 +186,79 @@ def small_lever_table(out: Path) -> str:
     return "\n".join(lines)
 
 
+def item_outcomes(run: Path) -> tuple[dict[str, list], list[str]]:
+    """Per-item outcomes of every method of a finished evaluation, recomputed from its stored scores
+    the way `flip_ray.evaluate.resummarize` does, and the items' subsets."""
+    from omegaconf import OmegaConf
+
+    from flip_ray.config_jobs import COMBINATIONS, EvalJobConfig
+    from flip_ray.evaluate import _add_baselines, combined_outcomes, engine_outcomes, read_scores, score_column
+    from flip_ray.preference import load_items
+    from flip_ray.schema import SCORE_METHODS
+
+    manifest = json.loads((run / "eval_manifest.json").read_text())
+    cfg = OmegaConf.merge(OmegaConf.structured(EvalJobConfig), manifest["config"])
+    items, _ = load_items(cfg.input, cfg.evaluation.subset_from)
+    outcomes, picks, scores = {}, {}, {}
+    for method in [m for m in cfg.evaluation.methods if m in SCORE_METHODS]:
+        scores[method] = read_scores(str(run / "scores" / method), score_column(cfg, method))
+        outcomes[method], picks[method] = engine_outcomes(items, scores[method])
+    for combo, parts in COMBINATIONS.items():
+        if combo in cfg.evaluation.methods:
+            outcomes[combo], picks[combo] = combined_outcomes(items, [scores[m] for m in parts])
+    _add_baselines(items, outcomes, picks)
+    return outcomes, [it.subset for it in items]
+
+
+def paired_difference(a: list, b: list, n_boot: int = 2000, seed: int = 0) -> tuple[float, float, float, int]:
+    """Mean of a - b over the items both have, with a 95% percentile-bootstrap interval (items
+    resampled, the two methods' outcomes kept together), and the number of items."""
+    import numpy as np
+
+    both = np.array([(x, y) for x, y in zip(a, b, strict=True) if x is not None and y is not None], dtype=float)
+    diff = both[:, 0] - both[:, 1]
+    rng = np.random.default_rng(seed)
+    means = diff[rng.integers(0, len(diff), size=(n_boot, len(diff)))].mean(axis=1)
+    low, high = np.quantile(means, [0.025, 0.975])
+    return float(diff.mean()), float(low), float(high), len(diff)
+
+
+def variants_tables(out: Path) -> str:
+    """Accuracy per set and pooled, agreement with the rules, and paired differences from the rules."""
+    parts = []
+    for name in ("variants_human", "variants_bon"):
+        run = out / name
+        if not (run / "summary.json").exists():
+            continue
+        summary = json.loads((run / "summary.json").read_text())
+        sets = sorted({k for s in summary.values() for k in s.get("per_subset", {})})
+        lines = [
+            f"### {name}\n",
+            "| method | "
+            + " | ".join(sets)
+            + " | all [95% CI] | agree longer | agree shorter | agree overlap | rows/s |",
+            "|---|" + "---:|" * (len(sets) + 5),
+        ]
+        for method, s in summary.items():
+            row = [pct(s["per_subset"][k]["accuracy"]) if k in s["per_subset"] else "n/a" for k in sets]
+            lines.append(
+                f"| {method} | " + " | ".join(row) + f" | {cell(s)} | {pct(s.get('agree_longer'))} | "
+                f"{pct(s.get('agree_shorter'))} | {pct(s.get('agree_overlap'))} | {s.get('rows_per_s', '')} |"
+            )
+        outcomes, _ = item_outcomes(run)
+        rules = ("longer", "shorter", "prompt_overlap")
+        head = "| method | " + " | ".join(f"minus {r} [95% CI]" for r in rules) + " | items |"
+        lines += ["", head, "|---|---:|---:|---:|---:|"]
+        for method in [m for m in summary if m not in rules]:
+            cells, n = [], 0
+            for rule in rules:
+                mean, low, high, n = paired_difference(outcomes[method], outcomes[rule])
+                cells.append(f"{100 * mean:+.1f} [{100 * low:+.1f}, {100 * high:+.1f}]")
+            lines.append(f"| {method} | " + " | ".join(cells) + f" | {n} |")
+        parts.append("\n".join(lines))
+    return "\n\n".join(parts)
+
+
 def main() -> None:
     out = Path(sys.argv[1] if len(sys.argv) > 1 else "outputs/eval_table")
     if "--resummarize" in sys.argv:  # recompute summaries from stored scores (after a fix in the summary step)
@@ -202,6 +278,9 @@ def main() -> None:
     if (out / "lever_base" / "scores" / "flip" / "data").exists():
         print("\n## Similarity metric (lever_base generations)\n")
         print(metric_lever(out / "lever_base"))
+    if list(out.glob("variants_*/summary.json")):
+        print("\n## Likelihood variants\n")
+        print(variants_tables(out))
     if (out / "walltimes.txt").exists():
         print("\n## Wall times\n")
         print((out / "walltimes.txt").read_text())

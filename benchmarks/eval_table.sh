@@ -5,7 +5,8 @@
 # benchmarks/eval_collect.py turns them into the tables.
 #
 #   bash benchmarks/eval_table.sh [DATA_DIR=../shared/data] [OUT=outputs/eval_table] [RUNS="main levers"]
-#   (RUNS may also name "expensive": n > 1 and the pairwise/listwise judges)
+#   (RUNS may also name "expensive": n > 1 and the pairwise/listwise judges, and "variants": the
+#   likelihood rewards that discount word overlap, on the human sets and the best-of-N set)
 #   ONLY="run names" restricts a call to those runs, e.g. ONLY="lever_temperature lever_n4".
 set -euo pipefail
 DATA=${1:-../shared/data}
@@ -13,7 +14,11 @@ OUT=${2:-outputs/eval_table}
 RUNS=${3:-"main levers"}
 FR=${FR:-.venv/bin/flip-ray}
 HUMAN="mtbench_human llmeval2_human pandalm_test faireval_human ifeval_pairs hh_rlhf_harmless_test"
-mkdir -p "$OUT/sets/human" "$OUT/sets/all"
+mkdir -p "$OUT/sets/human" "$OUT/sets/all" "$OUT/sets/bon"
+for ext in jsonl jsonl.gz; do
+  f="$DATA/rewardbench_bon_tulu2_pairs/data.$ext"
+  if [ -f "$f" ]; then ln -sf "$(cd "$(dirname "$f")" && pwd)/data.$ext" "$OUT/sets/bon/rewardbench_bon_tulu2_pairs.$ext"; fi
+done
 for d in $HUMAN alpacaeval2_gpt4turbo_pairs; do
   for ext in jsonl jsonl.gz; do
     if [ -f "$DATA/$d/data.$ext" ]; then
@@ -61,4 +66,13 @@ case " $RUNS " in *" expensive "*)
   run lever_n4 human "${S[@]}" sampling.n=4 sampling.temperature=0.7 'evaluation.methods=[flip]'
   run lever_judges human "${S[@]}" 'evaluation.methods=[judge_pairwise,judge_listwise]'
   run lever_judges_guided human "${S[@]}" reward.guided_json=true 'evaluation.methods=[judge_pairwise,judge_listwise]'
+;; esac
+case " $RUNS " in *" variants "*)
+  # The likelihood rewards of issue 15 beside flip, flip_logprob and the baselines, default prompt
+  # (no_reasoning): the same 60 pairs per human-labelled set as the main run, and 60 pairs of the
+  # RewardBench best-of-N set. The combinations are rank means of two rewards, no fitted weight.
+  V=(input.sample_per_file=60 sampling.max_tokens=128
+     'evaluation.methods=[flip,flip_logprob,flip_logprob_lexical,pmi_forward,flip_lexical_rank,flip_pmi_rank,longer,shorter,prompt_overlap]')
+  run variants_human human "${V[@]}"
+  run variants_bon bon "${V[@]}"
 ;; esac

@@ -122,6 +122,11 @@ class RewardConfig:
     #   flip: generate the inferred instruction and compare it with the real one (flip_score);
     #   flip_logprob: log-probability of the real instruction as the model's answer to the FLIP
     #     question, teacher-forced, one prefill and no decoding (flip_logprob_mean/_sum/_tokens);
+    #   flip_logprob_lexical: flip_logprob minus the same instruction's after a lexical control of the
+    #     response (its words shuffled within sentences, seeded by the text): what the response says
+    #     about the instruction beyond shared words (flip_logprob_lexical); one more prefill;
+    #   pmi_forward: mean log P(response | instruction) - mean log P(response | "Write a response."),
+    #     per response token: the forward likelihood baseline, not FLIP (pmi_forward); two prefills;
     #   judge_pointwise: the same model as a 1-10 judge with the authors' prompt (judge_score): a baseline.
     # Default: both FLIP variants (docs/EVAL.md: with the embedded 135M model only flip_logprob ranks
     # above chance; flip is the paper's reward and what the downstream commands rank by).

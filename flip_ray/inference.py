@@ -2,7 +2,7 @@
 
 `BackwardInferenceStage` (engine actors, GPU or CPU)
     reads: `_flip_instruction`, `_flip_response`, `_flip_context`, `error`, `_flip_shard_total`
-    writes: `_flip_generations`, the `flip_logprob_*` and `judge_*` columns, `finish_reason`,
+    writes: `_flip_generations`, the `flip_logprob_*`, `pmi_forward` and `judge_*` columns, `finish_reason`,
     `n_prompt_tokens`, `n_output_tokens`, `truncated`, the `<method>_error` columns, `error`, and
     `_flip_dedup`
 
@@ -20,6 +20,7 @@ from dataclasses import replace
 import pyarrow as pa
 
 from flip_ray import schema
+from flip_ray.controls import ForwardLikelihood, LexicalLikelihood
 from flip_ray.engine import EngineWatchdog, FlipGenerator, exit_for_restart, is_fatal_engine_error
 from flip_ray.judge import Judge
 from flip_ray.likelihood import FlipLikelihood
@@ -84,8 +85,9 @@ def merge_results(
     n: int, todo: list[int], methods: Sequence[str], errors: list[str | None], results: dict[str, list], reused=None
 ) -> dict[str, list]:
     """The engine stage's output columns for a batch of `n` rows, from each method's results for
-    rows `todo` (`engine.Generation` for flip and judge_pointwise, `likelihood.Likelihood` for
-    flip_logprob). A method's failure goes to its `<method>_error`; `error` only when all failed."""
+    rows `todo` (`engine.Generation` for flip and judge_pointwise, `likelihood.Likelihood` for the
+    likelihood rewards, whose `contrast` is the reward of flip_logprob_lexical and pmi_forward).
+    A method's failure goes to its `<method>_error`; `error` only when all failed."""
     cols: dict[str, list] = {name: [None] * n for name in schema.ENGINE_COLUMNS.names}
     cols["error"] = list(errors)
     dedup = [None] * n
@@ -112,6 +114,14 @@ def merge_results(
             truncated |= lk.truncated
             if lk.error:
                 failed[i]["flip_logprob"] = lk.error
+        for method in ("flip_logprob_lexical", "pmi_forward"):
+            if method in results:
+                lk = results[method][k]
+                cols[method][i] = lk.contrast
+                cols["n_prompt_tokens"][i] = cols["n_prompt_tokens"][i] or lk.n_prompt_tokens
+                truncated |= lk.truncated
+                if lk.error:
+                    failed[i][method] = lk.error
         if "judge_pointwise" in results:
             g = results["judge_pointwise"][k]
             truncated |= g.truncated
@@ -135,7 +145,8 @@ class BackwardInferenceStage:
         prompt: The FLIP prompt.
         sampling: Decoding of `flip`.
         methods: Rewards to compute (`schema.SCORE_METHODS`).
-        logprob_format, logprob_distractors: `flip_logprob` options (`likelihood.FlipLikelihood`).
+        logprob_format, logprob_distractors: `flip_logprob` options (`likelihood.FlipLikelihood`);
+            the format also applies to `flip_logprob_lexical` (`controls.LexicalLikelihood`).
         judge_max_tokens: Verdict tokens of `judge_pointwise`.
         dedup_cache_size: `flip` answers remembered per actor for identical (response, history)
             rows; 0 turns deduplication off.
@@ -167,6 +178,12 @@ class BackwardInferenceStage:
             if "flip_logprob" in self.methods
             else None
         )
+        self.lexical = (
+            LexicalLikelihood(llm, prompt, logprob_format=logprob_format)
+            if "flip_logprob_lexical" in self.methods
+            else None
+        )
+        self.forward = ForwardLikelihood(llm, prompt) if "pmi_forward" in self.methods else None
         self.judge = (
             Judge(llm, prompt, max_tokens=judge_max_tokens, seed=sampling.seed)
             if "judge_pointwise" in self.methods
@@ -204,6 +221,12 @@ class BackwardInferenceStage:
             )
         if self.likelihood is not None:
             results["flip_logprob"] = self.likelihood.score(instructions, responses, contexts)
+        if self.lexical is not None:  # the own term is flip_logprob's when both run (distractors aside)
+            results["flip_logprob_lexical"] = self.lexical.score(
+                instructions, responses, contexts, own=results.get("flip_logprob")
+            )
+        if self.forward is not None:
+            results["pmi_forward"] = self.forward.score(instructions, responses, contexts)
         if self.judge is not None:
             results["judge_pointwise"] = self.judge.pointwise(instructions, responses, contexts)
         cols = merge_results(batch.num_rows, todo, self.methods, batch.column("error").to_pylist(), results, reused)

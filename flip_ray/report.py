@@ -4,11 +4,12 @@ batch, so that it can be copied off a cluster or out of s3:// and opened anywher
     flip-ray report outputs/sample_scored      # writes outputs/sample_scored/report/index.html
 
 For every reward the run computed (`flip_score`, `flip_logprob_mean`, `flip_logprob_contrast`,
-`judge_score`): its distribution, the score against response length with the correlations printed
-(a length bias shows), the mean per `model` when that column exists, and the 5 highest- and 5
-lowest-scored rows with the real instruction, the inferred one and the start of the response. Then
-the parse-status, error, per-method error and flag rates. Memory stays constant in the number of
-rows: counters, a fixed-size reservoir sample per reward, and heaps of five examples.
+`flip_logprob_lexical`, `pmi_forward`, `judge_score`): its distribution, the score against response
+length with the correlations printed (a length bias shows), the mean per `model` when that column
+exists, and the 5 highest- and 5 lowest-scored rows with the real instruction, the inferred one and
+the start of the response. Then the parse-status, error, per-method error and flag rates. Memory
+stays constant in the number of rows: counters, a fixed-size reservoir sample per reward, and heaps
+of five examples.
 """
 
 from __future__ import annotations
@@ -31,6 +32,8 @@ REWARDS = {
     "flip_score": "F1 of the inferred and the real instruction (flip)",
     "flip_logprob_mean": "mean log-probability of the real instruction (flip_logprob)",
     "flip_logprob_contrast": "flip_logprob minus generic instructions' (contrast)",
+    "flip_logprob_lexical": "flip_logprob minus its shuffled-words control (flip_logprob_lexical)",
+    "pmi_forward": "log P(response | instruction) minus | a generic instruction (pmi_forward)",
     "judge_score": "the same model as a 1-10 judge (judge_pointwise)",
 }
 _RESERVOIR = 4000

@@ -31,8 +31,14 @@ CONTROL_COLUMNS = pa.schema(
 )
 
 # Per-row rewards the scoring job computes, in one engine pass, and the column each ranks by.
-SCORE_METHODS = ("flip", "flip_logprob", "judge_pointwise")
-SCORE_COLUMN = {"flip": "flip_score", "flip_logprob": "flip_logprob_mean", "judge_pointwise": "judge_score"}
+SCORE_METHODS = ("flip", "flip_logprob", "flip_logprob_lexical", "pmi_forward", "judge_pointwise")
+SCORE_COLUMN = {
+    "flip": "flip_score",
+    "flip_logprob": "flip_logprob_mean",
+    "flip_logprob_lexical": "flip_logprob_lexical",
+    "pmi_forward": "pmi_forward",
+    "judge_pointwise": "judge_score",
+}
 # Per reward method: why that method could not score a row (its columns are then null). A row's
 # `error` is set only when every requested method failed, or the row could not be read at all.
 METHOD_ERROR = {m: f"{m}_error" for m in SCORE_METHODS}
@@ -51,6 +57,8 @@ FLIP_COLUMNS = pa.schema(
         pa.field("flip_logprob_sum", pa.float64()),
         pa.field("flip_logprob_tokens", pa.int64()),
         pa.field("flip_logprob_contrast", pa.float64()),
+        pa.field("flip_logprob_lexical", pa.float64()),
+        pa.field("pmi_forward", pa.float64()),
         pa.field("judge_score", pa.float64()),
         pa.field("judge_parse_status", pa.string()),
         pa.field("finish_reason", pa.string()),
@@ -78,6 +86,8 @@ ENGINE_COLUMNS = pa.schema(
                 "flip_logprob_sum",
                 "flip_logprob_tokens",
                 "flip_logprob_contrast",
+                "flip_logprob_lexical",
+                "pmi_forward",
                 "judge_score",
                 "judge_parse_status",
                 "finish_reason",

@@ -57,6 +57,36 @@ def test_one_method_failing_keeps_the_others():
     assert row_error(("flip",), {"flip": "x"}) == "x" and row_error(("flip", "flip_logprob"), {"flip": "x"}) is None
 
 
+def test_likelihood_variants_write_their_reward_and_their_own_errors():
+    """flip_logprob_lexical and pmi_forward write their `contrast` into their own column; a failure
+    of one is that method's error only."""
+    lexical = [Likelihood(logprob_mean=-2.0, contrast=0.5, n_prompt_tokens=40), Likelihood(error="lexical control: x")]
+    forward = [Likelihood(logprob_mean=-1, contrast=-0.25, truncated=True), Likelihood(logprob_mean=-1, contrast=0.1)]
+    methods = ("flip_logprob_lexical", "pmi_forward")
+    cols = merge_results(2, [0, 1], methods, [None, None], {"flip_logprob_lexical": lexical, "pmi_forward": forward})
+    assert cols["flip_logprob_lexical"] == [0.5, None] and cols["pmi_forward"] == [-0.25, 0.1]
+    assert cols["flip_logprob_lexical_error"] == [None, "lexical control: x"]
+    assert cols["pmi_forward_error"] == [None, None]
+    assert cols["error"] == [None, None] and cols["truncated"] == [True, False] and cols["n_prompt_tokens"][0] == 40
+    assert cols["flip_logprob_mean"] == [None, None]  # flip_logprob's own column only when it was asked for
+    assert {schema.SCORE_COLUMN[m] for m in methods} <= set(schema.FLIP_COLUMN_NAMES)
+
+
+def test_lexical_control_keeps_the_words_and_is_seeded():
+    from flip_ray.controls import lexical_control
+
+    text = "The capital of France is Paris. It is also the largest city!\nShort line"
+    control = lexical_control(text)
+    assert control == lexical_control(text) and control != text
+    assert sorted(control.split()) == sorted(text.split())
+    # Words move within their sentence only.
+    assert [sorted(s.split()) for s in control.splitlines()] == [
+        sorted("The capital of France is Paris.".split()),
+        sorted("It is also the largest city!".split()),
+        sorted("Short line".split()),
+    ]
+
+
 def test_an_empty_answer_is_a_flip_error():
     cols = merge_results(1, [0], ("flip",), [None], {"flip": [Generation(texts=[])]})
     assert cols["flip_error"] == ["engine returned no output"] and cols["error"] == ["engine returned no output"]

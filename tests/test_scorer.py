@@ -20,6 +20,25 @@ def llm(embedded_model):
     return EngineSpec(embedded_model, dtype="float32", max_model_len=512, enforce_eager=True).build()
 
 
+@pytest.fixture(scope="module")
+def hf_model(embedded_model):
+    """The same checkpoint in transformers: the independent computation the likelihoods are checked against."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(embedded_model, torch_dtype=torch.float32)
+
+
+def hf_logprobs(model, ids: list[int], n_last: int) -> list[float]:
+    """log P of each of the last `n_last` tokens of `ids` given the tokens before it, in transformers."""
+    import torch
+
+    with torch.no_grad():
+        logprobs = torch.log_softmax(model(torch.tensor([ids])).logits[0], dim=-1)
+    start = len(ids) - n_last
+    return [float(logprobs[start - 1 + k, ids[start + k]]) for k in range(n_last)]
+
+
 def test_scorer_matches_metric_and_handles_chat_and_bad_rows(llm):
     from flip_ray.metrics import f1_score
     from flip_ray.parsing import parse_inferred_instruction
@@ -63,12 +82,9 @@ def test_render_truncates_to_the_window(llm):
         tight.render("anything")
 
 
-def test_flip_likelihood_equals_a_transformers_forward_pass(llm, embedded_model):
+def test_flip_likelihood_equals_a_transformers_forward_pass(llm, hf_model):
     """flip_logprob is the log-probability of the real instruction's tokens after the FLIP prompt,
     checked against an independent forward pass of the same checkpoint in transformers."""
-    import torch
-    from transformers import AutoModelForCausalLM
-
     from flip_ray.likelihood import FlipLikelihood
 
     lk = FlipLikelihood(llm)
@@ -77,11 +93,7 @@ def test_flip_likelihood_equals_a_transformers_forward_pass(llm, embedded_model)
     out = lk.score([instruction] * 2, responses)
     ids, target, truncated = lk._render(instruction, responses[0], None)
     assert not truncated and out[0].tokens == len(target) and out[0].error is None
-    model = AutoModelForCausalLM.from_pretrained(embedded_model, torch_dtype=torch.float32)
-    with torch.no_grad():
-        logits = model(torch.tensor([ids + target])).logits[0]
-    logprobs = torch.log_softmax(logits, dim=-1)
-    expected = sum(float(logprobs[len(ids) - 1 + k, t]) for k, t in enumerate(target))
+    expected = sum(hf_logprobs(hf_model, ids + target, len(target)))
     assert abs(out[0].logprob_sum - expected) < 1e-2 * len(target)
     assert out[0].logprob_mean == pytest.approx(out[0].logprob_sum / len(target))
     # The haiku explains the instruction better than an arithmetic answer does.
@@ -228,3 +240,62 @@ def test_flip_logprob_reads_the_prefix_cache_with_identical_scores(llm, caplog):
     scorer.score(prompts[:2], responses[:2])
     after = scorer.lk.score(prompts[:2], responses[:2])
     assert after[0].cached_tokens > 0 and after[0].logprob_sum == pytest.approx(full[0].logprob_sum, abs=1e-4)
+
+
+ROWS = [
+    ("Write a haiku about autumn leaves.", "Crimson leaves drift down,\nthe maple lets go,\nwind takes the year."),
+    ("Write a haiku about autumn leaves.", "Here is a haiku about autumn leaves: autumn leaves, a haiku."),
+    ("What is the capital of France?", "The capital of France is Paris. It is also its largest city."),
+]
+
+
+def test_flip_logprob_lexical_equals_transformers_with_a_shuffled_control(llm, hf_model):
+    """flip_logprob_lexical = the instruction's mean log-probability after the response minus after
+    its lexical control, each term checked against transformers; the own term reused from
+    flip_logprob gives the same reward."""
+    from flip_ray.controls import LexicalLikelihood, lexical_control
+    from flip_ray.likelihood import FlipLikelihood
+
+    lexical = LexicalLikelihood(llm)
+    instructions, responses = [r[0] for r in ROWS], [r[1] for r in ROWS]
+    out = lexical.score(instructions, responses)
+    own = FlipLikelihood(llm).score(instructions, responses)
+    reused = lexical.score(instructions, responses, own=own)
+    for (instruction, response), got, again in zip(ROWS, out, reused, strict=True):
+        assert got.error is None and not got.truncated
+        means = []
+        for text in (response, lexical_control(response)):
+            ids, target, _ = lexical.likelihood._render(instruction, text, None)
+            means.append(sum(hf_logprobs(hf_model, ids + target, len(target))) / len(target))
+        assert got.contrast == pytest.approx(means[0] - means[1], abs=1e-2)
+        assert again.contrast == pytest.approx(got.contrast, abs=1e-4)
+    # The control keeps every word (the overlap with the instruction) and is the same every time.
+    control = lexical_control(responses[0])
+    assert sorted(control.split()) == sorted(responses[0].split()) and control != responses[0]
+    assert lexical_control(responses[0]) == control
+
+
+def test_pmi_forward_equals_transformers_and_rewards_the_matching_instruction(llm, hf_model):
+    """pmi_forward = mean log P(response | instruction) - mean log P(response | generic instruction)
+    over the same response tokens, each term checked against transformers."""
+    from flip_ray.controls import ForwardLikelihood
+
+    forward = ForwardLikelihood(llm)
+    instructions, responses = [r[0] for r in ROWS], [r[1] for r in ROWS]
+    out = forward.score(instructions, responses)
+    for (instruction, response), got in zip(ROWS, out, strict=True):
+        assert got.error is None and not got.truncated
+        means = []
+        for condition in ("instruction", "generic"):
+            ids, _, n = forward._render(instruction, response, None, condition)
+            means.append(sum(hf_logprobs(hf_model, ids, n)) / n)
+        assert got.logprob_mean == pytest.approx(means[0], abs=1e-2)
+        assert got.contrast == pytest.approx(means[0] - means[1], abs=1e-2)
+    # Paris is better explained by the question about France than by the haiku request.
+    swapped = forward.score([ROWS[0][0]], [ROWS[2][1]])[0]
+    assert out[2].contrast > swapped.contrast
+    # A response longer than the window is cut (same tokens in both terms) and flagged; an
+    # instruction that leaves no room is the row's error.
+    cut, failed = forward.score(["Summarise this.", "x " * 600], ["word " * 2000, "fine"])
+    assert cut.error is None and cut.truncated and cut.n_prompt_tokens <= 512
+    assert failed.error is not None and "no room" in failed.error

@@ -1,0 +1,171 @@
+"""Likelihood rewards that discount word overlap: prefill only, no decoding.
+
+`flip_logprob_lexical`: `flip_logprob` minus the same instruction's log-probability after a lexical
+control of the response, its words shuffled within each sentence (seeded by the text). The control
+keeps the response's vocabulary, so whatever the instruction gains from words it shares with the
+response (the restating hack) is in both terms and cancels; what remains is what the response's
+meaning, beyond its words, says about the instruction.
+
+`pmi_forward`: the forward direction, mean log P(response | instruction) minus mean log P(response |
+a generic instruction), per response token: how much the instruction explains the response
+(pointwise mutual information, the MMI criterion of Li et al. 2016, "A Diversity-Promoting
+Objective Function for Neural Conversation Models"). Not FLIP, but the likelihood baseline next to it.
+
+vLLM is imported inside functions only.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import random
+import re
+from functools import partial
+
+from flip_ray.engine import TRUNCATION_MARGIN, PromptFitter, render_and_run
+from flip_ray.likelihood import FlipLikelihood, Likelihood
+from flip_ray.records import RowError
+from flip_ray.specs import PromptSpec
+
+_SENTENCE_END = re.compile(r"(?<=[.!?])\s+|\n+")
+GENERIC_INSTRUCTION = "Write a response."
+
+
+def lexical_control(text: str) -> str:
+    """`text` with its words shuffled within each sentence: the same vocabulary (and overlap with any
+    instruction), little of the meaning. Seeded by the text, so the same response always gets the
+    same control."""
+    rng = random.Random(hashlib.sha1(text.encode()).digest())
+    sentences = []
+    for sentence in _SENTENCE_END.split(text):
+        words = sentence.split()
+        rng.shuffle(words)
+        if words:
+            sentences.append(" ".join(words))
+    return "\n".join(sentences) or text
+
+
+class LexicalLikelihood:
+    """`flip_logprob_lexical`: the real instruction's mean log-probability after the response minus
+    after its lexical control (`lexical_control`), both as the answer to the FLIP question.
+
+    Args:
+        llm: A built `vllm.LLM`.
+        prompt: The FLIP prompt, as in `FlipLikelihood`.
+        logprob_format: As in `FlipLikelihood`.
+    """
+
+    def __init__(self, llm, prompt: PromptSpec | None = None, *, logprob_format: str = "plain"):
+        self.likelihood = FlipLikelihood(llm, prompt, logprob_format=logprob_format)
+
+    def score(
+        self,
+        instructions: list[str],
+        responses: list[str],
+        contexts: list[list[dict] | None] | None = None,
+        own: list[Likelihood] | None = None,
+    ) -> list[Likelihood]:
+        """One result per row; `contrast` holds the reward (own minus control mean log-probability).
+        `own`: the rows' `flip_logprob` results when already computed (same prompt and format), so
+        that only the controls are prefilled."""
+        contexts = contexts if contexts is not None else [None] * len(responses)
+        n = len(responses)
+        controls = [lexical_control(r) for r in responses]
+        if own is None:
+            both = self.likelihood.score(
+                [*instructions, *instructions], [*responses, *controls], [*contexts, *contexts]
+            )
+            own, control_results = both[:n], both[n:]
+        else:
+            control_results = self.likelihood.score(instructions, controls, contexts)
+        out = []
+        for mine, control in zip(own, control_results, strict=True):
+            if mine.error is not None:
+                out.append(Likelihood(truncated=mine.truncated, error=mine.error))
+            elif control.error is not None:
+                out.append(Likelihood(truncated=mine.truncated, error=f"lexical control: {control.error}"))
+            else:
+                out.append(
+                    Likelihood(
+                        logprob_sum=mine.logprob_sum,
+                        logprob_mean=mine.logprob_mean,
+                        tokens=mine.tokens,
+                        contrast=mine.logprob_mean - control.logprob_mean,
+                        n_prompt_tokens=mine.n_prompt_tokens,
+                        truncated=mine.truncated or control.truncated,
+                    )
+                )
+        return out
+
+
+class ForwardLikelihood:
+    """`pmi_forward`: mean log P(response | instruction) - mean log P(response | generic instruction).
+
+    Both requests see the same response tokens (cut to fit the window after the longer prompt, the
+    row flagged truncated), so the two means are over the same tokens.
+    """
+
+    def __init__(self, llm, prompt: PromptSpec | None = None, generic: str = GENERIC_INSTRUCTION):
+        from vllm import SamplingParams
+
+        self.llm = llm
+        self.tokenizer = llm.get_tokenizer()
+        self.fitter = PromptFitter(self.tokenizer, (prompt or PromptSpec()).chat_template_kwargs)
+        self.max_model_len = llm.llm_engine.model_config.max_model_len
+        self.generic = generic
+        self.params = SamplingParams(max_tokens=1, temperature=0.0, prompt_logprobs=0, detokenize=False)
+
+    def _render(self, instruction: str, response: str, context, condition: str) -> tuple[list[int], bool, int]:
+        conditional = self.fitter.ids([*(context or []), {"role": "user", "content": instruction}])
+        generic = self.fitter.ids([*(context or []), {"role": "user", "content": self.generic}])
+        target = self.tokenizer.encode(response, add_special_tokens=False)
+        if not target:
+            raise RowError("response has no tokens")
+        budget = self.max_model_len - 1 - max(len(conditional), len(generic)) - TRUNCATION_MARGIN
+        if budget <= TRUNCATION_MARGIN:
+            raise RowError(
+                "the instruction (with its history) leaves no room for the response "
+                f"in the {self.max_model_len}-token window"
+            )
+        truncated = len(target) > budget
+        target = target[:budget]
+        prompt = conditional if condition == "instruction" else generic
+        return prompt + target, truncated, len(target)
+
+    def score(
+        self, instructions: list[str], responses: list[str], contexts: list[list[dict] | None] | None = None
+    ) -> list[Likelihood]:
+        """One result per row; `contrast` holds `pmi_forward`, `logprob_mean` the conditional mean."""
+        contexts = contexts if contexts is not None else [None] * len(responses)
+        rows = list(zip(instructions, responses, contexts, strict=True))
+        renders = [partial(self._render, *row, condition) for condition in ("instruction", "generic") for row in rows]
+        results = render_and_run(
+            self.llm,
+            renders,
+            self.params,
+            _response_likelihood,
+            lambda message, truncated: Likelihood(truncated=truncated, error=message),
+        )
+        n = len(rows)
+        out = []
+        for conditional, generic in zip(results[:n], results[n:], strict=True):
+            if conditional.error is None and generic.error is not None:
+                conditional = Likelihood(truncated=conditional.truncated, error=f"generic instruction: {generic.error}")
+            elif conditional.error is None:
+                conditional.contrast = conditional.logprob_mean - generic.logprob_mean
+            out.append(conditional)
+        return out
+
+
+def _response_likelihood(out, truncated: bool, n_target: int) -> Likelihood:
+    """Mean log-probability of the last `n_target` prompt tokens (the response)."""
+    positions = out.prompt_logprobs[-n_target:]
+    tokens = out.prompt_token_ids[-n_target:]
+    values = [pos[tok].logprob for pos, tok in zip(positions, tokens, strict=True)]
+    total = float(sum(values))
+    return Likelihood(
+        logprob_sum=total,
+        logprob_mean=total / len(values),
+        tokens=len(values),
+        n_prompt_tokens=len(out.prompt_token_ids),
+        truncated=truncated,
+    )
