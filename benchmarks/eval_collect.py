@@ -9,9 +9,10 @@ Prints, as markdown:
 2. the levers: each lever run against the lever baseline on the same pairs;
 3. the similarity-metric lever, recomputed from the baseline's stored inferred instructions
    (greedy decoding: the generations are the same whatever the metric);
-4. the likelihood variants (runs variants_human, variants_bon): accuracy per set and pooled, the
+4. the likelihood variants (runs variants_*): accuracy per set and pooled, the
    agreement with the length and overlap rules, and each method's paired difference from the
-   trivial baselines with a 95% paired-bootstrap interval over items.
+   trivial baselines with a 95% paired-bootstrap interval over items, and the accuracy on the items
+   where prompt overlap picks the wrong response (the restating hack) and where it picks the right one.
 """
 
 from __future__ import annotations
@@ -223,11 +224,16 @@ def paired_difference(a: list, b: list, n_boot: int = 2000, seed: int = 0) -> tu
     return float(diff.mean()), float(low), float(high), len(diff)
 
 
+def subset_accuracy(outcomes: list, keys: list[int]) -> str:
+    got = [outcomes[k] for k in keys if outcomes[k] is not None]
+    return pct(sum(got) / len(got)) if got else "n/a"
+
+
 def variants_tables(out: Path) -> str:
     """Accuracy per set and pooled, agreement with the rules, and paired differences from the rules."""
     parts = []
-    for name in ("variants_human", "variants_bon"):
-        run = out / name
+    for run in sorted(p.parent for p in out.glob("variants_*/summary.json")):
+        name = run.name
         if not (run / "summary.json").exists():
             continue
         summary = json.loads((run / "summary.json").read_text())
@@ -246,6 +252,20 @@ def variants_tables(out: Path) -> str:
                 f"{pct(s.get('agree_shorter'))} | {pct(s.get('agree_overlap'))} | {s.get('rows_per_s', '')} |"
             )
         outcomes, _ = item_outcomes(run)
+        # The restating hack: items where the wrong response shares more words with the instruction
+        # (prompt overlap picks it) against items where the right one does.
+        wrong = [k for k, o in enumerate(outcomes["prompt_overlap"]) if o == 0.0]
+        right = [k for k, o in enumerate(outcomes["prompt_overlap"]) if o == 1.0]
+
+        lines += [
+            "",
+            f"| method | overlap picks the wrong response ({len(wrong)} items) | overlap picks the right one "
+            f"({len(right)} items) |",
+            "|---|---:|---:|",
+        ]
+        lines += [
+            f"| {m} | {subset_accuracy(outcomes[m], wrong)} | {subset_accuracy(outcomes[m], right)} |" for m in summary
+        ]
         rules = ("longer", "shorter", "prompt_overlap")
         head = "| method | " + " | ".join(f"minus {r} [95% CI]" for r in rules) + " | items |"
         lines += ["", head, "|---|---:|---:|---:|---:|"]

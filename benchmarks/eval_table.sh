@@ -75,4 +75,9 @@ case " $RUNS " in *" variants "*)
      'evaluation.methods=[flip,flip_logprob,flip_logprob_lexical,pmi_forward,flip_lexical_rank,flip_pmi_rank,longer,shorter,prompt_overlap]')
   run variants_human human "${V[@]}"
   run variants_bon bon "${V[@]}"
+  # flip_logprob_lexical with the other control: only the response's words that the instruction has.
+  O=(input.sample_per_file=60 sampling.max_tokens=128 reward.lexical_control=overlap
+     'evaluation.methods=[flip,flip_logprob_lexical,flip_lexical_rank,longer,shorter,prompt_overlap]')
+  run variants_overlap_human human "${O[@]}"
+  run variants_overlap_bon bon "${O[@]}"
 ;; esac

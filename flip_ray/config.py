@@ -18,7 +18,7 @@ import yaml
 from omegaconf import MISSING, DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from flip_ray.prompts import DEFAULT_PROMPT_VARIANT, LOGPROB_FORMATS, PROMPT_VARIANTS
+from flip_ray.prompts import DEFAULT_PROMPT_VARIANT, LEXICAL_CONTROLS, LOGPROB_FORMATS, PROMPT_VARIANTS
 from flip_ray.schema import SCORE_METHODS
 from flip_ray.similarity import METRICS
 
@@ -123,8 +123,8 @@ class RewardConfig:
     #   flip_logprob: log-probability of the real instruction as the model's answer to the FLIP
     #     question, teacher-forced, one prefill and no decoding (flip_logprob_mean/_sum/_tokens);
     #   flip_logprob_lexical: flip_logprob minus the same instruction's after a lexical control of the
-    #     response (its words shuffled within sentences, seeded by the text): what the response says
-    #     about the instruction beyond shared words (flip_logprob_lexical); one more prefill;
+    #     response (reward.lexical_control): what the response says about the instruction beyond the
+    #     words they share (flip_logprob_lexical); one more prefill;
     #   pmi_forward: mean log P(response | instruction) - mean log P(response | "Write a response."),
     #     per response token: the forward likelihood baseline, not FLIP (pmi_forward); two prefills;
     #   judge_pointwise: the same model as a 1-10 judge with the authors' prompt (judge_score): a baseline.
@@ -149,6 +149,9 @@ class RewardConfig:
     # flip_logprob: also score this many generic contrast instructions after each response and write
     # flip_logprob_contrast (own minus their mean log-probability); 0 = off. One prefill each.
     logprob_distractors: int = 0
+    # flip_logprob_lexical's control of the response: shuffle (its words shuffled within each sentence,
+    # seeded by the text) or overlap (only its words that also occur in the instruction).
+    lexical_control: str = "shuffle"
 
 
 @dataclass
@@ -360,6 +363,10 @@ def validate_reward(w: DictConfig, allowed: tuple[str, ...] = SCORE_METHODS, key
     )
     require(w.judge_max_tokens >= 1, "`reward.judge_max_tokens` must be >= 1")
     require(0 <= w.logprob_distractors <= 16, "`reward.logprob_distractors` must be in [0, 16]")
+    require(
+        w.lexical_control in LEXICAL_CONTROLS,
+        f"`reward.lexical_control` must be one of {LEXICAL_CONTROLS}, got {w.lexical_control!r}",
+    )
 
 
 def to_yaml(cfg: DictConfig) -> str:

@@ -1,10 +1,11 @@
 """Likelihood rewards that discount word overlap: prefill only, no decoding.
 
 `flip_logprob_lexical`: `flip_logprob` minus the same instruction's log-probability after a lexical
-control of the response, its words shuffled within each sentence (seeded by the text). The control
-keeps the response's vocabulary, so whatever the instruction gains from words it shares with the
-response (the restating hack) is in both terms and cancels; what remains is what the response's
-meaning, beyond its words, says about the instruction.
+control of the response (`prompts.lexical_control`): its words shuffled within each sentence
+(`shuffle`), or only its words that also occur in the instruction (`overlap`). Either control keeps
+the words the response shares with the instruction, so whatever the instruction gains from them
+(the restating hack) is in both terms and cancels; what remains is what the response says about the
+instruction beyond those words.
 
 `pmi_forward`: the forward direction, mean log P(response | instruction) minus mean log P(response |
 a generic instruction), per response token: how much the instruction explains the response
@@ -16,46 +17,33 @@ vLLM is imported inside functions only.
 
 from __future__ import annotations
 
-import hashlib
-import random
-import re
 from functools import partial
 
 from flip_ray.engine import TRUNCATION_MARGIN, PromptFitter, render_and_run
 from flip_ray.likelihood import FlipLikelihood, Likelihood
+from flip_ray.prompts import lexical_control
 from flip_ray.records import RowError
 from flip_ray.specs import PromptSpec
 
-_SENTENCE_END = re.compile(r"(?<=[.!?])\s+|\n+")
 GENERIC_INSTRUCTION = "Write a response."
-
-
-def lexical_control(text: str) -> str:
-    """`text` with its words shuffled within each sentence: the same vocabulary (and overlap with any
-    instruction), little of the meaning. Seeded by the text, so the same response always gets the
-    same control."""
-    rng = random.Random(hashlib.sha1(text.encode()).digest())
-    sentences = []
-    for sentence in _SENTENCE_END.split(text):
-        words = sentence.split()
-        rng.shuffle(words)
-        if words:
-            sentences.append(" ".join(words))
-    return "\n".join(sentences) or text
 
 
 class LexicalLikelihood:
     """`flip_logprob_lexical`: the real instruction's mean log-probability after the response minus
-    after its lexical control (`lexical_control`), both as the answer to the FLIP question.
+    after its lexical control (`prompts.lexical_control`), both as the answer to the FLIP question.
 
     Args:
         llm: A built `vllm.LLM`.
         prompt: The FLIP prompt, as in `FlipLikelihood`.
         logprob_format: As in `FlipLikelihood`.
+        control: `shuffle` or `overlap` (`prompts.LEXICAL_CONTROLS`).
     """
 
-    def __init__(self, llm, prompt: PromptSpec | None = None, *, logprob_format: str = "plain"):
+    def __init__(
+        self, llm, prompt: PromptSpec | None = None, *, logprob_format: str = "plain", control: str = "shuffle"
+    ):
         self.likelihood = FlipLikelihood(llm, prompt, logprob_format=logprob_format)
+        self.control = control
 
     def score(
         self,
@@ -69,7 +57,7 @@ class LexicalLikelihood:
         that only the controls are prefilled."""
         contexts = contexts if contexts is not None else [None] * len(responses)
         n = len(responses)
-        controls = [lexical_control(r) for r in responses]
+        controls = [lexical_control(r, i, self.control) for r, i in zip(responses, instructions, strict=True)]
         if own is None:
             both = self.likelihood.score(
                 [*instructions, *instructions], [*responses, *controls], [*contexts, *contexts]

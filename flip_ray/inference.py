@@ -147,6 +147,7 @@ class BackwardInferenceStage:
         methods: Rewards to compute (`schema.SCORE_METHODS`).
         logprob_format, logprob_distractors: `flip_logprob` options (`likelihood.FlipLikelihood`);
             the format also applies to `flip_logprob_lexical` (`controls.LexicalLikelihood`).
+        lexical_control: The control of `flip_logprob_lexical` (`prompts.LEXICAL_CONTROLS`).
         judge_max_tokens: Verdict tokens of `judge_pointwise`.
         dedup_cache_size: `flip` answers remembered per actor for identical (response, history)
             rows; 0 turns deduplication off.
@@ -161,6 +162,7 @@ class BackwardInferenceStage:
         methods: tuple[str, ...],
         logprob_format: str = "plain",
         logprob_distractors: int = 0,
+        lexical_control: str = "shuffle",
         judge_max_tokens: int = 256,
         dedup_cache_size: int = 0,
     ):
@@ -179,7 +181,7 @@ class BackwardInferenceStage:
             else None
         )
         self.lexical = (
-            LexicalLikelihood(llm, prompt, logprob_format=logprob_format)
+            LexicalLikelihood(llm, prompt, logprob_format=logprob_format, control=lexical_control)
             if "flip_logprob_lexical" in self.methods
             else None
         )

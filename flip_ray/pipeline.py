@@ -48,6 +48,7 @@ def engine_stage_args(cfg: DictConfig, engine: EngineSpec) -> dict:
         methods=tuple(cfg.reward.methods),
         logprob_format=cfg.reward.logprob_format,
         logprob_distractors=cfg.reward.logprob_distractors,
+        lexical_control=cfg.reward.lexical_control,
         judge_max_tokens=cfg.reward.judge_max_tokens,
         dedup_cache_size=cfg.dedup.cache_size if cfg.dedup.enabled else 0,
     )
@@ -75,6 +76,7 @@ def build_dataset(plan: RunPlan, cfg: DictConfig, engine: EngineSpec):
     ray.data.DataContext.get_current().raise_original_map_exception = True
     r = cfg.resources
     io_env = {"env_vars": storage_env()}
+    batch_rows = cfg.input.read_batch_rows or cfg.resources.batch_size
     shards = ray.data.from_items(
         [asdict(s) for s in plan.pending],
         override_num_blocks=len(plan.pending),
@@ -84,14 +86,16 @@ def build_dataset(plan: RunPlan, cfg: DictConfig, engine: EngineSpec):
         batch_size=1,
         batch_format="pyarrow",
         fn_kwargs=dict(
-            mapping=plan.mapping,
-            kept=plan.kept_schema,
-            batch_rows=cfg.input.read_batch_rows or cfg.resources.batch_size,
-            limit=cfg.input.limit_per_shard,
+            mapping=plan.mapping, kept=plan.kept_schema, batch_rows=batch_rows, limit=cfg.input.limit_per_shard
         ),
         num_cpus=IO_TASK_CPUS,
         runtime_env=io_env,
     )
+    # Ray Data merges what a task yields into blocks of up to `target_max_block_size` (128 MiB), so a
+    # shard of text rows would travel as one block: the engine's results, the part files and the
+    # driver's row progress would all wait for the whole shard. Blocks of `batch_rows` rows instead
+    # (a shard's rows may then arrive in any order; its done record waits for all of them).
+    rows = rows.repartition(target_num_rows_per_block=batch_rows)
     inferred = rows.map_batches(
         inference.BackwardInferenceStage,  # looked up at call time: benchmarks put a stand-in there
         fn_constructor_kwargs=engine_stage_args(cfg, engine),

@@ -7,7 +7,12 @@ the authors' GRPO variant, so the model reconstructs only the last user turn.
 
 from __future__ import annotations
 
+import hashlib
 import json
+import random
+import re
+
+from flip_ray.metrics import normalize_answer, tokens
 
 # Recorded in every run manifest; bump on any change to the text below.
 PROMPT_TEMPLATE_VERSION = "flip-v1"
@@ -163,15 +168,39 @@ DISTRACTOR_INSTRUCTIONS = (
 def distractors_for(instruction: str, k: int) -> list[str]:
     """`k` contrast instructions for `instruction`, the same every time for the same instruction (so
     every response to one prompt is contrasted with the same ones)."""
-    import hashlib
-    import random
-
     pool = [d for d in DISTRACTOR_INSTRUCTIONS if d.strip().lower() != instruction.strip().lower()]
     seed = int.from_bytes(hashlib.sha1(instruction.encode()).digest()[:8], "big")
     return random.Random(seed).sample(pool, min(k, len(pool)))
 
 
 LOGPROB_FORMATS = ("plain", "json")
+LEXICAL_CONTROLS = ("shuffle", "overlap")
+
+_SENTENCE_END = re.compile(r"(?<=[.!?])\s+|\n+")
+
+
+def lexical_control(response: str, instruction: str, kind: str = "shuffle") -> str:
+    """A response's lexical control for `flip_logprob_lexical`: the words it shares with the
+    instruction kept, its meaning taken away.
+
+    `shuffle`: its words shuffled within each sentence, seeded by the text (the same response always
+    gets the same control): the same vocabulary, little of the meaning. `overlap`: only its words
+    that also occur in the instruction (SQuAD-normalised), in order: the restatement alone, empty
+    when it shares none.
+    """
+    if kind == "overlap":
+        shared = set(tokens(instruction))
+        return " ".join(w for w in response.split() if normalize_answer(w) in shared)
+    if kind != "shuffle":
+        raise ValueError(f"lexical control must be one of {LEXICAL_CONTROLS}, got {kind!r}")
+    rng = random.Random(hashlib.sha1(response.encode()).digest())
+    sentences = []
+    for sentence in _SENTENCE_END.split(response):
+        words = sentence.split()
+        rng.shuffle(words)
+        if words:
+            sentences.append(" ".join(words))
+    return "\n".join(sentences) or response
 
 
 def flip_answer_prefix(logprob_format: str) -> str:

@@ -72,12 +72,12 @@ def test_likelihood_variants_write_their_reward_and_their_own_errors():
     assert {schema.SCORE_COLUMN[m] for m in methods} <= set(schema.FLIP_COLUMN_NAMES)
 
 
-def test_lexical_control_keeps_the_words_and_is_seeded():
-    from flip_ray.controls import lexical_control
+def test_lexical_controls_keep_the_shared_words_and_are_seeded():
+    from flip_ray.prompts import lexical_control
 
     text = "The capital of France is Paris. It is also the largest city!\nShort line"
-    control = lexical_control(text)
-    assert control == lexical_control(text) and control != text
+    control = lexical_control(text, "What is the capital of France?")
+    assert control == lexical_control(text, "anything") and control != text  # seeded by the response
     assert sorted(control.split()) == sorted(text.split())
     # Words move within their sentence only.
     assert [sorted(s.split()) for s in control.splitlines()] == [
@@ -85,6 +85,11 @@ def test_lexical_control_keeps_the_words_and_is_seeded():
         sorted("It is also the largest city!".split()),
         sorted("Short line".split()),
     ]
+    # overlap: only the words the instruction has too (SQuAD-normalised: no articles), in order; may be empty.
+    assert lexical_control(text, "What is the capital of France?", "overlap") == "capital of France is is"
+    assert lexical_control("Bananas are yellow.", "Name a colour.", "overlap") == ""
+    with pytest.raises(ValueError, match="shuffle"):
+        lexical_control(text, "x", "reverse")
 
 
 def test_an_empty_answer_is_a_flip_error():

@@ -34,6 +34,9 @@ def test_a_real_run_prints_progress_and_summary_in_few_lines(tmp_path, embedded_
     assert any(line.startswith("scored 24/24 rows (100%)") for line in terminal), terminal
     assert any(line.startswith("flip_ray: scored 24/24 rows") for line in terminal), terminal
     assert not [line for line in terminal if "vLLM" in line and "logs:" not in line], terminal
+    # Rows travel in blocks of resources.batch_size, not one block per shard: results are written (and
+    # progress moves) every 8 rows instead of once at the end.
+    assert len(list((out / "data").rglob("*.parquet"))) >= 3
     logs = list((out / "logs").glob("*.log"))
     assert len(logs) == 1
     text = logs[0].read_text()
