@@ -149,9 +149,10 @@ class RewardConfig:
     # flip_logprob: also score this many generic contrast instructions after each response and write
     # flip_logprob_contrast (own minus their mean log-probability); 0 = off. One prefill each.
     logprob_distractors: int = 0
-    # flip_logprob_lexical's control of the response: shuffle (its words shuffled within each sentence,
-    # seeded by the text) or overlap (only its words that also occur in the instruction).
-    lexical_control: str = "shuffle"
+    # flip_logprob_lexical's control of the response: overlap (only its words that also occur in the
+    # instruction: the variant that stops tracking prompt overlap in docs/EVAL.md) or shuffle (its
+    # words shuffled within each sentence, seeded by the text).
+    lexical_control: str = "overlap"
 
 
 @dataclass

@@ -1,8 +1,8 @@
 """Likelihood rewards that discount word overlap: prefill only, no decoding.
 
 `flip_logprob_lexical`: `flip_logprob` minus the same instruction's log-probability after a lexical
-control of the response (`prompts.lexical_control`): its words shuffled within each sentence
-(`shuffle`), or only its words that also occur in the instruction (`overlap`). Either control keeps
+control of the response (`prompts.lexical_control`): only its words that also occur in the
+instruction (`overlap`), or its words shuffled within each sentence (`shuffle`). Either control keeps
 the words the response shares with the instruction, so whatever the instruction gains from them
 (the restating hack) is in both terms and cancels; what remains is what the response says about the
 instruction beyond those words.
@@ -40,7 +40,7 @@ class LexicalLikelihood:
     """
 
     def __init__(
-        self, llm, prompt: PromptSpec | None = None, *, logprob_format: str = "plain", control: str = "shuffle"
+        self, llm, prompt: PromptSpec | None = None, *, logprob_format: str = "plain", control: str = "overlap"
     ):
         self.likelihood = FlipLikelihood(llm, prompt, logprob_format=logprob_format)
         self.control = control

@@ -162,7 +162,7 @@ class BackwardInferenceStage:
         methods: tuple[str, ...],
         logprob_format: str = "plain",
         logprob_distractors: int = 0,
-        lexical_control: str = "shuffle",
+        lexical_control: str = "overlap",
         judge_max_tokens: int = 256,
         dedup_cache_size: int = 0,
     ):

@@ -174,19 +174,19 @@ def distractors_for(instruction: str, k: int) -> list[str]:
 
 
 LOGPROB_FORMATS = ("plain", "json")
-LEXICAL_CONTROLS = ("shuffle", "overlap")
+LEXICAL_CONTROLS = ("overlap", "shuffle")
 
 _SENTENCE_END = re.compile(r"(?<=[.!?])\s+|\n+")
 
 
-def lexical_control(response: str, instruction: str, kind: str = "shuffle") -> str:
+def lexical_control(response: str, instruction: str, kind: str = "overlap") -> str:
     """A response's lexical control for `flip_logprob_lexical`: the words it shares with the
     instruction kept, its meaning taken away.
 
-    `shuffle`: its words shuffled within each sentence, seeded by the text (the same response always
-    gets the same control): the same vocabulary, little of the meaning. `overlap`: only its words
-    that also occur in the instruction (SQuAD-normalised), in order: the restatement alone, empty
-    when it shares none.
+    `overlap`: only its words that also occur in the instruction (SQuAD-normalised), in order: the
+    restatement alone, empty when it shares none. `shuffle`: its words shuffled within each sentence,
+    seeded by the text (the same response always gets the same control): the same vocabulary,
+    little of the meaning.
     """
     if kind == "overlap":
         shared = set(tokens(instruction))

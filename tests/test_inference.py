@@ -76,8 +76,8 @@ def test_lexical_controls_keep_the_shared_words_and_are_seeded():
     from flip_ray.prompts import lexical_control
 
     text = "The capital of France is Paris. It is also the largest city!\nShort line"
-    control = lexical_control(text, "What is the capital of France?")
-    assert control == lexical_control(text, "anything") and control != text  # seeded by the response
+    control = lexical_control(text, "What is the capital of France?", "shuffle")
+    assert control == lexical_control(text, "anything", "shuffle") and control != text  # seeded by the response
     assert sorted(control.split()) == sorted(text.split())
     # Words move within their sentence only.
     assert [sorted(s.split()) for s in control.splitlines()] == [
@@ -88,7 +88,7 @@ def test_lexical_controls_keep_the_shared_words_and_are_seeded():
     # overlap: only the words the instruction has too (SQuAD-normalised: no articles), in order; may be empty.
     assert lexical_control(text, "What is the capital of France?", "overlap") == "capital of France is is"
     assert lexical_control("Bananas are yellow.", "Name a colour.", "overlap") == ""
-    with pytest.raises(ValueError, match="shuffle"):
+    with pytest.raises(ValueError, match="overlap"):
         lexical_control(text, "x", "reverse")
 
 
