@@ -20,7 +20,7 @@ from __future__ import annotations
 from functools import partial
 
 from flip_ray.engine import TRUNCATION_MARGIN, PromptFitter, render_and_run
-from flip_ray.likelihood import FlipLikelihood, Likelihood
+from flip_ray.likelihood import FlipLikelihood, Likelihood, target_likelihood
 from flip_ray.prompts import lexical_control
 from flip_ray.records import RowError
 from flip_ray.specs import PromptSpec
@@ -102,7 +102,7 @@ class ForwardLikelihood:
         self.generic = generic
         self.params = SamplingParams(max_tokens=1, temperature=0.0, prompt_logprobs=0, detokenize=False)
 
-    def _render(self, instruction: str, response: str, context, condition: str) -> tuple[list[int], bool, int]:
+    def _render(self, instruction: str, response: str, context, condition: str) -> tuple[list[int], bool, list[int]]:
         conditional = self.fitter.ids([*(context or []), {"role": "user", "content": instruction}])
         generic = self.fitter.ids([*(context or []), {"role": "user", "content": self.generic}])
         target = self.tokenizer.encode(response, add_special_tokens=False)
@@ -117,7 +117,7 @@ class ForwardLikelihood:
         truncated = len(target) > budget
         target = target[:budget]
         prompt = conditional if condition == "instruction" else generic
-        return prompt + target, truncated, len(target)
+        return prompt + target, truncated, target
 
     def score(
         self, instructions: list[str], responses: list[str], contexts: list[list[dict] | None] | None = None
@@ -130,7 +130,7 @@ class ForwardLikelihood:
             self.llm,
             renders,
             self.params,
-            _response_likelihood,
+            target_likelihood,
             lambda message, truncated: Likelihood(truncated=truncated, error=message),
         )
         n = len(rows)
@@ -142,18 +142,3 @@ class ForwardLikelihood:
                 conditional.contrast = conditional.logprob_mean - generic.logprob_mean
             out.append(conditional)
         return out
-
-
-def _response_likelihood(out, truncated: bool, n_target: int) -> Likelihood:
-    """Mean log-probability of the last `n_target` prompt tokens (the response)."""
-    positions = out.prompt_logprobs[-n_target:]
-    tokens = out.prompt_token_ids[-n_target:]
-    values = [pos[tok].logprob for pos, tok in zip(positions, tokens, strict=True)]
-    total = float(sum(values))
-    return Likelihood(
-        logprob_sum=total,
-        logprob_mean=total / len(values),
-        tokens=len(values),
-        n_prompt_tokens=len(out.prompt_token_ids),
-        truncated=truncated,
-    )

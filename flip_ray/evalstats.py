@@ -108,6 +108,21 @@ def agreement(picks_a: list[int | None], picks_b: list[int | None]) -> tuple[flo
     return sum(a == b for a, b in both) / len(both), len(both)
 
 
+def ranks(values: list[float]) -> list[float]:
+    """Ranks of `values` (0 = lowest), ties sharing their mean rank."""
+    order = sorted(range(len(values)), key=lambda k: values[k])
+    out = [0.0] * len(values)
+    i = 0
+    while i < len(order):
+        j = i
+        while j + 1 < len(order) and values[order[j + 1]] == values[order[i]]:
+            j += 1
+        for k in order[i : j + 1]:
+            out[k] = (i + j) / 2
+        i = j + 1
+    return out
+
+
 def _bootstrap_ci(values: np.ndarray, n_boot: int, confidence: float, seed: int) -> tuple[float, float]:
     # Resampling n items with replacement draws a multinomial(n, 1/n each) count per item, and the
     # resampled mean depends only on how many draws landed on each distinct value. Drawing those counts

@@ -32,7 +32,7 @@ from flip_ray import __version__
 from flip_ray.config import ScoreConfig, to_dict
 from flip_ray.config_jobs import BASELINES, COMBINATIONS, PAIR_JUDGES, EvalJobConfig, validate_eval_config
 from flip_ray.evalplot import plot_summary
-from flip_ray.evalstats import agreement, markdown_table, pair_outcome, pick_from_scores, summarize
+from flip_ray.evalstats import agreement, markdown_table, pair_outcome, pick_from_scores, ranks, summarize
 from flip_ray.metrics import f1_score
 from flip_ray.pairjudge import judge_outcomes, run_pair_judges
 from flip_ray.preference import Item, load_items, response_id, responses_table
@@ -143,21 +143,6 @@ def _method_summary(cfg: DictConfig, outcomes: list, picks: list, rule_picks: di
     return s
 
 
-def _ranks(values: list[float]) -> list[float]:
-    """Ranks of `values` (0 = lowest), ties sharing their mean rank."""
-    order = sorted(range(len(values)), key=lambda k: values[k])
-    ranks = [0.0] * len(values)
-    i = 0
-    while i < len(order):
-        j = i
-        while j + 1 < len(order) and values[order[j + 1]] == values[order[i]]:
-            j += 1
-        for k in order[i : j + 1]:
-            ranks[k] = (i + j) / 2
-        i = j + 1
-    return ranks
-
-
 def combined_outcomes(items: list[Item], scores: list[dict]) -> tuple[list[float | None], list[int | None]]:
     """Outcome and pick per item of the mean rank of its candidates under several rewards (per-response
     `scores` of each, as `read_scores` gives them). No weight is fitted: each reward counts the same."""
@@ -168,7 +153,7 @@ def combined_outcomes(items: list[Item], scores: list[dict]) -> tuple[list[float
             got = [values.get(response_id(it.id, k), (None, "not scored")) for k in range(len(it.candidates))]
             if any(error is not None or value is None for value, error in got):
                 break
-            per_method.append(_ranks([value for value, _ in got]))
+            per_method.append(ranks([value for value, _ in got]))
         if len(per_method) < len(scores):
             outcomes.append(None)
             picks.append(None)

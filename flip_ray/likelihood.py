@@ -138,7 +138,7 @@ class FlipLikelihood:
             self.llm,
             renders,
             self.params,
-            _likelihood,
+            target_likelihood,
             lambda message, truncated: Likelihood(truncated=truncated, error=message),
         )
         # A row whose instruction tokens were partly served from the prefix cache (a prompt seen
@@ -151,7 +151,7 @@ class FlipLikelihood:
                 self.llm,
                 [renders[k] for k in again],
                 self.full_params,
-                _likelihood,
+                target_likelihood,
                 lambda message, truncated: Likelihood(truncated=truncated, error=message),
             )
             for k, r in zip(again, redo, strict=True):
@@ -159,12 +159,13 @@ class FlipLikelihood:
         return results
 
 
-# `_likelihood`'s answer for a row whose instruction tokens came (partly) from the prefix cache.
+# `target_likelihood`'s answer for a row whose instruction tokens came (partly) from the prefix cache.
 _CACHED = Likelihood(error="instruction tokens served from the prefix cache")
 
 
-def _likelihood(out, truncated: bool, target: list[int]) -> Likelihood:
-    """The instruction's log-probability from the prompt log-probabilities of its tokens. With the
+def target_likelihood(out, truncated: bool, target: list[int]) -> Likelihood:
+    """The log-probability of the prompt's last tokens `target` (the instruction; the response for
+    `pmi_forward`) from the prompt log-probabilities vLLM returned. With the
     prefix cache read, vLLM returns prompt log-probabilities for the computed (uncached) tokens
     only; the instruction, after the cached FLIP prompt, is normally all computed, and `_CACHED`
     says when it was not."""

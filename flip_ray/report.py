@@ -24,6 +24,7 @@ import random
 import fsspec
 import pyarrow.dataset as pads
 
+from flip_ray.evalstats import ranks
 from flip_ray.schema import FLAG_NAMES, METHOD_ERROR, output_column_name
 from flip_ray.selection import as_messages
 from flip_ray.store import NotAScoredOutput, ScoredOutput, open_scored
@@ -53,22 +54,8 @@ def pearson(xs: list[float], ys: list[float]) -> float | None:
     return sum((x - mx) * (y - my) for x, y in zip(xs, ys, strict=True)) / math.sqrt(sxx * syy)
 
 
-def _ranks(values: list[float]) -> list[float]:
-    order = sorted(range(len(values)), key=lambda i: values[i])
-    ranks = [0.0] * len(values)
-    i = 0
-    while i < len(order):
-        j = i
-        while j + 1 < len(order) and values[order[j + 1]] == values[order[i]]:
-            j += 1
-        for k in range(i, j + 1):
-            ranks[order[k]] = (i + j) / 2
-        i = j + 1
-    return ranks
-
-
 def spearman(xs: list[float], ys: list[float]) -> float | None:
-    return pearson(_ranks(xs), _ranks(ys))
+    return pearson(ranks(xs), ranks(ys))
 
 
 class RewardStats:

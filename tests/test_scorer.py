@@ -285,8 +285,8 @@ def test_pmi_forward_equals_transformers_and_rewards_the_matching_instruction(ll
         assert got.error is None and not got.truncated
         means = []
         for condition in ("instruction", "generic"):
-            ids, _, n = forward._render(instruction, response, None, condition)
-            means.append(sum(hf_logprobs(hf_model, ids, n)) / n)
+            ids, _, target = forward._render(instruction, response, None, condition)
+            means.append(sum(hf_logprobs(hf_model, ids, len(target))) / len(target))
         assert got.logprob_mean == pytest.approx(means[0], abs=1e-2)
         assert got.contrast == pytest.approx(means[0] - means[1], abs=1e-2)
     # Paris is better explained by the question about France than by the haiku request.
