@@ -13,28 +13,10 @@ of the same batch), after the prefix cache is reset. Rows: AlpacaEval outputs fr
 from __future__ import annotations
 
 import argparse
-import gzip
-import json
 import os
 import time
 
-from datadir import DATA  # benchmarks/datadir.py: $FLIP_RAY_DATA or ../shared/data
-
-CPU_ENV = {
-    "VLLM_ENABLE_V1_MULTIPROCESSING": "0",
-    "VLLM_CPU_KVCACHE_SPACE": "1",
-    "OMP_NUM_THREADS": str(os.cpu_count() or 2),
-    "VLLM_HOST_IP": "127.0.0.1",
-    "VLLM_LOOPBACK_IP": "127.0.0.1",
-    "VLLM_NO_USAGE_STATS": "1",
-}
-
-
-def rows(n: int) -> list[dict]:
-    with gzip.open(DATA / "alpacaeval_outputs" / "data.jsonl.gz", "rt") as f:
-        data = [json.loads(line) for line in f]
-    picked = [r for i, r in enumerate(data) if i % 7 == 0][:n]
-    return [{"prompt": r["prompt"], "response": r["response"][:2000]} for r in picked]
+from overhead import CPU_ENV, corpus_rows  # the same engine environment and rows as the overhead benchmark
 
 
 def cache_counters(llm) -> tuple[float, float]:
@@ -84,7 +66,7 @@ def main() -> None:
     from vllm import LLM
 
     llm = LLM(**engine.llm_kwargs(), disable_log_stats=False)
-    data = rows(args.n)
+    data = corpus_rows(args.n)
     run(llm, data[: args.batch], {"flip", "flip_logprob"}, True, args.max_tokens, args.batch)  # warm-up
     results = {}
     for name, methods, reuse in (

@@ -19,8 +19,8 @@ from __future__ import annotations
 
 from functools import partial
 
-from flip_ray.engine import TRUNCATION_MARGIN, PromptFitter, render_and_run
-from flip_ray.likelihood import FlipLikelihood, Likelihood, target_likelihood
+from flip_ray.engine import TRUNCATION_MARGIN, PromptFitter
+from flip_ray.likelihood import FlipLikelihood, Likelihood, run_likelihoods
 from flip_ray.prompts import lexical_control
 from flip_ray.records import RowError
 from flip_ray.specs import PromptSpec
@@ -126,13 +126,7 @@ class ForwardLikelihood:
         contexts = contexts if contexts is not None else [None] * len(responses)
         rows = list(zip(instructions, responses, contexts, strict=True))
         renders = [partial(self._render, *row, condition) for condition in ("instruction", "generic") for row in rows]
-        results = render_and_run(
-            self.llm,
-            renders,
-            self.params,
-            target_likelihood,
-            lambda message, truncated: Likelihood(truncated=truncated, error=message),
-        )
+        results = run_likelihoods(self.llm, renders, self.params)
         n = len(rows)
         out = []
         for conditional, generic in zip(results[:n], results[n:], strict=True):

@@ -134,29 +134,27 @@ class FlipLikelihood:
             return ids + target, truncated, target
 
         renders = [partial(render, *row) for row in zip(instructions, responses, contexts, strict=True)]
-        results = render_and_run(
-            self.llm,
-            renders,
-            self.params,
-            target_likelihood,
-            lambda message, truncated: Likelihood(truncated=truncated, error=message),
-        )
+        results = run_likelihoods(self.llm, renders, self.params)
         # A row whose instruction tokens were partly served from the prefix cache (a prompt seen
         # before, cache entries of an identical request) has no log-probability for them: that
         # row again, with a full prefill.
         again = [k for k, r in enumerate(results) if r is _CACHED]
         if again:
             logger.info("flip_logprob: %d row(s) prefilled again without the prefix cache", len(again))
-            redo = render_and_run(
-                self.llm,
-                [renders[k] for k in again],
-                self.full_params,
-                target_likelihood,
-                lambda message, truncated: Likelihood(truncated=truncated, error=message),
-            )
+            redo = run_likelihoods(self.llm, [renders[k] for k in again], self.full_params)
             for k, r in zip(again, redo, strict=True):
                 results[k] = r if r is not _CACHED else Likelihood(error="no log-probabilities for the instruction")
         return results
+
+
+def run_likelihoods(llm, renders: list, params) -> list[Likelihood]:
+    """`engine.render_and_run` of prompt-log-probability requests: each rendered row's
+    `target_likelihood`, or a `Likelihood` with the row's error."""
+    return render_and_run(llm, renders, params, target_likelihood, _failed)
+
+
+def _failed(message: str, truncated: bool) -> Likelihood:
+    return Likelihood(truncated=truncated, error=message)
 
 
 # `target_likelihood`'s answer for a row whose instruction tokens came (partly) from the prefix cache.
