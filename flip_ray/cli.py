@@ -7,7 +7,7 @@ flip-ray prepare-model [--force]
 
 Exit codes (README, "Reruns, resume and exit codes"):
   0 complete; 1 a shard could not be read, or no rows; 2 bad config, input, output or model (nothing
-  started); 3 stopped by an infrastructure error or the error budget (rerun resumes); 4 a bug in
+  started); 3 stopped by an infrastructure error, a lost output lock or the error checks; 4 a bug in
   flip_ray (traceback shown); 130 / 143 stopped by SIGINT / SIGTERM (rerun resumes).
 """
 
@@ -286,6 +286,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     _quiet_telemetry()
+    from flip_ray.lock import LockLost
     from flip_ray.pipeline import RunInterrupted
     from flip_ray.score import RunStopped, Terminated
     from flip_ray.tracker import ErrorBudgetExceeded
@@ -297,7 +298,7 @@ def main(argv: list[str] | None = None) -> int:
     except _user_errors() as e:
         print(f"flip-ray: error: {e}", file=sys.stderr)
         return EXIT_USER
-    except (ErrorBudgetExceeded, RunInterrupted) as e:
+    except (ErrorBudgetExceeded, RunInterrupted, LockLost) as e:
         print(f"flip-ray: {e}", file=sys.stderr)
         return EXIT_STOPPED
     except RunStopped as e:

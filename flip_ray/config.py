@@ -190,10 +190,11 @@ class DedupConfig:
 
 @dataclass
 class LimitsConfig:
-    # Stop the job (keeping every finished shard) once more than this fraction of the rows seen in
-    # this run have `error` set, counted after at least `min_rows_for_error_check` rows. 1.0 = never:
-    # bad rows are data, recorded with their reason.
-    max_error_fraction: float = 1.0
+    # Stop the job (keeping every finished shard) once more than this fraction of the rows have
+    # `error` set, counted after at least `min_rows_for_error_check` rows, in this run and over the
+    # whole output at the end. Bad rows are data, recorded with their reason, up to this bound; 1.0
+    # never stops for the rate (a run in which no row, or a reward on no row, was scored still fails).
+    max_error_fraction: float = 0.1
     min_rows_for_error_check: int = 100
 
 

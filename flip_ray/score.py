@@ -15,6 +15,7 @@ skipped, unfinished ones are redone from scratch. SIGINT and SIGTERM stop the ru
 
 from __future__ import annotations
 
+import _thread
 import contextlib
 import logging
 import signal
@@ -28,16 +29,16 @@ from flip_ray import __version__, console
 from flip_ray import model as model_lib
 from flip_ray.config import to_dict, to_yaml
 from flip_ray.judge import JUDGE_PROMPT_VERSION
-from flip_ray.lock import RunLock
+from flip_ray.lock import LockLost, RunLock
 from flip_ray.model import weights_fingerprint
 from flip_ray.pipeline import execute, find_duplicate_ids
-from flip_ray.plan import DuplicateIdError, RunPlan, plan_run
+from flip_ray.plan import DuplicateIdError, RunPlan, check_same_engine, plan_run, resolved_engine
 from flip_ray.prompts import PROMPT_TEMPLATE_VERSION
 from flip_ray.report import build_report
 from flip_ray.runtime import check_paths_on_cluster, init_ray, resolve_device
 from flip_ray.specs import EngineSpec
 from flip_ray.store import CONFIG_COPY, DATA, LAYOUT, MANIFEST, RUN, OutputStore, shard_id
-from flip_ray.tracker import ShardTracker, check_error_budget, summarize
+from flip_ray.tracker import ShardTracker, check_output, summarize
 
 logger = logging.getLogger(__name__)
 
@@ -54,10 +55,12 @@ class Terminated(BaseException):
     """Raised in the main thread by the CLI's SIGTERM handler, as KeyboardInterrupt is for SIGINT."""
 
 
-def prepare_output(plan: RunPlan, cfg: DictConfig) -> None:
+def prepare_output(plan: RunPlan, cfg: DictConfig, engine: dict | None) -> None:
     """Brings the output directory in line with the plan before anything is scored: removes the
     manifest (the output is not complete while this run works), the rows of shards that are gone or
-    changed, stray part files and what interrupted attempts left, then records this run."""
+    changed, stray part files and what interrupted attempts left, then records this run (its
+    settings, and `engine`, the resolved device and dtype of the rows it writes: None when it
+    scores nothing, which keeps the earlier run's)."""
     store = plan.store
     if cfg.output.overwrite:
         store.clear_all()
@@ -73,7 +76,13 @@ def prepare_output(plan: RunPlan, cfg: DictConfig) -> None:
     store.prune_uncommitted(set(plan.done))
     if store.read_json(LAYOUT) != plan.layouts:
         store.write_json(plan.layouts, LAYOUT)
-    run = {"config_fingerprint": plan.fingerprint, "flip_ray_version": __version__, "input_path": plan.input_uri}
+    run = {
+        "config_fingerprint": plan.fingerprint,
+        "flip_ray_version": __version__,
+        "input_path": plan.input_uri,
+        "settings": plan.settings,
+        "engine": engine or (plan.earlier_engine if plan.done else None),
+    }
     store.write_json(run, RUN)
     store.write_text(to_yaml(cfg), CONFIG_COPY)
 
@@ -114,17 +123,20 @@ def _versions() -> dict:
 def write_manifest(
     plan: RunPlan, cfg: DictConfig, tracker: ShardTracker | None, device: str | None, timings: dict
 ) -> dict:
-    """Sums the done records of the current input into manifest.json (written last), checks the
-    error budget over the whole output, then writes the report. Returns the manifest."""
+    """Sums the done records of the current input into manifest.json (written last), then writes
+    the report. Returns the manifest.
+
+    Raises:
+        ErrorBudgetExceeded: The output fails `tracker.check_output` (no row scored, a reward that
+            scored no row, errors above the budget); no manifest is written, so downstream jobs
+            refuse the output as unfinished.
+    """
     store = plan.store
     current = {shard_id(s.key) for s in plan.shards}
     done = {sid: r for sid, r in store.done_records().items() if sid in current}
     counts = summarize(done)
     lim = cfg.limits
-    kinds = counts["error_kinds"]
-    check_error_budget(
-        counts["rows"], counts["errors"], kinds, lim.max_error_fraction, lim.min_rows_for_error_check, store.uri
-    )
+    check_output(counts, list(cfg.reward.methods), lim.max_error_fraction, lim.min_rows_for_error_check, store.uri)
     if "flip" not in cfg.reward.methods:
         counts["mean_flip_score"] = None
     failed = [{"key": tracker.shards[sid].key, "error": err} for sid, err in tracker.failed.items()] if tracker else []
@@ -136,6 +148,8 @@ def write_manifest(
         "judge_prompt_version": JUDGE_PROMPT_VERSION,
         "config": to_dict(cfg),
         "config_fingerprint": plan.fingerprint,
+        "scoring_settings": plan.settings,
+        "engine": (store.read_json(RUN) or {}).get("engine"),
         "attempt": tracker.attempt if tracker else None,
         "complete": not failed and len(done) == len(current),
         "device": device,
@@ -177,12 +191,16 @@ def write_manifest(
     return manifest
 
 
-def _stopped(plan: RunPlan, signum: int) -> RunStopped:
-    """Ray shut down, unfinished shards cleared: what a signal leaves behind."""
+def _shutdown_ray() -> None:
     import ray
 
     if ray.is_initialized():
         ray.shutdown()
+
+
+def _stopped(plan: RunPlan, signum: int) -> RunStopped:
+    """Ray shut down, unfinished shards cleared: what a signal leaves behind."""
+    _shutdown_ray()
     done = plan.store.done_records()
     plan.store.prune_uncommitted(set(done))
     return RunStopped(
@@ -201,15 +219,19 @@ def run_score(cfg: DictConfig, label: str = "scored") -> dict:
         OutputLocked: Another run is working in output.path.
         ErrorBudgetExceeded: More rows failed than `limits.max_error_fraction` allows.
         RunInterrupted: Storage or cluster failed; a rerun resumes.
+        LockLost: The output's lock was taken or could not be renewed; finished shards are kept.
         RunStopped: SIGINT or SIGTERM; a rerun resumes.
     """
     timings = {"started": time.time(), "pipeline_s": 0.0}
     attempt = uuid.uuid4().hex[:12]
-    lock = RunLock(OutputStore(cfg.output.path), attempt)
+    # A lost lock (another run took the output, or storage stopped answering for most of the lease)
+    # interrupts the main thread at once; `lock.check` before each commit covers what is in flight.
+    lock = RunLock(OutputStore(cfg.output.path), attempt, on_lost=_thread.interrupt_main)
     try:
         plan = plan_run(cfg, lock)
     except BaseException:
         lock.release()
+        lock.check()  # raises LockLost if that is why the plan was interrupted
         raise
     try:
         for note in plan.notes:
@@ -232,15 +254,25 @@ def run_score(cfg: DictConfig, label: str = "scored") -> dict:
         tracker = device = None
         try:
             engine = start_cluster(plan, cfg) if plan.pending else None
-            prepare_output(plan, cfg)
+            resolved = resolved_engine(engine.device, engine.dtype, cfg.model.path) if engine else None
+            if resolved is not None:
+                check_same_engine(plan, resolved)
+            lock.check()
+            prepare_output(plan, cfg, resolved)
             if engine is not None:
                 device, t0 = engine.device, time.time()
-                tracker = execute(plan, cfg, engine, attempt, label)
+                tracker = execute(plan, cfg, engine, attempt, label, before_commit=lock.check)
                 timings["pipeline_s"] = time.time() - t0
-        except KeyboardInterrupt:
-            raise _stopped(plan, signal.SIGINT) from None
-        except Terminated:
-            raise _stopped(plan, signal.SIGTERM) from None
-        return write_manifest(plan, cfg, tracker, device, timings)
+            lock.check()
+            return write_manifest(plan, cfg, tracker, device, timings)
+        except BaseException as e:
+            if lock.lost is not None:  # interrupted by the loss, or a storage error after it
+                _shutdown_ray()  # never _stopped(): its pruning would delete the new holder's work
+                raise LockLost(lock.message()) from None
+            if isinstance(e, KeyboardInterrupt):
+                raise _stopped(plan, signal.SIGINT) from None
+            if isinstance(e, Terminated):
+                raise _stopped(plan, signal.SIGTERM) from None
+            raise
     finally:
         lock.release()

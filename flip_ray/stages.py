@@ -275,6 +275,7 @@ def part_stats(table: pa.Table) -> dict:
     d = table.select(["error", "flip_score", "n_output_tokens", "truncated", "parse_status"]).to_pydict()
     flagged = {f: sum(bool(v) for v in table.column(f).to_pylist()) for f in schema.FLAG_NAMES}
     scores = [s for s, e in zip(d["flip_score"], d["error"], strict=True) if s is not None and e is None]
+    method_errors = {m: table.column(col).to_pylist() for m, col in schema.METHOD_ERROR.items()}
     return {
         "rows": table.num_rows,
         "scored": sum(e is None for e in d["error"]),
@@ -289,6 +290,17 @@ def part_stats(table: pa.Table) -> dict:
         "method_errors": json.dumps(
             {m: n for m, col in schema.METHOD_ERROR.items() if (n := len(table) - table.column(col).null_count)},
             sort_keys=True,
+        ),
+        # A method scored a row when neither the row nor the method has an error there.
+        "method_scored": json.dumps(
+            {
+                m: sum(e is None and me is None for e, me in zip(d["error"], method_errors[m], strict=True))
+                for m in schema.METHOD_ERROR
+            },
+            sort_keys=True,
+        ),
+        "method_error_kinds": _counts(
+            [f"{m}: {error_kind(me)}" for m, errs in method_errors.items() for me in errs if me is not None]
         ),
     }
 

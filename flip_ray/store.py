@@ -4,14 +4,22 @@
       run.json                 config fingerprint of the run that owns this directory
       config.yaml              the resolved config
       data/<shard_id>/*.parquet  scored rows, one directory per input shard
-      _done/<shard_id>.json    written last for a shard: its part files, row and error counts
+      _done/<shard_id>.json    written last for a shard: its part files (with their size and
+                               version), row and error counts
+      _layout.json, _lock.json how input files are cut into shards; the run that holds the output
+      report/, logs/           the run report; the run's log (local outputs)
       manifest.json            written last for the run
+
+Nothing else may be in an output directory: a run refuses a directory that holds anything flip_ray
+does not write (`foreign_entries`), so that overwriting or pruning never deletes a user's file.
 
 A shard counts as done only when its done record exists, and the record is written only after its
 part files are durably written. A rerun skips done shards, deletes whatever a previous attempt left
 under an unfinished shard's directory, and removes part files a done record does not list (a
 retried task's orphans), so no row is ever written twice. Reading the done records costs one small
-file per shard, never one entry per row.
+file per shard, never one entry per row. A done record stamps each part file (size, and the mtime_ns
+of a local file or the ETag of an object), so that a rerun or a downstream job notices a part file
+damaged or replaced after its commit from one listing, without reading the data.
 """
 
 from __future__ import annotations
@@ -40,12 +48,24 @@ CONFIG_COPY = "config.yaml"
 DATA = "data"
 DONE = "_done"
 LAYOUT = "_layout.json"  # how each input file is cut into shards (layout.py), by file URI
+LOCK = "_lock.json"  # the run that holds the output (lock.py)
+REPORT, LOGS = "report", "logs"
+# Everything a run writes at the top of output.path; `.tmp-*` and `.flip_ray-probe-*` are transient
+# files of an interrupted durable write or writability probe, `_lock.json.*` a lock being taken over.
+OWN_ENTRIES = (RUN, MANIFEST, CONFIG_COPY, DATA, DONE, LAYOUT, LOCK, REPORT, LOGS)
+_TRANSIENT = re.compile(r"^(\.tmp-[0-9a-f]+|\.flip_ray-probe-[0-9a-f]+|_lock\.json\..+)$")
+_SHARD_DIR = re.compile(r"^[A-Za-z0-9._-]*-[0-9a-f]{10}$")  # shard_id()
+_PART_FILE = re.compile(r"^(part-[0-9a-f]{32}\.parquet|\.tmp-[0-9a-f]+)$")  # stages.write_parts
 
 # Config sections and keys that do not change any score: a rerun may change them freely.
+# model.device and model.dtype are left out as written (`auto`) and fingerprinted resolved instead
+# (`resolved_settings`), once the cluster says which device the engines run on.
 _FINGERPRINT_EXCLUDES = {
     "input": {"path", "read_batch_rows", "check_duplicate_ids", "rescore_changed"},
     "output": None,  # None: the whole section
     "model": {
+        "device",
+        "dtype",
         "gpu_memory_utilization",
         "cpu_kvcache_space_gib",
         "cpu_threads",
@@ -71,10 +91,20 @@ def shard_id(key: str) -> str:
     return f"{readable}-{hashlib.sha1(key.encode()).hexdigest()[:10]}"
 
 
-def config_fingerprint(config: dict, prompt_version: str = "") -> str:
-    """sha256 of the resolved config without paths, resources and other keys that cannot change a
-    score, plus the prompt template version (new prompt text = different scores)."""
-    trimmed: dict = {"prompt_template_version": prompt_version}
+def _flatten(value, prefix: str = "") -> dict:
+    if isinstance(value, dict) and value:
+        out: dict = {}
+        for k, v in value.items():
+            out.update(_flatten(v, f"{prefix}.{k}" if prefix else str(k)))
+        return out
+    return {prefix: value}
+
+
+def scoring_settings(config: dict, extra: dict | None = None) -> dict:
+    """Everything that decides a row's scores, as flat `section.key` -> value: the resolved config
+    without paths, resources and other keys that cannot change a score, plus `extra` (prompt
+    template versions, the weights' hash, the engine's version)."""
+    trimmed: dict = {}
     for section, values in config.items():
         excluded = _FINGERPRINT_EXCLUDES.get(section, set())
         if excluded is None:
@@ -82,7 +112,19 @@ def config_fingerprint(config: dict, prompt_version: str = "") -> str:
         trimmed[section] = (
             {k: v for k, v in values.items() if k not in excluded} if isinstance(values, dict) else values
         )
-    return hashlib.sha256(json.dumps(trimmed, sort_keys=True).encode()).hexdigest()
+    return {**_flatten(trimmed), **(extra or {})}
+
+
+def fingerprint(settings: dict) -> str:
+    """sha256 of `scoring_settings`: equal fingerprints, equal ways of scoring."""
+    return hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def settings_diff(before: dict, now: dict, limit: int = 6) -> str:
+    """`key: old -> new` for the settings that differ (at most `limit`), for a refusal message."""
+    keys = sorted(k for k in set(before) | set(now) if before.get(k) != now.get(k))
+    shown = "; ".join(f"{k}: {before.get(k)!r} -> {now.get(k)!r}" for k in keys[:limit])
+    return shown + (f"; and {len(keys) - limit} more" if len(keys) > limit else "")
 
 
 def write_bytes_durably(fs, path: str, data: bytes) -> None:
@@ -112,6 +154,34 @@ def parquet_bytes(table: pa.Table) -> bytes:
     sink = io.BytesIO()
     pq.write_table(table, sink)
     return sink.getvalue()
+
+
+def file_stamp(fs, info: dict) -> dict:
+    """What identifies one written version of a file, from its listing entry: size, plus mtime_ns
+    (local) or the ETag (object storage). Damage or replacement after a commit changes it."""
+    stamp = {"size": int(info["size"])}
+    if is_local(fs):
+        stamp["mtime_ns"] = os.stat(info["name"]).st_mtime_ns
+    else:
+        etag = info.get("ETag") or info.get("etag")
+        if etag:
+            stamp["etag"] = str(etag).strip('"')
+    return stamp
+
+
+def stamp_problem(name: str, recorded: dict | None, found: dict | None) -> str | None:
+    """Why part file `name` is not what its commit recorded, or None. Done records written before
+    stamps existed (`recorded` None) only need the file to be there."""
+    if found is None:
+        return f"part file {name} is missing"
+    if recorded is None:
+        return None
+    if recorded.get("size") != found.get("size"):
+        return f"part file {name} has {found.get('size')} bytes, its commit recorded {recorded.get('size')}"
+    for key in ("mtime_ns", "etag"):
+        if key in recorded and key in found and recorded[key] != found[key]:
+            return f"part file {name} was rewritten after its commit ({key} changed)"
+    return None
 
 
 class OutputStore:
@@ -211,17 +281,80 @@ class OutputStore:
         if self.fs.exists(target):
             self.fs.rm(target, recursive=True)
 
-    def prune_parts(self, sid: str, keep: list[str]) -> list[str]:
-        """Removes part files of a shard that its done record does not list; returns them."""
+    def prune_parts(self, sid: str, keep: list[str]) -> tuple[dict[str, dict], list[str]]:
+        """Removes part files of a shard that `keep` does not list (a retried task's orphans).
+
+        Returns:
+            (stamps of the kept part files, for its done record; names in `keep` not found).
+        """
         keep_names = {posixpath.basename(k) for k in keep}
-        self.fs.invalidate_cache(self.path(DATA, sid))  # parts were written by other processes
-        stray = [p for p in self.fs.glob(self.path(DATA, sid, "*")) if posixpath.basename(p) not in keep_names]
-        for p in stray:
-            self.fs.rm(p)
-        return stray
+        found = self.part_stamps(sid).get(sid, {})
+        for name in set(found) - keep_names:
+            self.fs.rm(self.path(DATA, sid, name))
+        stamps = {name: found[name] for name in sorted(keep_names) if name in found}
+        return stamps, sorted(keep_names - set(found))
+
+    def foreign_entries(self, limit: int = 5) -> list[str]:
+        """Up to `limit` paths (relative to output.path) of entries that no flip_ray run writes: an
+        output directory holding any of them is refused, never cleared or pruned."""
+        self.fs.invalidate_cache(self.root)
+        if not self.fs.isdir(self.root):
+            return []
+        found: list[str] = []
+
+        def names(*parts: str) -> list[tuple[str, bool]]:
+            listing = self.fs.ls(self.path(*parts), detail=True)
+            return [(posixpath.basename(e["name"].rstrip("/")), e["type"] == "directory") for e in listing]
+
+        for name, is_dir in names():
+            if name in (DATA, DONE) and is_dir:
+                continue
+            if name in OWN_ENTRIES or _TRANSIENT.match(name):
+                continue
+            found.append(name)
+        if self.fs.isdir(self.path(DONE)):
+            found += [f"{DONE}/{n}" for n, d in names(DONE) if d or not (n.endswith(".json") or _TRANSIENT.match(n))]
+        if self.fs.isdir(self.path(DATA)):
+            for sid, is_dir in names(DATA):
+                if not (is_dir and _SHARD_DIR.match(sid)):
+                    found.append(f"{DATA}/{sid}")
+                    continue
+                found += [f"{DATA}/{sid}/{n}" for n, d in names(DATA, sid) if d or not _PART_FILE.match(n)]
+                if len(found) >= limit:
+                    break
+        return found[:limit]
+
+    def refuse_foreign(self, why: str) -> None:
+        """Raises OutputError if output.path holds anything flip_ray does not write."""
+        foreign = self.foreign_entries()
+        if foreign:
+            shown = ", ".join(foreign) + (", ..." if len(foreign) >= 5 else "")
+            raise OutputError(
+                f"output.path {self.uri} holds files that flip_ray did not write ({shown}); flip_ray never "
+                f"{why} a directory that holds other files. Choose a new or empty output.path, or move those "
+                "files out"
+            )
+
+    def part_stamps(self, sid: str | None = None) -> dict[str, dict[str, dict]]:
+        """Shard id -> part file name -> stamp (`file_stamp`), for one shard or for all of data/:
+        one listing either way."""
+        top = self.path(DATA) if sid is None else self.path(DATA, sid)
+        self.fs.invalidate_cache(top)
+        if not self.fs.exists(top):
+            return {}
+        root = self.path(DATA).rstrip("/") + "/"
+        out: dict[str, dict[str, dict]] = {}
+        for p, info in self.fs.find(top, detail=True).items():
+            rel = p[len(root) :] if p.startswith(root) else posixpath.relpath(p, root)
+            if "/" in rel:
+                shard, name = rel.split("/", 1)
+                out.setdefault(shard, {})[name] = file_stamp(self.fs, {**info, "name": p})
+        return out
 
     def clear_all(self) -> None:
-        for name in (MANIFEST, DATA, DONE, RUN, LAYOUT):
+        """Removes every run entry (`output.overwrite=true`); refuses if anything else is there."""
+        self.refuse_foreign("clears")
+        for name in (MANIFEST, DATA, DONE, RUN, LAYOUT, CONFIG_COPY, REPORT):
             target = self.path(name)
             if self.fs.exists(target):
                 self.fs.rm(target, recursive=True)
@@ -254,9 +387,11 @@ class ScoredOutput:
 def open_scored(uri: str, *, allow_incomplete: bool = False, key: str = "input.path") -> ScoredOutput:
     """The committed rows of a scoring output (its root, or its data/ directory).
 
-    Only part files listed in done records are read, never a stray file under data/. An output
-    whose run has not finished (no manifest) or is incomplete (failed or missing shards) is refused
-    unless `allow_incomplete`, naming what is missing.
+    Only part files listed in done records are read, never a stray file under data/, and each is
+    checked against the size and version its commit recorded. An output whose run has not finished
+    (no manifest: also a run that failed its checks, `tracker.check_output`), is incomplete (failed
+    or missing shards) or has part files changed since their commit is refused unless
+    `allow_incomplete`, naming what is wrong; with it, the intact finished shards are used.
 
     Raises:
         NotAScoredOutput: With one sentence saying what is wrong and what to do.
@@ -274,9 +409,27 @@ def open_scored(uri: str, *, allow_incomplete: bool = False, key: str = "input.p
         )
     manifest = store.read_json(MANIFEST)
     done = store.done_records()
+    stamps = store.part_stamps()
+    damaged = {}
+    for sid, record in done.items():
+        recorded, found = record.get("parts") or {}, stamps.get(sid, {})
+        for name in record["files"]:
+            why = stamp_problem(name, recorded.get(name), found.get(name))
+            if why:
+                damaged[sid] = f"shard {record.get('key', sid)}: {why}"
+                break
+    done = {sid: r for sid, r in done.items() if sid not in damaged}
     problem = None
-    if manifest is None:
-        problem = f"its scoring run has not finished (no manifest.json; {len(done)} shard(s) done so far)"
+    if damaged:
+        problem = (
+            f"{len(damaged)} committed shard(s) changed after their commit ({next(iter(damaged.values()))}); "
+            "a rerun of the scoring command rescores them"
+        )
+    elif manifest is None:
+        problem = (
+            f"its scoring run has not finished, or failed its checks (no manifest.json; {len(done)} shard(s) done "
+            "so far)"
+        )
     elif not manifest.get("complete"):
         sh = manifest["shards"]
         failed = ", ".join(f["key"] for f in sh.get("failed", [])[:3])

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Callable
 
 import pyarrow as pa
 
@@ -40,8 +41,11 @@ class ShardTracker:
         max_error_fraction: float,
         min_rows: int,
         identities: dict[str, dict] | None = None,
+        before_commit: Callable[[], None] | None = None,
     ):
         self.store = store
+        # Raises when this run may no longer commit (its output lock is lost: `RunLock.check`).
+        self.before_commit = before_commit
         self.identities = identities or {}
         self.shards = {shard_id(s.key): s for s in pending}
         self.attempt = attempt
@@ -80,8 +84,13 @@ class ShardTracker:
                 self._commit(sid, self.open.pop(sid))
 
     def _commit(self, sid: str, entry: dict) -> None:
+        if self.before_commit is not None:
+            self.before_commit()
         shard = self.shards[sid]
-        self.store.prune_parts(sid, entry["files"])
+        stamps, missing = self.store.prune_parts(sid, entry["files"])
+        if missing:  # reported written but not there: never commit a shard without its rows
+            self.failed[sid] = f"part file(s) {', '.join(missing)} were written but are not in the output"
+            return
         record = {
             "shard_id": sid,
             "key": shard.key,
@@ -91,6 +100,8 @@ class ShardTracker:
             **{k: entry[k] for k in _SUMMED},
             **{k: entry[k] for k in _COUNTED},
             "files": sorted(entry["files"]),
+            # Size and version of each part file: a rerun or a downstream job checks them.
+            "parts": stamps,
             "attempt": self.attempt,
             "finished_at": time.time(),
         }
@@ -121,6 +132,42 @@ def check_error_budget(
     )
 
 
+def _top(kinds: dict[str, int], n: int = 3) -> str:
+    return ", ".join(f"{k!r} x{v}" for k, v in sorted(kinds.items(), key=lambda kv: -kv[1])[:n]) or "none recorded"
+
+
+def check_output(counts: dict, methods: list[str], max_fraction: float, min_rows: int, where: str) -> None:
+    """The checks a finished output must pass before its run exits 0 (and its manifest is written):
+    some row scored, every reward that ran scored some row, and the error rate within the budget.
+
+    Raises:
+        ErrorBudgetExceeded: Naming what failed and the commonest errors.
+    """
+    rows, scored = counts["rows"], counts["scored"]
+    fix = (
+        f"Finished shards are kept in {where}. Fix the cause, then rerun: with the same config to resume after "
+        "fixing input files (input.rescore_changed=true), or with output.overwrite=true after changing the config"
+    )
+    if rows and not scored:
+        raise ErrorBudgetExceeded(
+            f"no row was scored: all {rows} rows have errors; most common: {_top(counts['error_kinds'])}. {fix}"
+        )
+    per_method = counts.get("method_scored")
+    if rows and per_method is not None:
+        for method in methods:
+            if not per_method.get(method):
+                kinds = {
+                    k.split(": ", 1)[1]: v
+                    for k, v in counts.get("method_error_kinds", {}).items()
+                    if k.startswith(f"{method}: ")
+                }
+                raise ErrorBudgetExceeded(
+                    f"reward {method} scored no row: it failed on all {rows - counts['errors']} rows that reached "
+                    f"the engine; most common: {_top(kinds)}. {fix}"
+                )
+    check_error_budget(rows, counts["errors"], counts["error_kinds"], max_fraction, min_rows, where)
+
+
 def summarize(done: dict[str, dict]) -> dict:
     """Run-wide counts from the done records (one per shard; no data is re-read)."""
     totals = {k: 0 for k in _SUMMED}
@@ -135,6 +182,11 @@ def summarize(done: dict[str, dict]) -> dict:
         **totals,
         "error_kinds": dict(sorted(counted["error_kinds"].items(), key=lambda kv: -kv[1])),
         "method_errors": dict(sorted(counted["method_errors"].items())),
+        # None for outputs whose done records predate the count (nothing to check there).
+        "method_scored": dict(sorted(counted["method_scored"].items()))
+        if all("method_scored" in r for r in done.values())
+        else None,
+        "method_error_kinds": dict(sorted(counted["method_error_kinds"].items(), key=lambda kv: -kv[1])),
         "parse_status": dict(sorted(counted["parse_status"].items())),
         "flagged": dict(sorted(counted["flagged"].items())),
         "mean_flip_score": score_sum / flip_scored if flip_scored else None,

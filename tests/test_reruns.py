@@ -92,6 +92,46 @@ def test_edited_deleted_and_other_inputs(tmp_path, ray_local, embedded_model):
         score(other.parent, out)
     score(other.parent, out, "output.overwrite=true")
     assert_output_matches_input(out, other.parent, id_column="id")
+    # Spelling out what `auto` resolved to is the same way of scoring: accepted, nothing redone.
+    same = score(other.parent, out, "model.dtype=auto", "model.device=auto")
+    assert same["shards"]["scored_this_run"] == 0 and same["engine"] == {
+        "model.device": "cpu",
+        "model.dtype": "float32",
+    }
+
+    # A part file damaged after its commit: downstream refuses it, a rerun rescores that shard.
+    (sid,) = [name.removesuffix(".json") for name in done_records(out)]
+    part = next((out / "data" / sid).glob("*.parquet"))
+    part.write_bytes(part.read_bytes()[:100])
+    with pytest.raises(NotAScoredOutput, match=r"changed after their commit.*has 100 bytes"):
+        run_pairs(load_config(None, [f"input.path={out}", f"output.path={tmp_path / 'p'}"], schema=PairsJobConfig))
+    redone = score(other.parent, out)
+    assert redone["shards"]["scored_this_run"] == 1
+    (removed,) = redone["shards"]["removed"]
+    assert f"part file {part.name} has 100 bytes, its commit recorded" in removed["why"]
+    assert_output_matches_input(out, other.parent, id_column="id")
+
+
+def test_a_run_that_scored_nothing_fails_and_downstream_refuses_it(
+    tmp_path, ray_local, embedded_model, capsys, restore_sigterm
+):
+    inp, out = tmp_path / "in", tmp_path / "out"
+    write_jsonl(inp / "a.jsonl", SAMPLE[0:6])
+    args = [f"input.path={inp}", f"output.path={out}", *ENGINE, "model.max_model_len=100"]
+    assert cli_main(["score", *args]) == 3
+    err = capsys.readouterr().err
+    assert "no row was scored: all 6 rows have errors" in err and "does not fit" in err, err
+    assert "output.overwrite=true" in err
+    assert not (out / "manifest.json").exists()
+    with pytest.raises(NotAScoredOutput, match="failed its checks"):
+        run_pairs(load_config(None, [f"input.path={out}", f"output.path={tmp_path / 'p'}"], schema=PairsJobConfig))
+    # A rerun with the same config finds every shard done and still refuses to pass the output.
+    assert cli_main(["score", *args]) == 3
+    # Fixed config, same output: the refusal names the setting, overwrite replaces the rows.
+    assert cli_main(["score", *args[:-1], "model.max_model_len=1024"]) == 2
+    assert "model.max_model_len: 100 -> 1024" in capsys.readouterr().err
+    assert cli_main(["score", *args[:-1], "model.max_model_len=1024", "output.overwrite=true"]) == 0
+    assert_output_matches_input(out, inp, id_column="id")
 
 
 def test_bad_rows_fail_alone_and_methods_fail_alone(tmp_path, ray_local, embedded_model):

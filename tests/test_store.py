@@ -11,14 +11,18 @@ from flip_ray import schema
 from flip_ray.io import ColumnMapping
 from flip_ray.shards import Shard
 from flip_ray.stages import read_shards, write_parts
-from flip_ray.store import OutputError, OutputStore, config_fingerprint, shard_id
-from flip_ray.tracker import ErrorBudgetExceeded, ShardTracker, summarize
+from flip_ray.store import OutputError, OutputStore, fingerprint, scoring_settings, settings_diff, shard_id
+from flip_ray.tracker import ErrorBudgetExceeded, ShardTracker, check_output, summarize
 
 
 def test_shard_id_is_stable_safe_and_distinct():
     assert shard_id("a/b c.jsonl") == shard_id("a/b c.jsonl")
     assert shard_id("a/b c.jsonl") != shard_id("a_b c.jsonl")
     assert "/" not in shard_id("dir/x.parquet") and " " not in shard_id("x y.jsonl")
+
+
+def config_fingerprint(config: dict) -> str:
+    return fingerprint(scoring_settings(config))
 
 
 def test_fingerprint_ignores_paths_and_resources_only():
@@ -28,13 +32,24 @@ def test_fingerprint_ignores_paths_and_resources_only():
         "sampling": {"max_tokens": 10},
         "resources": {"concurrency": 1},
         "ray": {"address": None},
+        "model": {"path": None, "device": "auto", "dtype": "auto", "max_model_len": None},
     }
     moved = json.loads(json.dumps(base))
     moved["input"]["path"], moved["output"]["path"], moved["resources"]["concurrency"] = "s3://b/a", "o2", 8
     assert config_fingerprint(base) == config_fingerprint(moved)
+    # The device and dtype as written do not count: they are fingerprinted once resolved.
+    spelled = json.loads(json.dumps(base))
+    spelled["model"].update(device="cpu", dtype="float32")
+    assert config_fingerprint(base) == config_fingerprint(spelled)
     changed = json.loads(json.dumps(base))
     changed["sampling"]["max_tokens"] = 11
     assert config_fingerprint(base) != config_fingerprint(changed)
+    # What the weights are is part of it.
+    assert fingerprint(scoring_settings(base, {"model.weights_sha256": "a"})) != fingerprint(
+        scoring_settings(base, {"model.weights_sha256": "b"})
+    )
+    diff = settings_diff(scoring_settings(base), scoring_settings(changed))
+    assert diff == "sampling.max_tokens: 10 -> 11"
 
 
 def test_output_path_that_is_a_file(tmp_path):
@@ -127,3 +142,36 @@ def test_corrupt_parquet_is_a_shard_error_and_other_shards_go_on(tmp_path):
     assert by_shard[shard_id("good.parquet")][schema.SHARD_ERROR] is None
     data = [r for b in blocks for r in b.to_pylist() if r[schema.SHARD_TOTAL] is None]
     assert [r["id"] for r in data] == ["good.parquet:0", "good.parquet:1"]
+
+
+def test_check_output_refuses_a_run_that_scored_nothing(tmp_path):
+    store = OutputStore(str(tmp_path / "out"))
+    shards = [Shard("file:///a", "jsonl", "a.jsonl")]
+    tracker = ShardTracker(store, shards, "x", max_error_fraction=1.0, min_rows=100)
+    sid = shard_id("a.jsonl")
+    tracker.add(
+        write_parts(scored_batch(sid, 6, total=6, errors=6), output_uri=store.uri, output_schema=output_schema())
+    )
+    counts = summarize(store.done_records())
+    # A fraction of 1.0 never stops for the rate, and 6 rows are under min_rows: still refused.
+    with pytest.raises(ErrorBudgetExceeded, match=r"no row was scored: all 6 rows have errors.*'response is empty' x6"):
+        check_output(counts, ["flip"], 1.0, 100, store.uri)
+
+
+def test_check_output_refuses_a_reward_that_scored_no_row(tmp_path):
+    store = OutputStore(str(tmp_path / "out"))
+    sid = shard_id("a.jsonl")
+    batch = scored_batch(sid, 4, total=4)
+    failed = pa.array(["the instruction does not fit in model.max_model_len=N"] * 4 + [None])
+    batch = batch.set_column(batch.schema.get_field_index("flip_logprob_error"), "flip_logprob_error", failed)
+    tracker = ShardTracker(store, [Shard("file:///a", "jsonl", "a.jsonl")], "x", max_error_fraction=1.0, min_rows=1)
+    tracker.add(write_parts(batch, output_uri=store.uri, output_schema=output_schema()))
+    counts = summarize(store.done_records())
+    assert (
+        counts["scored"] == 4 and counts["method_scored"]["flip"] == 4 and counts["method_scored"]["flip_logprob"] == 0
+    )
+    check_output(counts, ["flip"], 1.0, 1, store.uri)  # flip alone: fine
+    with pytest.raises(
+        ErrorBudgetExceeded, match=r"reward flip_logprob scored no row.*does not fit in model.max_model_len=N' x4"
+    ):
+        check_output(counts, ["flip", "flip_logprob"], 1.0, 1, store.uri)
