@@ -23,6 +23,8 @@ from __future__ import annotations
 
 import json
 import logging
+import posixpath
+import re
 import time
 
 import pyarrow as pa
@@ -45,6 +47,7 @@ from flip_ray.store import OutputError, OutputStore, open_scored, parquet_bytes,
 logger = logging.getLogger(__name__)
 
 RESPONSES = "responses"  # directory of Parquet parts, one scoring shard each
+SCORES = "scores"  # one scoring output per engine method: scores/<method>/
 RESPONSES_PER_PART = 2000
 SUMMARY, SUMMARY_MD, SUMMARY_PNG = "summary.json", "summary.md", "summary.png"
 EVAL_MANIFEST, ERRORS = "eval_manifest.json", "errors.jsonl"
@@ -59,7 +62,7 @@ def scoring_config(cfg: DictConfig, method: str, store: OutputStore) -> DictConf
     sc.input.messages_column = "messages"
     sc.input.id_column = "id"
     sc.input.keep_columns = ["pair_id", "candidate", "subset"]
-    sc.output.path = store.uri_of("scores", method)
+    sc.output.path = store.uri_of(SCORES, method)
     sc.output.overwrite = bool(cfg.output.overwrite)
     sc.output.report = False
     return sc
@@ -177,7 +180,7 @@ def resummarize(output_path: str) -> dict:
     outcomes, picks = {}, {}
     scores = {}
     for method in [m for m in old if m in SCORE_METHODS]:
-        values = scores[method] = read_scores(store.uri_of("scores", method), score_column(cfg, method))
+        values = scores[method] = read_scores(store.uri_of(SCORES, method), score_column(cfg, method))
         outcomes[method], picks[method] = engine_outcomes(items, values)
         if method == "judge_pointwise":
             old[method]["parse_status"] = _judge_status(values, method)
@@ -216,6 +219,32 @@ def _write_responses(store: OutputStore, table: pa.Table) -> None:
         store.fs.rm(path)
 
 
+_OWN = {RESPONSES, SCORES, SUMMARY, SUMMARY_MD, SUMMARY_PNG, EVAL_MANIFEST, ERRORS, "logs"}
+_OWN_PART = re.compile(r"^(part-\d{5}\.parquet|\.tmp-[0-9a-f]+)$")
+
+
+def _refuse_foreign(store: OutputStore) -> None:
+    """Refuses an output.path holding files an evaluation does not write: `_write_responses`
+    replaces what is under responses/, and flip_ray never deletes a file it did not write. (Each
+    scoring output under scores/ is checked by its own run.)"""
+    if not store.fs.isdir(store.root):
+        return
+    store.fs.invalidate_cache(store.root)
+    foreign = [n for p in store.fs.ls(store.root, detail=False) if (n := posixpath.basename(p.rstrip("/"))) not in _OWN]
+    if store.fs.isdir(store.path(RESPONSES)):
+        foreign += [
+            f"{RESPONSES}/{n}"
+            for p in store.fs.ls(store.path(RESPONSES), detail=False)
+            if not _OWN_PART.match(n := posixpath.basename(p.rstrip("/")))
+        ]
+    if foreign:
+        raise OutputError(
+            f"output.path {store.uri} holds files that an evaluation did not write ({', '.join(foreign[:5])}); "
+            "flip_ray never writes into or clears a directory that holds other files. Choose a new or empty "
+            "output.path, or move those files out"
+        )
+
+
 def _write_errors(store: OutputStore, bad: list[dict]) -> None:
     text = "".join(json.dumps(b, ensure_ascii=False) + "\n" for b in bad)
     write_bytes_durably(store.fs, store.path(ERRORS), text.encode())
@@ -228,6 +257,7 @@ def prepare(cfg: DictConfig) -> tuple[OutputStore, list[Item], int]:
     apply_storage_config(cfg.storage)
     store = OutputStore(cfg.output.path)
     store.check_writable_location()
+    _refuse_foreign(store)
     if store.fs.exists(store.path(SUMMARY)) and not cfg.output.overwrite:
         raise OutputError(
             f"output.path {store.uri} holds a finished evaluation; choose another output.path or pass "
@@ -248,7 +278,7 @@ def score_responses(cfg: DictConfig, store: OutputStore, items: list[Item], outc
     extra, scores = {}, {}
     for method in [m for m in cfg.evaluation.methods if m in SCORE_METHODS]:
         manifest = run_score(scoring_config(cfg, method, store), label=method)
-        values = scores[method] = read_scores(store.uri_of("scores", method), score_column(cfg, method))
+        values = scores[method] = read_scores(store.uri_of(SCORES, method), score_column(cfg, method))
         outcomes[method], picks[method] = engine_outcomes(items, values)
         t = manifest["timings"]
         extra[method] = {

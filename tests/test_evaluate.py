@@ -178,6 +178,22 @@ def test_eval_config_is_checked_before_anything_runs():
             validate_eval_config(_cfg(SAMPLE, override))
 
 
+def test_evaluation_never_writes_into_a_directory_of_someone_elses_files(tmp_path):
+    from flip_ray.evaluate import prepare
+    from flip_ray.store import OutputError
+
+    out = tmp_path / "theirs"
+    (out / "responses").mkdir(parents=True)
+    (out / "responses" / "mine.parquet").write_bytes(b"their data")
+    for overwrite in ("false", "true"):
+        cfg = load_config(
+            None, [f"input.path={SAMPLE}", f"output.path={out}", f"output.overwrite={overwrite}"], schema=EvalJobConfig
+        )
+        with pytest.raises(OutputError, match=r"did not write \(responses/mine\.parquet\)"):
+            prepare(cfg)
+    assert (out / "responses" / "mine.parquet").read_bytes() == b"their data"
+
+
 @pytest.mark.slow
 def test_evaluation_end_to_end_on_real_pairs(tmp_path, caplog):
     """20 human-labelled items (2 best-of-N) through the real engine: summary.json holds every method
