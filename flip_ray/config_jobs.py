@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -64,7 +65,8 @@ class EligibilityConfig:
 
 @dataclass
 class FilterConfig:
-    # threshold: score >= threshold; quantile: score >= the score at this global quantile;
+    # threshold: score >= threshold; quantile: score >= the q-quantile of the eligible scores
+    # (linearly interpolated; 0 keeps every eligible row, 1 the rows with the highest score);
     # top_k: the k best responses per prompt; best_of_n: the best response per prompt.
     mode: str = "threshold"
     threshold: float = 0.2
@@ -117,6 +119,7 @@ def validate_filter_config(cfg: DictConfig) -> None:
     _validate_selection(cfg)
     f = cfg.filter
     require(f.mode in FILTER_MODES, f"`filter.mode` must be one of {FILTER_MODES}, got {f.mode!r}")
+    require(math.isfinite(f.threshold), f"`filter.threshold` must be a finite number, got {f.threshold}")
     require(0 <= f.quantile <= 1, "`filter.quantile` must be in [0, 1]")
     require(f.top_k >= 1, "`filter.top_k` must be >= 1")
 
@@ -125,7 +128,7 @@ def validate_pairs_config(cfg: DictConfig) -> None:
     _validate_selection(cfg)
     p = cfg.pairs
     require(p.strategy in STRATEGIES, f"`pairs.strategy` must be one of {STRATEGIES}, got {p.strategy!r}")
-    require(p.min_margin >= 0, "`pairs.min_margin` must be >= 0")
+    require(math.isfinite(p.min_margin) and p.min_margin >= 0, "`pairs.min_margin` must be a finite number >= 0")
     require(p.max_pairs_per_prompt is None or p.max_pairs_per_prompt >= 1, "`pairs.max_pairs_per_prompt` must be >= 1")
 
 

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import logging
 import os
-import posixpath
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from importlib import metadata
@@ -43,6 +42,8 @@ from flip_ray.store import (
     OutputError,
     OutputStore,
     fingerprint,
+    overlap,
+    resolved_location,
     scoring_settings,
     settings_diff,
     shard_id,
@@ -94,28 +95,6 @@ def canonical_uri(uri: str) -> str:
     """`uri` with its protocol and an absolute path, so that `data/` and `./data/` compare equal."""
     fs, path = fsspec.core.url_to_fs(uri)
     return fs.unstrip_protocol(path.rstrip("/"))
-
-
-def _resolved(uri: str) -> tuple[str, str]:
-    """(protocol, path) of `uri` with `..`, `.`, repeated slashes and (locally) symlinks resolved;
-    a glob is cut at its first wildcard, to the directory it searches."""
-    fs, path = fsspec.core.url_to_fs(uri)
-    wild = min((i for i in (path.find(c) for c in "*?[") if i >= 0), default=-1)
-    if wild >= 0:
-        path = posixpath.dirname(path[:wild])
-    protocol = fs.protocol if isinstance(fs.protocol, str) else fs.protocol[0]
-    if is_local(fs):
-        return "file", os.path.realpath(path)
-    return protocol, posixpath.normpath("/" + path.lstrip("/"))
-
-
-def overlap(a: str, b: str) -> bool:
-    """Whether one of the two locations is, or is inside, the other (after resolving both)."""
-    (pa_, xa), (pb, xb) = _resolved(a), _resolved(b)
-    if pa_ != pb:
-        return False
-    xa, xb = xa.rstrip("/") + "/", xb.rstrip("/") + "/"
-    return xa.startswith(xb) or xb.startswith(xa)
 
 
 def _merge_field(a: pa.Field, b: pa.Field) -> pa.Field:
@@ -179,7 +158,8 @@ def _column_mapping(i: DictConfig, present: pa.Schema) -> ColumnMapping:
 def _check_output(cfg: DictConfig, store: OutputStore) -> None:
     store.check_writable_location()
     if overlap(store.uri, cfg.input.path):
-        output_inside = _resolved(store.uri)[1].startswith(_resolved(cfg.input.path)[1].rstrip("/") + "/")
+        out_path, in_path = resolved_location(store.uri)[1], resolved_location(cfg.input.path)[1]
+        output_inside = out_path.startswith(in_path.rstrip("/") + "/")
         where = (
             f"output.path {store.uri} is inside input.path {cfg.input.path}: a rerun would read the output as input"
             if output_inside

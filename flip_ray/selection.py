@@ -5,10 +5,14 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import random
 from typing import Any
 
 STRATEGIES = ("best_vs_worst", "all_pairs", "best_vs_random")
+# Drop reasons of rows that cannot be grouped by prompt or turned into a pair.
+NO_PROMPT = "no_prompt"
+NO_RESPONSE = "no_response"
 
 
 def as_messages(value: Any) -> list[dict] | None:
@@ -25,23 +29,62 @@ def as_messages(value: Any) -> list[dict] | None:
     return None
 
 
-def prompt_key(prompt: str | None, messages: Any = None) -> str:
+def _blank(text: Any) -> bool:
+    return text is None or (isinstance(text, str) and not text.strip())
+
+
+def chat_prompt(messages: Any) -> list[dict] | None:
+    """The turns before the last one of a chat (the prompt of its last answer), or None when the
+    chat is null, unparseable, or has nothing but blank text before its last turn."""
+    turns = as_messages(messages)
+    if not turns or all(_blank(t["content"]) for t in turns[:-1]):
+        return None
+    return turns[:-1]
+
+
+def prompt_key(prompt: str | None, messages: Any = None) -> str | None:
     """Groups responses to the same prompt: a hash of the prompt text, or of the chat without its
-    last (assistant) turn."""
+    last (assistant) turn. None when there is no prompt (null or blank text, a null or unparseable
+    chat): such rows must never be grouped together, as if they answered one prompt."""
     if messages is not None:
-        turns = as_messages(messages) or []
-        payload = json.dumps(turns[:-1], sort_keys=True, ensure_ascii=False)
+        turns = chat_prompt(messages)
+        if turns is None:
+            return None
+        payload = json.dumps(turns, sort_keys=True, ensure_ascii=False)
+    elif _blank(prompt):
+        return None
     else:
-        payload = prompt or ""
+        payload = prompt
     return hashlib.sha1(payload.encode()).hexdigest()[:16]
+
+
+def group_key(value: Any) -> str | None:
+    """A `columns.prompt_key` value as a group key; None (not groupable) when null or blank."""
+    return None if _blank(value) else str(value)
+
+
+def missing_text(prompt: Any, response: Any, messages: Any, *, chat: bool) -> str | None:
+    """Why a row cannot be written as one side of a DPO pair (no prompt or no response), or None."""
+    if chat:
+        if chat_prompt(messages) is None:
+            return NO_PROMPT
+        return NO_RESPONSE if _blank(as_messages(messages)[-1]["content"]) else None
+    if _blank(prompt):
+        return NO_PROMPT
+    return NO_RESPONSE if _blank(response) else None
 
 
 def drop_reason(row: dict, *, score_column: str, include_errors: bool, exclude_flags: tuple[str, ...]) -> str | None:
     """Why a row is not eligible for selection, or None if it is."""
     if row.get("error") is not None and not include_errors:
         return "error"
-    if row.get(score_column) is None:
+    score = row.get(score_column)
+    if score is None:
         return "no_score"
+    # NaN (pandas' missing value) and infinities have no rank: sorting, margins and the quantile's
+    # interpolation would all go wrong on them.
+    if isinstance(score, float) and not math.isfinite(score):
+        return "score_not_finite"
     for flag in exclude_flags:
         if row.get(flag):
             return flag

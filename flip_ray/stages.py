@@ -257,9 +257,15 @@ _NUMBERS = re.compile(r"\d+")
 
 
 def error_kind(message: str) -> str:
-    """Groups error messages: drops the `<file> line N:` prefix and replaces numbers by N."""
+    """Groups error messages: drops the `<file> line N:` prefix and parenthesised details, and
+    replaces numbers by N."""
     message = re.sub(r"^\S+ line \d+: ", "", message)
-    return _NUMBERS.sub("N", message.split(" (")[0])[:120]
+    while True:  # innermost first, so that nested parentheses go too
+        shorter = re.sub(r" ?\([^()]*\)", "", message)
+        if shorter == message:
+            break
+        message = shorter
+    return _NUMBERS.sub("N", message)[:160]
 
 
 def _counts(values: list) -> str:

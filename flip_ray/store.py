@@ -127,6 +127,28 @@ def settings_diff(before: dict, now: dict, limit: int = 6) -> str:
     return shown + (f"; and {len(keys) - limit} more" if len(keys) > limit else "")
 
 
+def resolved_location(uri: str) -> tuple[str, str]:
+    """(protocol, path) of `uri` with `..`, `.`, repeated slashes and (locally) symlinks resolved;
+    a glob is cut at its first wildcard, to the directory it searches."""
+    fs, path = fsspec.core.url_to_fs(uri)
+    wild = min((i for i in (path.find(c) for c in "*?[") if i >= 0), default=-1)
+    if wild >= 0:
+        path = posixpath.dirname(path[:wild])
+    protocol = fs.protocol if isinstance(fs.protocol, str) else fs.protocol[0]
+    if is_local(fs):
+        return "file", os.path.realpath(path)
+    return protocol, posixpath.normpath("/" + path.lstrip("/"))
+
+
+def overlap(a: str, b: str) -> bool:
+    """Whether one of the two locations is, or is inside, the other (after resolving both)."""
+    (pa_, xa), (pb, xb) = resolved_location(a), resolved_location(b)
+    if pa_ != pb:
+        return False
+    xa, xb = xa.rstrip("/") + "/", xb.rstrip("/") + "/"
+    return xa.startswith(xb) or xb.startswith(xa)
+
+
 def write_bytes_durably(fs, path: str, data: bytes) -> None:
     """Writes `data` so that once this returns it survives a crash, and is never seen half-written.
 

@@ -1,14 +1,16 @@
 """Flags, drop reasons, best-of-N and DPO pairs as pure functions (no Ray, no model)."""
 
 import json
+import math
 from pathlib import Path
 
 import pyarrow as pa
 import pytest
 
-from flip_ray.downstream import KEY, Columns, pairs_for_group
+from flip_ray.downstream import DROP, KEY, Columns, annotate, check_score_column, pairs_for_group
 from flip_ray.flags import compute_flags, copied_fraction, language_of, script_of, word_count
-from flip_ray.selection import drop_reason, make_dpo_pairs, prompt_key, top_k
+from flip_ray.selection import drop_reason, group_key, make_dpo_pairs, missing_text, prompt_key, top_k
+from flip_ray.shards import InputError
 
 SAMPLE = [json.loads(line) for line in Path("flip_ray/samples/alpacaeval_sample.jsonl").read_text().splitlines()]
 PROMPT = "Who created the Superman cartoon character?"
@@ -80,6 +82,9 @@ def test_drop_reasons():
     assert drop_reason(row(1, 0.5, flag_too_short=True), **kw) == "flag_too_short"
     assert drop_reason(row(1, None), **kw) == "no_score"
     assert drop_reason(row(1, 0.2, error="x"), **{**kw, "include_errors": True}) is None
+    for bad in (math.nan, math.inf, -math.inf):
+        assert drop_reason(row(1, bad), **kw) == "score_not_finite"
+    assert drop_reason(row(1, -7.5), **kw) is None and drop_reason(row(1, 12), **kw) is None
 
 
 def test_best_of_n_ties_break_by_id():
@@ -110,6 +115,60 @@ def test_prompt_key_groups_by_prompt_or_chat_without_last_turn():
     a = [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a1"}]
     b = [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a2"}]
     assert prompt_key(None, a) == prompt_key(None, json.dumps(b))
+
+
+def test_no_prompt_has_no_key():
+    # None, not a shared hash of "": rows without a prompt must not form one group.
+    for text in (None, "", "  \n"):
+        assert prompt_key(text) is None
+    answer_only = [{"role": "assistant", "content": "a"}]
+    blank_question = [{"role": "user", "content": " "}, {"role": "assistant", "content": "a"}]
+    for chat in ("not json [", json.dumps(answer_only), blank_question, [], json.dumps({"role": "user"})):
+        assert prompt_key(None, chat) is None, chat
+    assert group_key(None) is None and group_key("") is None and group_key(" ") is None
+    assert group_key("conv-1") == "conv-1" and group_key(0) == "0"
+
+
+def test_missing_text_for_pairs():
+    assert missing_text("q", "a", None, chat=False) is None
+    assert missing_text("", "a", None, chat=False) == "no_prompt"
+    assert missing_text("q", None, None, chat=False) == missing_text("q", " ", None, chat=False) == "no_response"
+    conv = [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]
+    assert missing_text(None, None, json.dumps(conv), chat=True) is None
+    assert missing_text(None, None, None, chat=True) == "no_prompt"
+    assert missing_text(None, None, [conv[0], {"role": "assistant", "content": ""}], chat=True) == "no_response"
+
+
+def test_annotate_drops_rows_without_a_prompt_only_where_rows_are_grouped():
+    table = pa.Table.from_pylist(
+        [
+            {"id": "a", "prompt": "p", "response": "r", "flip_score": 0.5, "error": None},
+            {"id": "b", "prompt": None, "response": "r", "flip_score": 0.9, "error": None},
+            {"id": "c", "prompt": "", "response": "r", "flip_score": 0.1, "error": None},
+            {"id": "d", "prompt": "p", "response": None, "flip_score": 0.3, "error": None},
+            {"id": "e", "prompt": None, "response": "r", "flip_score": None, "error": "response is empty"},
+        ]
+    )
+    cols = Columns(prompt="prompt", response="response", messages=None, id="id", prompt_key=None, score="flip_score")
+    kw = dict(cols=cols, include_errors=False, exclude_flags=())
+
+    def reasons(**mode):
+        return annotate(table, **kw, **mode).column(DROP).to_pylist()
+
+    assert reasons() == ["", "", "", "", "error"]  # threshold, quantile: each row alone
+    assert reasons(grouped=True) == ["", "no_prompt", "no_prompt", "", "error"]
+    assert reasons(grouped=True, pairs=True) == ["", "no_prompt", "no_prompt", "no_response", "error"]
+    keys = annotate(table, **kw).column(KEY).to_pylist()
+    assert keys[0] == keys[3] == prompt_key("p") and keys[1] is keys[2] is keys[4] is None
+
+
+def test_score_column_must_be_numeric():
+    schema = pa.schema([("s", pa.float64()), ("n", pa.int64()), ("t", pa.string()), ("b", pa.bool_())])
+    check_score_column(schema, "s")
+    check_score_column(schema, "n")
+    for column in ("t", "b"):
+        with pytest.raises(InputError, match=f"columns.score={column} is a"):
+            check_score_column(schema, column)
 
 
 def test_chat_pairs_are_message_lists():
