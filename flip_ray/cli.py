@@ -115,6 +115,10 @@ def cmd_filter(args: argparse.Namespace) -> int:
     print(
         f"flip_ray filter ({summary['mode']}): kept {summary['kept']} of {summary['rows']} rows -> {summary['output']}"
     )
+    if summary.get("threshold") is not None:
+        print(f"  threshold: {summary['threshold']}")
+    if summary.get("eligible") == 0:
+        print("  no eligible rows: nothing kept (the reasons are below)")
     for reason, n in summary["dropped"].items():
         print(f"  dropped {n}: {reason}")
     return 0
