@@ -349,6 +349,8 @@ def validate_score_config(cfg: DictConfig) -> None:
     require(lim.min_rows_for_error_check >= 1, "`limits.min_rows_for_error_check` must be >= 1")
     if i.keep_columns is not None:
         require(all(isinstance(c, str) and c for c in i.keep_columns), "`input.keep_columns` must list column names")
+        repeated = sorted({c for c in i.keep_columns if list(i.keep_columns).count(c) > 1})
+        require(not repeated, f"`input.keep_columns` names {', '.join(map(repr, repeated))} more than once")
 
 
 def validate_reward(w: DictConfig, allowed: tuple[str, ...] = SCORE_METHODS, key: str = "reward.methods") -> None:

@@ -9,15 +9,21 @@ Under `Console`, `sys.stdout` and `sys.stderr` point at the log file: Ray prints
 own driver logs to whatever they point at when it writes, so they land there; the terminal is the
 stream saved on entry. `verbose` keeps today's everything-on-the-terminal. Under `ray job submit`
 the terminal is the job's driver log, which stays as quiet.
+
+A log file that cannot be created or written (a full disk, an I/O error) is said once on the
+terminal and dropped from then on; flip_ray's own lines and the final error never depend on it.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import sys
+import threading
 import time
 import uuid
+from collections.abc import Callable
 from pathlib import Path
 
 import fsspec
@@ -51,15 +57,24 @@ def log_dir_for(output_uri: str) -> Path:
 
 class _LazyLog:
     """A line-buffered log file created at its first write (a run refused before it starts leaves
-    none); in `directory`, else in ./flip_ray_logs/ when that cannot be written."""
+    none); in `directory`, else in ./flip_ray_logs/ when that cannot be written.
 
-    def __init__(self, directory: Path | None):
+    Writing to it never raises: `sys.stdout` and `sys.stderr` point here, and a full disk must not
+    turn every library's print into an error. The first failure goes to `warn` (the terminal), and
+    the log is dropped from then on.
+    """
+
+    def __init__(self, directory: Path | None, warn: Callable[[str], None]):
         self.directory = directory
+        self.warn = warn
         self.name = f"{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}.log"
         self.path: Path | None = None
         self._file = None
+        self._lock = threading.Lock()
+        self._broken = self._closed = False
 
     def _open(self):
+        tried = []
         for directory in (self.directory, Path.cwd() / "flip_ray_logs"):
             if directory is None:
                 continue
@@ -68,18 +83,45 @@ class _LazyLog:
                 self._file = open(directory / self.name, "a", buffering=1, encoding="utf-8", errors="replace")  # noqa: SIM115
                 self.path = directory / self.name
                 return
-            except OSError:
-                continue
+            except OSError as e:
+                tried.append(f"{directory}: {e.strerror or e}")
+        self.warn(
+            f"cannot create a log file ({'; '.join(tried)}); vLLM's and Ray's own lines are not kept "
+            "(--verbose shows them on the terminal)"
+        )
         self._file = open(os.devnull, "w")  # noqa: SIM115
 
+    def _failed(self, e: Exception) -> None:
+        """Said once; the file is closed (what it still buffers is lost) and writes go nowhere."""
+        with self._lock:
+            if self._broken:  # another thread's write failed first, or wrote to the file it closed
+                return
+            self._broken = True
+            broken, self._file = self._file, open(os.devnull, "w")  # noqa: SIM115
+        self.warn(
+            f"cannot write the log file {self.path}: {getattr(e, 'strerror', None) or e}; vLLM's and Ray's own "
+            "lines are not kept from here on (--verbose shows them on the terminal)"
+        )
+        with contextlib.suppress(OSError):
+            broken.close()
+
     def write(self, text: str) -> int:
+        if self._closed:  # a late write through a stream saved while the console was on
+            return len(text)
         if self._file is None:
             self._open()
-        return self._file.write(text)
+        try:
+            self._file.write(text)
+        except (OSError, ValueError) as e:  # ValueError: written to the file another thread closed
+            self._failed(e)
+        return len(text)
 
     def flush(self) -> None:
-        if self._file is not None:
-            self._file.flush()
+        if self._file is not None and not self._closed:  # logging flushes every handler at exit
+            try:
+                self._file.flush()
+            except (OSError, ValueError) as e:
+                self._failed(e)
 
     def isatty(self) -> bool:
         return False
@@ -90,8 +132,13 @@ class _LazyLog:
         return self._file.fileno()
 
     def close(self) -> None:
-        if self._file is not None:
-            self._file.close()
+        if self._file is not None and not self._closed:
+            try:
+                self._file.close()  # flushes what it buffers
+            except OSError as e:
+                self._failed(e)
+                self._file.close()
+        self._closed = True
 
 
 class Console:
@@ -154,7 +201,7 @@ class Console:
             terminal.setStream(self.terminal)
             terminal.addFilter(_TerminalFilter())
             terminal.setLevel(logging.INFO)
-            self.log = _LazyLog(self.log_dir)
+            self.log = _LazyLog(self.log_dir, self._warn)
             to_file = logging.StreamHandler(self.log)
             to_file.setFormatter(fmt)
             self._handlers = [terminal, to_file]
@@ -184,6 +231,12 @@ class Console:
         """A line on the terminal (and in the log)."""
         logging.getLogger("flip_ray").info(message)
 
+    def _warn(self, message: str) -> None:
+        """A warning on the terminal only: what the log file itself cannot hold."""
+        with contextlib.suppress(OSError, ValueError):
+            self.terminal.write(f"flip-ray: warning: {message}\n")
+            self.terminal.flush()
+
     def __exit__(self, *exc) -> None:
         global _ACTIVE
         _ACTIVE = None
@@ -191,7 +244,8 @@ class Console:
         sys.stdout, sys.stderr = stdout, stderr
         if self._saved_fds is not None:
             for stream in (sys.__stdout__, sys.__stderr__):
-                stream.flush()
+                with contextlib.suppress(OSError):  # they write to the log: a full disk must not keep the fds there
+                    stream.flush()
             for fd, saved in zip((sys.__stdout__.fileno(), sys.__stderr__.fileno()), self._saved_fds, strict=True):
                 os.dup2(saved, fd)
                 os.close(saved)

@@ -105,7 +105,7 @@ class ForwardLikelihood:
     def _render(self, instruction: str, response: str, context, condition: str) -> tuple[list[int], bool, list[int]]:
         conditional = self.fitter.ids([*(context or []), {"role": "user", "content": instruction}])
         generic = self.fitter.ids([*(context or []), {"role": "user", "content": self.generic}])
-        target = self.tokenizer.encode(response, add_special_tokens=False)
+        target = self.fitter.encode(response)
         if not target:
             raise RowError("response has no tokens")
         budget = self.max_model_len - 1 - max(len(conditional), len(generic)) - TRUNCATION_MARGIN

@@ -51,7 +51,24 @@ class PromptFitter:
         text = self.tokenizer.apply_chat_template(
             messages, tokenize=False, add_generation_prompt=True, **self.chat_template_kwargs
         )
-        return self.tokenizer.encode(text, add_special_tokens=False)
+        return self.encode(text)
+
+    def encode(self, text: str) -> list[int]:
+        """Token ids of `text`, without special tokens.
+
+        Raises:
+            RowError: The text is not valid Unicode (an unpaired surrogate such as "\\ud800", which a
+                Python str can hold): the tokenizer refuses it with a TypeError.
+        """
+        try:
+            return self.tokenizer.encode(text, add_special_tokens=False)
+        except TypeError:
+            try:
+                text.encode("utf-8")
+            except UnicodeEncodeError as e:
+                bad = f"\\u{ord(e.object[e.start]):04x}"
+                raise RowError(f"the text holds an unpaired UTF-16 surrogate ({bad}): not valid Unicode") from None
+            raise
 
     def fit(
         self,
@@ -75,7 +92,7 @@ class PromptFitter:
             ids = self.ids(build(texts, context))
         if len(ids) <= budget:
             return ids, True
-        pieces = [self.tokenizer.encode(t, add_special_tokens=False) for t in texts]
+        pieces = [self.encode(t) for t in texts]
         while len(ids) > budget:
             longest = max(range(len(pieces)), key=lambda k: len(pieces[k]))
             keep = len(pieces[longest]) - (len(ids) - budget) - TRUNCATION_MARGIN
@@ -307,27 +324,45 @@ class FlipGenerator:
         )
 
 
-def render_and_run(llm, renders: list[Callable[[], tuple]], params, make: Callable, fail: Callable) -> list:
-    """Renders each row and runs the engine on the rows that rendered, in one call.
+def render_rows(renders: list[Callable[[], tuple]], fail: Callable) -> tuple[list, list[tuple]]:
+    """Renders each row: `render()` gives `(prompt ids, truncated, state)`.
 
-    `render()` gives `(prompt ids, truncated, state)`; a row that cannot be rendered fails alone.
-    `make(output, truncated, state)` builds a row's result, `fail(message, truncated)` a failed one.
+    A row whose content the prompt cannot take fails alone, as `fail(message, False)`: a `RowError`
+    (it does not fit the window, it has no tokens) or the chat template refusing it (a template's
+    `raise_exception`, e.g. roles that do not alternate, is a jinja2 `TemplateError`). Anything else
+    is a bug in the prompt code and propagates.
+
+    Returns:
+        (results with the failed rows' `fail(...)` in place and None elsewhere,
+        `(row index, prompt ids, truncated, state)` of each row that rendered).
     """
-    from vllm.inputs import TokensPrompt
+    from jinja2 import TemplateError
 
     results: list = [None] * len(renders)
-    prompts, slots = [], []
+    rendered = []
     for i, render in enumerate(renders):
         try:
             ids, truncated, state = render()
         except RowError as e:
             results[i] = fail(str(e), False)
             continue
-        except Exception as e:  # a tokenizer or template failure on one row
-            results[i] = fail(f"prompt rendering failed: {type(e).__name__}: {e}", False)
+        except TemplateError as e:
+            results[i] = fail(f"the chat template refused the row: {type(e).__name__}: {e}", False)
             continue
-        prompts.append(TokensPrompt(prompt_token_ids=ids))
-        slots.append((i, truncated, state))
+        rendered.append((i, ids, truncated, state))
+    return results, rendered
+
+
+def render_and_run(llm, renders: list[Callable[[], tuple]], params, make: Callable, fail: Callable) -> list:
+    """Renders each row (`render_rows`) and runs the engine on the rows that rendered, in one call.
+
+    `make(output, truncated, state)` builds a row's result, `fail(message, truncated)` a failed one.
+    """
+    from vllm.inputs import TokensPrompt
+
+    results, rendered = render_rows(renders, fail)
+    prompts = [TokensPrompt(prompt_token_ids=ids) for _, ids, _, _ in rendered]
+    slots = [(i, truncated, state) for i, _, truncated, state in rendered]
     for (i, truncated, state), out in zip(slots, generate_isolated(llm, prompts, params), strict=True):
         if isinstance(out, Exception):
             results[i] = fail(f"engine error: {type(out).__name__}: {out}", truncated)

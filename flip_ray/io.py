@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import logging
 import re
+import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -28,6 +29,13 @@ _JSONL_PEEK_ROWS = 100
 # A JSON escape of a UTF-16 surrogate: json.loads pairs valid ones and keeps a lone one as a Python
 # str that cannot be encoded (Arrow and the tokenizer refuse it).
 _SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F][0-9a-fA-F]{2}")
+_SURROGATE_ESCAPE_TEXT = re.compile(_SURROGATE_ESCAPE.pattern.decode())
+# What reading a corrupt or unreadable file raises: pyarrow on a damaged Parquet file or Arrow stream
+# (ArrowInvalid, or OSError "Couldn't deserialize thrift", "Corrupt snappy compressed data"), gzip on
+# a damaged .gz (BadGzipFile is an OSError; EOFError when cut short, zlib.error inside), the file
+# system (missing file, a directory, permission; s3fs turns S3 errors into OSError). Anything else
+# raised while reading is a bug in the reader and propagates.
+UNREADABLE = (OSError, EOFError, zlib.error, pa.ArrowException, UnicodeDecodeError, json.JSONDecodeError)
 logger = logging.getLogger(__name__)
 
 
@@ -70,9 +78,7 @@ def peek_columns(shard: Shard) -> pa.Schema:
                 if isinstance(record, dict):
                     names.update(dict.fromkeys(record))
         return pa.schema([(name, pa.string()) for name in names])
-    except InputError:
-        raise
-    except Exception as e:
+    except UNREADABLE as e:
         raise InputError(f"cannot read {shard.uri}: {type(e).__name__}: {e}") from e
 
 
@@ -226,7 +232,7 @@ def _arrow_batches(shard: Shard, mapping: ColumnMapping, batch_rows: int, limit:
         else:
             reader = pa.ipc.open_stream(f)
             _check_columns(shard, reader.schema, mapping)
-            batches = _rechunk(_window(reader, shard.first_row, shard), batch_rows)
+            batches = _rechunk(_window(map(_check_structure, reader), shard.first_row, shard), batch_rows)
         for rb in batches:
             if limit is not None and start >= limit:
                 break
@@ -238,6 +244,34 @@ def _arrow_batches(shard: Shard, mapping: ColumnMapping, batch_rows: int, limit:
             kept = {c: _valid_column(rb.column(c), c, errors, where) for c in mapping.keep if c in rb.schema.names}
             yield SourceBatch(start, values, kept, errors)
             start += rb.num_rows
+
+
+def _check_structure(rb: pa.RecordBatch) -> pa.RecordBatch:
+    """`rb` once its buffers are checked. An Arrow stream is read without validation, and reading a
+    value through a damaged offset crashes the process (SIGSEGV) instead of raising; text is
+    checked as bytes here, since invalid UTF-8 is one row's error (`_values_rowwise`).
+
+    Raises:
+        pa.ArrowInvalid: The batch is damaged.
+    """
+    for column in rb.columns:
+        column.view(_as_binary(column.type)).validate(full=True)
+    return rb
+
+
+def _as_binary(t: pa.DataType) -> pa.DataType:
+    """`t` with its string types as binary ones of the same layout (nested in lists and structs)."""
+    if pa.types.is_string(t):
+        return pa.binary()
+    if pa.types.is_large_string(t):
+        return pa.large_binary()
+    if pa.types.is_list(t):
+        return pa.list_(t.value_field.with_type(_as_binary(t.value_type)))
+    if pa.types.is_large_list(t):
+        return pa.large_list(t.value_field.with_type(_as_binary(t.value_type)))
+    if pa.types.is_struct(t):
+        return pa.struct([f.with_type(_as_binary(f.type)) for f in t])
+    return t
 
 
 def _row_groups(md: pq.FileMetaData, shard: Shard) -> tuple[list[int], int]:
@@ -373,10 +407,13 @@ def normalize(batch: SourceBatch, shard: Shard, mapping: ColumnMapping) -> pa.Ta
                 if mapping.messages:
                     messages = batch.values[mapping.messages][i]
                     if isinstance(messages, str):
+                        text = messages
                         try:
-                            messages = json.loads(messages)
+                            messages = json.loads(text)
                         except json.JSONDecodeError as e:
                             raise RowError(f"messages is a string that is not JSON ({e.msg})") from None
+                        if _SURROGATE_ESCAPE_TEXT.search(text) and (bad := _unencodable(messages)):
+                            raise RowError(f"messages {bad}")
                     instruction, response, ctx = conversation_parts(messages)
                     context = json.dumps(ctx, ensure_ascii=False) if ctx else None
                 else:
@@ -401,14 +438,22 @@ def normalize(batch: SourceBatch, shard: Shard, mapping: ColumnMapping) -> pa.Ta
 
 
 def read_shard(shard: Shard, mapping: ColumnMapping, batch_rows: int, limit: int | None = None) -> Iterator[pa.Table]:
-    """Streams a shard as normalised blocks of at most `batch_rows` rows."""
-    try:
-        for batch in iter_source_batches(shard, mapping, batch_rows, limit):
-            yield normalize(batch, shard, mapping)
-    except InputError:
-        raise
-    except (ConnectionError, TimeoutError):
-        raise  # transient storage trouble: the task fails and Ray retries it
-    except Exception as e:
-        # Corrupt or unreadable content (truncated Parquet, bad gzip, missing file): a shard error.
-        raise InputError(f"cannot read {shard.uri}: {type(e).__name__}: {e}") from e
+    """Streams a shard as normalised blocks of at most `batch_rows` rows.
+
+    Raises:
+        InputError: The file is corrupt or unreadable (`UNREADABLE`): the shard fails, the job goes on.
+        ConnectionError, TimeoutError: Storage trouble: the task fails and Ray retries it.
+    """
+    batches = iter_source_batches(shard, mapping, batch_rows, limit)
+    while True:
+        try:
+            batch = next(batches, None)
+        except (ConnectionError, TimeoutError):
+            raise
+        except UNREADABLE as e:
+            raise InputError(f"cannot read {shard.uri}: {type(e).__name__}: {e}") from e
+        if batch is None:
+            return
+        # Outside the handler: the row rules raise RowError into each row, and anything else they
+        # raise is a bug that must show itself, not a file that "cannot be read".
+        yield normalize(batch, shard, mapping)

@@ -85,7 +85,7 @@ class FlipLikelihood:
         self.full_params = SamplingParams(max_tokens=1, temperature=0.0, prompt_logprobs=0, detokenize=False)
 
     def _render(self, instruction: str, response: str, context: list[dict] | None) -> tuple[list[int], list[int], bool]:
-        target = self.tokenizer.encode(instruction, add_special_tokens=False)
+        target = self.fitter.encode(instruction)
         if not target:
             raise RowError("instruction has no tokens")
         budget = self.max_model_len - 1 - len(self.prefix_ids) - len(target)

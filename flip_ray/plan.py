@@ -152,6 +152,7 @@ def _column_mapping(i: DictConfig, present: pa.Schema) -> ColumnMapping:
                 f"columns present: {', '.join(present.names)}"
             )
         keep = tuple(i.keep_columns)
+    schema.check_output_names(keep)
     return ColumnMapping(i.prompt_column, i.response_column, i.id_column, i.messages_column, keep)
 
 

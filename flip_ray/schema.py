@@ -6,7 +6,11 @@ Output rows are `id`, the kept input columns, then `FLIP_COLUMNS`. Internal colu
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import pyarrow as pa
+
+from flip_ray.shards import InputError
 
 ID = "id"
 
@@ -125,6 +129,39 @@ PART_META = pa.schema(
 def output_column_name(input_name: str) -> str:
     """Kept input columns whose names clash with output columns get an `input_` prefix."""
     return f"input_{input_name}" if input_name in RESERVED else input_name
+
+
+# Internal columns (above, and the downstream jobs' own) are named with this prefix; they travel
+# beside the kept columns and are never renamed, so a kept input column cannot bear it.
+INTERNAL_PREFIX = "_flip_"
+
+
+def check_output_names(kept: Sequence[str]) -> None:
+    """Checks that every kept input column gets an output column of its own.
+
+    Raises:
+        InputError: A column is kept twice, two kept columns map to one output name (`error` is
+            written as `input_error`, the name of another kept column), or a kept column's name
+            starts like flip_ray's internal ones (`INTERNAL_PREFIX`).
+    """
+    by_output: dict[str, str] = {}
+    for name in kept:
+        if name.startswith(INTERNAL_PREFIX):
+            raise InputError(
+                f"input column {name!r} is named like flip_ray's internal columns ({INTERNAL_PREFIX}...); rename "
+                "it in the input, or list the columns to keep in input.keep_columns without it"
+            )
+        out = output_column_name(name)
+        if out in by_output:
+            first = by_output[out]
+            if first == name:
+                raise InputError(f"input column {name!r} is kept twice; name it once in input.keep_columns")
+            raise InputError(
+                f"input columns {first!r} and {name!r} would both be written as {out!r} (an input column named like "
+                "an output column gets the prefix input_); list the columns to keep in input.keep_columns "
+                "without one of them"
+            )
+        by_output[out] = name
 
 
 def output_schema(kept: pa.Schema) -> pa.Schema:

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import _thread
 import contextlib
+import errno
 import logging
 import signal
 import time
@@ -31,7 +32,7 @@ from flip_ray.config import to_dict, to_yaml
 from flip_ray.judge import JUDGE_PROMPT_VERSION
 from flip_ray.lock import LockLost, RunLock
 from flip_ray.model import weights_fingerprint
-from flip_ray.pipeline import execute, find_duplicate_ids
+from flip_ray.pipeline import RunInterrupted, execute, find_duplicate_ids
 from flip_ray.plan import DuplicateIdError, RunPlan, check_same_engine, plan_run, resolved_engine
 from flip_ray.prompts import PROMPT_TEMPLATE_VERSION
 from flip_ray.report import build_report
@@ -41,6 +42,10 @@ from flip_ray.store import CONFIG_COPY, DATA, LAYOUT, MANIFEST, RUN, OutputStore
 from flip_ray.tracker import ShardTracker, check_output, summarize
 
 logger = logging.getLogger(__name__)
+
+
+# Failures of the output's storage that a user fixes (space, quota, a read-only or failing disk).
+_STORAGE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EIO, errno.EROFS}
 
 
 class RunStopped(RuntimeError):
@@ -249,7 +254,7 @@ def run_score(cfg: DictConfig, label: str = "scored") -> dict:
             known,
             "+" if any(s.rows is None for s in plan.pending) else "",
         )
-        if console.active() is not None and plan.pending:
+        if console.active() is not None and console.active().path is not None and plan.pending:
             logger.info("vLLM's and Ray's own logs: %s", console.active().path)
         tracker = device = None
         try:
@@ -273,6 +278,11 @@ def run_score(cfg: DictConfig, label: str = "scored") -> dict:
                 raise _stopped(plan, signal.SIGINT) from None
             if isinstance(e, Terminated):
                 raise _stopped(plan, signal.SIGTERM) from None
+            if isinstance(e, OSError) and e.errno in _STORAGE_ERRNOS:  # the output's storage failed: not a bug
+                raise RunInterrupted(
+                    f"writing to {plan.store.uri} failed: {e}. Finished shards are kept; free space or fix the "
+                    "storage, then rerun with the same config to resume"
+                ) from e
             raise
     finally:
         lock.release()

@@ -24,6 +24,7 @@ damaged or replaced after its commit from one listing, without reading the data.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
 import json
@@ -158,11 +159,16 @@ def write_bytes_durably(fs, path: str, data: bytes) -> None:
         directory = os.path.dirname(path)
         os.makedirs(directory, exist_ok=True)
         tmp = os.path.join(directory, f".tmp-{uuid.uuid4().hex}")
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
+        try:
+            with open(tmp, "wb") as f:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+        except BaseException:  # a full disk, a stop: leave no half-written sibling behind
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
+            raise
         dir_fd = os.open(directory, os.O_RDONLY)
         try:
             os.fsync(dir_fd)
@@ -245,6 +251,9 @@ class OutputStore:
             self.fs.pipe_file(probe, b"probe")
             self.fs.rm(probe)
         except (OSError, PermissionError, ValueError, NotImplementedError) as e:
+            with contextlib.suppress(OSError, ValueError, NotImplementedError):
+                if self.fs.exists(probe):
+                    self.fs.rm(probe)
             raise OutputError(f"output.path {self.uri} is not writable ({type(e).__name__}: {e})") from e
 
     def has_run(self) -> bool:

@@ -90,6 +90,7 @@ def test_wrong_types_are_refused(override, key):
         (["input.path=x", "output.path=y", "reward.similarity=cosine"], r"reward\.similarity"),
         (["input.path=x", "output.path=y", "reward.logprob_format=xml"], r"reward\.logprob_format"),
         (["input.path=x", "output.path=y", "reward.logprob_distractors=99"], r"reward\.logprob_distractors"),
+        (["input.path=x", "output.path=y", "input.keep_columns=[prompt,model,prompt]"], "'prompt' more than once"),
     ],
 )
 def test_semantic_checks(overrides, match):
@@ -126,3 +127,8 @@ def test_filter_and_pairs_configs_refuse_bad_values():
     )
     with pytest.raises(ConfigError, match="flag_typo"):
         validate_pairs_config(cfg)
+
+
+def test_keep_columns_each_named_once_pass():
+    cfg = load_config(None, ["input.path=x", "output.path=y", "input.keep_columns=[prompt,model,error]"])
+    validate_score_config(cfg)

@@ -2,6 +2,8 @@
 
 import gzip
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import pyarrow as pa
@@ -199,3 +201,93 @@ def test_bom_json_array_and_non_data_files(tmp_path):
     (d / "c.json").write_text("[{broken")
     with pytest.raises(InputError, match="not a valid JSON array"):
         rows_of(d / "c.json")
+
+
+def test_a_surrogate_escape_inside_a_messages_string_is_a_row_error(tmp_path):
+    """`messages` given as JSON text whose content escapes an unpaired surrogate ("\\ud800") decodes
+    to a str that no Parquet writer or tokenizer takes: that row's error, the file's other rows read."""
+    good = [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]
+    bad = '[{"role": "user", "content": "q \\ud800"}, {"role": "assistant", "content": "a"}]'
+    paired = '[{"role": "user", "content": "q \\ud83d\\ude00"}, {"role": "assistant", "content": "a"}]'
+    p = write_jsonl(tmp_path / "m.jsonl", [{"messages": json.dumps(good)}, {"messages": bad}, {"messages": paired}])
+    rows = rows_of(p, ColumnMapping(messages="messages"))
+    assert rows[0]["error"] is None and rows[2]["error"] is None
+    assert rows[2][schema.INSTRUCTION] == "q \U0001f600"  # a valid pair is one character
+    assert rows[1]["error"] == "messages holds an unpaired UTF-16 surrogate (\\ud800), which is not valid Unicode text"
+
+
+def corrupt_files(d: Path) -> dict[str, bytes]:
+    """A good file of each format, and damaged copies of it, as (name, bytes)."""
+    records = [{"prompt": f"p{i} " * 20, "response": f"r{i} " * 20} for i in range(400)]
+    table = pa.Table.from_pylist(records)
+    pq.write_table(table, d / "good.parquet", row_group_size=100)
+    parquet = (d / "good.parquet").read_bytes()
+    sink = pa.BufferOutputStream()
+    with pa.ipc.new_stream(sink, table.schema) as w:
+        w.write_table(table, max_chunksize=100)
+    stream = sink.getvalue().to_pybytes()
+    gz = gzip.compress("".join(json.dumps(r) + "\n" for r in records).encode())
+    flipped = bytearray(stream)
+    for k in range(400, len(flipped), 11):  # offsets and text of the record batches, not the schema
+        flipped[k] ^= 0xFF
+    return {
+        "cut.parquet": parquet[: len(parquet) // 2],
+        "empty.parquet": b"",
+        "cut.jsonl.gz": gz[: len(gz) // 2],
+        "plain.jsonl.gz": b'{"prompt": "p", "response": "r"}\n',
+        "damaged/data-00000-of-00001.arrow": bytes(flipped),
+        "cut/data-00000-of-00001.arrow": stream[: len(stream) // 2],
+    }
+
+
+CORRUPT = (
+    "cut.parquet",
+    "empty.parquet",
+    "cut.jsonl.gz",
+    "plain.jsonl.gz",
+    "damaged/data-00000-of-00001.arrow",
+    "cut/data-00000-of-00001.arrow",
+)
+
+
+@pytest.mark.parametrize("name", CORRUPT)
+def test_a_corrupt_file_is_an_input_error_naming_it(tmp_path, name):
+    """Truncated Parquet, a cut or fake .gz, a damaged or cut Arrow stream (HF save_to_disk): the
+    shard fails with InputError ("cannot read <file>"), the run goes on. A damaged Arrow stream is
+    read in a child process: reading a value through a damaged offset would crash the process."""
+    path = tmp_path / name
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(corrupt_files(tmp_path)[name])
+    fmt = "hf" if name.endswith(".arrow") else "auto"
+    code = (
+        "import sys\n"
+        "from flip_ray.io import ColumnMapping, read_shard\n"
+        "from flip_ray.shards import InputError, list_shards\n"
+        f"shard = list_shards({str(path)!r}, {fmt!r})[0]\n"
+        "try:\n"
+        "    for _ in read_shard(shard, ColumnMapping(), 64):\n"
+        "        pass\n"
+        "except InputError as e:\n"
+        "    print(e)\n"
+        "    sys.exit(0)\n"
+        "sys.exit(5)\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, (done.returncode, done.stdout, done.stderr[-2000:])
+    assert done.stdout.startswith(f"cannot read file://{path}: "), done.stdout
+
+
+def test_kept_columns_that_would_share_an_output_column_are_refused(tmp_path):
+    """An input holding `error` and `input_error`: kept as they are, `error` would be written as
+    `input_error` over the other (the reader's columns are a dict) and the stages would meet two
+    columns of one name. Refused up front, naming both."""
+    p = write_jsonl(tmp_path / "x.jsonl", [{"prompt": "p", "response": "r", "error": "e", "input_error": "i"}])
+    present = check_columns(list_shards(str(p))[0], ColumnMapping()).names
+    with pytest.raises(InputError, match="'error' and 'input_error' would both be written as 'input_error'"):
+        schema.check_output_names(present)
+    schema.check_output_names(["prompt", "error", "id", "model"])  # renamed apart: input_error, input_id
+    with pytest.raises(InputError, match="'prompt' is kept twice"):
+        schema.check_output_names(["prompt", "model", "prompt"])
+    for internal in (schema.RESPONSE, schema.SHARD_TOTAL, schema.GENERATIONS):
+        with pytest.raises(InputError, match=f"'{internal}' is named like flip_ray's internal columns"):
+            schema.check_output_names(["prompt", internal])
