@@ -111,7 +111,9 @@ def annotate(
     return batch.append_column(KEY, pa.array(keys, pa.string())).append_column(DROP, pa.array(reasons, pa.string()))
 
 
-JOB_RECORD = "_flip_ray_job.json"  # the files a filter or pairs job wrote, written after them
+# The files a filter or pairs job wrote, written after them: a hidden file with no data extension,
+# so that readers of the directory (globs, pyarrow, Ray Data, `datasets.load_dataset`) never see it.
+JOB_RECORD = ".flip_ray_job"
 
 
 def _prepare_output(cfg: DictConfig, scored_uri: str) -> str:

@@ -312,7 +312,7 @@ def test_overwrite_replaces_only_what_the_earlier_job_wrote(ray_local, tmp_path)
     scored = make_scored(tmp_path / "scored", [row(i, f"p{i % 2}", flip_score=i / 10) for i in range(6)])
     out = tmp_path / "kept"
     assert filter_job(scored, out, "filter.threshold=0")["kept"] == 6
-    record = json.loads((out / "_flip_ray_job.json").read_text())
+    record = json.loads((out / ".flip_ray_job").read_text())
     assert record["job"] == "filter" and sorted(record["files"]) == sorted(p.name for p in out.glob("*.parquet"))
     with pytest.raises(Exception, match="earlier flip_ray filter job.*output.overwrite=true"):
         filter_job(scored, out, "filter.threshold=0")
