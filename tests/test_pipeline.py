@@ -170,7 +170,7 @@ def test_rerun_resumes_without_work_and_other_config_is_refused(runs, monkeypatc
     assert again["counts"] == first["counts"]
     assert {p.name: p.stat().st_mtime_ns for p in (out / "_done").iterdir()} == before
     assert_output_matches_input(out, src, id_column="id")
-    with pytest.raises(OutputExistsError, match="different config"):
+    with pytest.raises(OutputExistsError, match=r"scored another way.*sampling\.max_tokens: 48 -> 40"):
         score(src, out, "input.id_column=id", "sampling.max_tokens=40")
 
 
