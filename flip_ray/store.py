@@ -334,7 +334,10 @@ class OutputStore:
         found: list[str] = []
 
         def names(*parts: str) -> list[tuple[str, bool]]:
-            listing = self.fs.ls(self.path(*parts), detail=True)
+            # An object store may list a directory's own marker inside it (seen on SeaweedFS after a
+            # write cut short): that entry is the directory, not a file in it.
+            here = self.path(*parts).rstrip("/")
+            listing = [e for e in self.fs.ls(here, detail=True) if e["name"].rstrip("/") != here]
             return [(posixpath.basename(e["name"].rstrip("/")), e["type"] == "directory") for e in listing]
 
         for name, is_dir in names():
