@@ -192,17 +192,18 @@ def item_outcomes(run: Path) -> tuple[dict[str, list], list[str]]:
     the way `flip_ray.evaluate.resummarize` does, and the items' subsets."""
     from omegaconf import OmegaConf
 
+    from flip_ray import rewards
     from flip_ray.config_jobs import COMBINATIONS, EvalJobConfig
     from flip_ray.evaluate import _add_baselines, combined_outcomes, engine_outcomes, read_scores, score_column
     from flip_ray.preference import load_items
-    from flip_ray.schema import SCORE_METHODS
 
     manifest = json.loads((run / "eval_manifest.json").read_text())
     cfg = OmegaConf.merge(OmegaConf.structured(EvalJobConfig), manifest["config"])
     items, _ = load_items(cfg.input, cfg.evaluation.subset_from)
     outcomes, picks, scores = {}, {}, {}
-    for method in [m for m in cfg.evaluation.methods if m in SCORE_METHODS]:
-        scores[method] = read_scores(str(run / "scores" / method), score_column(cfg, method))
+    for method in [m for m in cfg.evaluation.methods if m in rewards.names()]:
+        higher = rewards.get(method).higher_is_better
+        scores[method] = read_scores(str(run / "scores" / method), score_column(cfg, method), higher)
         outcomes[method], picks[method] = engine_outcomes(items, scores[method])
     for combo, parts in COMBINATIONS.items():
         if combo in cfg.evaluation.methods:

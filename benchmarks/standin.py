@@ -16,30 +16,31 @@ from flip_ray import schema
 
 
 class StandInEngineStage:
-    """Same input and output columns as `BackwardInferenceStage`; accepts (and ignores) its kwargs."""
+    """Same input and output columns as `BackwardInferenceStage` for `flip` (its other rewards' columns
+    stay null); accepts (and ignores) its other kwargs."""
 
-    def __init__(self, **_):
-        pass
+    def __init__(self, *, methods=(), **_):
+        self.fields = schema.engine_fields([m.name for m in methods] or ["flip"])
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         n = batch.num_rows
         errors = batch.column("error").to_pylist()
         totals = batch.column(schema.SHARD_TOTAL).to_pylist()
         responses = batch.column(schema.RESPONSE).to_pylist()
-        cols = {name: [None] * n for name in schema.ENGINE_COLUMNS.names}
+        cols = {name: [None] * n for name in self.fields.names}
         cols["error"] = list(errors)
         dedup = [None] * n
         for i in range(n):
             if errors[i] is not None or totals[i] is not None:
                 continue
             opening = " ".join(responses[i].split()[:12])
-            cols[schema.GENERATIONS][i] = [json.dumps({"REASONING": "stand-in", "INFERRED INSTRUCTION": opening})]
+            cols["_flip_generations"][i] = [json.dumps({"REASONING": "stand-in", "INFERRED INSTRUCTION": opening})]
             cols["finish_reason"][i] = "stop"
             cols["n_prompt_tokens"][i] = len(responses[i].split())
             cols["n_output_tokens"][i] = 20
             cols["truncated"][i] = False
             dedup[i] = False
-        for f in schema.ENGINE_COLUMNS:
+        for f in self.fields:
             batch = schema.put_column(batch, f, pa.array(cols[f.name], f.type))
         return schema.put_column(batch, schema.CONTROL_COLUMNS.field(schema.DEDUP), pa.array(dedup, pa.bool_()))
 

@@ -44,9 +44,14 @@ def _quiet_telemetry() -> None:
         os.environ.setdefault(key, value)
 
 
+def _reward_line(method: str, entry: dict) -> str:
+    mean = "n/a" if entry["mean"] is None else f"{entry['mean']:.4f}"
+    line = f"  {method}: mean {entry['column']} {mean} over {entry['scored']} rows"
+    return line + (f"   status {entry['status']}" if "status" in entry else "")
+
+
 def format_summary(manifest: dict) -> str:
     c, t, sh = manifest["counts"], manifest["timings"], manifest["shards"]
-    mean = f"{c['mean_flip_score']:.4f}" if c["mean_flip_score"] is not None else "n/a"
     lines = [
         f"flip_ray: scored {c['scored']}/{c['rows']} rows ({c['errors']} with errors, {c['truncated']} truncated)",
         f"  shards: {sh['done']}/{sh['total']} done ({sh['skipped_already_done']} skipped as already done, "
@@ -57,7 +62,7 @@ def format_summary(manifest: dict) -> str:
             if manifest["input"].get("id_column")
             else "<file>:<row> (derived: no id column)"
         ),
-        f"  mean flip_score {mean}   parse_status {c['parse_status']}",
+        *(_reward_line(method, entry) for method, entry in c.get("rewards", {}).items()),
         f"  flagged {c['flagged']}   engine calls saved by dedup: {c['dedup_saved']}",
         f"  this run: {t['rows_this_run']} rows, {t['rows_per_s']} rows/s, {t['output_tokens_per_s']} output tokens/s "
         f"({t['pipeline_s']} s pipeline, {t['total_s']} s total)",

@@ -18,8 +18,8 @@ import yaml
 from omegaconf import MISSING, DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from flip_ray.prompts import DEFAULT_PROMPT_VARIANT, LEXICAL_CONTROLS, LOGPROB_FORMATS, PROMPT_VARIANTS
-from flip_ray.schema import SCORE_METHODS
+from flip_ray import rewards
+from flip_ray.prompts import DEFAULT_PROMPT_VARIANT, PROMPT_VARIANTS
 from flip_ray.similarity import METRICS
 
 INPUT_FORMATS = ("auto", "parquet", "jsonl", "hf")
@@ -118,7 +118,8 @@ class SamplingConfig:
 
 @dataclass
 class RewardConfig:
-    # Rewards computed for every row, in one engine pass:
+    # Rewards computed for every row, in one engine pass (any name in the reward registry,
+    # flip_ray/rewards/; the output holds the columns of these only):
     #   flip: generate the inferred instruction and compare it with the real one (flip_score);
     #   flip_logprob: log-probability of the real instruction as the model's answer to the FLIP
     #     question, teacher-forced, one prefill and no decoding (flip_logprob_mean/_sum/_tokens);
@@ -353,24 +354,20 @@ def validate_score_config(cfg: DictConfig) -> None:
         require(not repeated, f"`input.keep_columns` names {', '.join(map(repr, repeated))} more than once")
 
 
-def validate_reward(w: DictConfig, allowed: tuple[str, ...] = SCORE_METHODS, key: str = "reward.methods") -> None:
+def validate_reward(w: DictConfig, allowed: tuple[str, ...] | None = None, key: str = "reward.methods") -> None:
+    """`reward.methods` against the registry (or `allowed`), the shared FLIP prompt keys, then each
+    selected reward's own settings (`RewardMethod.validate`)."""
+    allowed = rewards.names() if allowed is None else allowed
     require(len(w.methods) >= 1, f"`{key}` must name at least one of {allowed}")
     unknown = [m for m in w.methods if m not in allowed]
     require(not unknown, f"`{key}` has unknown method(s) {unknown}; choose from {allowed}")
     require(len(set(w.methods)) == len(w.methods), f"`{key}` names a method twice")
     require(w.prompt in PROMPT_VARIANTS, f"`reward.prompt` must be one of {PROMPT_VARIANTS}, got {w.prompt!r}")
     require(0 <= w.few_shot <= MAX_FEW_SHOT, f"`reward.few_shot` must be in [0, {MAX_FEW_SHOT}]")
-    require(w.similarity in SIMILARITIES, f"`reward.similarity` must be one of {SIMILARITIES}, got {w.similarity!r}")
-    require(
-        w.logprob_format in LOGPROB_FORMATS,
-        f"`reward.logprob_format` must be one of {LOGPROB_FORMATS}, got {w.logprob_format!r}",
-    )
-    require(w.judge_max_tokens >= 1, "`reward.judge_max_tokens` must be >= 1")
-    require(0 <= w.logprob_distractors <= 16, "`reward.logprob_distractors` must be in [0, 16]")
-    require(
-        w.lexical_control in LEXICAL_CONTROLS,
-        f"`reward.lexical_control` must be one of {LEXICAL_CONTROLS}, got {w.lexical_control!r}",
-    )
+    # Every registered reward's settings are checked, selected or not: a bad value is an error even
+    # in a run that does not read it (it would be fingerprinted, and read by the next run).
+    problems = rewards.validate(rewards.names(), OmegaConf.to_container(w, resolve=True))
+    require(not problems, "; ".join(problems))
 
 
 def to_yaml(cfg: DictConfig) -> str:

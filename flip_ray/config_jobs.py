@@ -9,6 +9,7 @@ from pathlib import Path
 
 from omegaconf import MISSING, DictConfig, OmegaConf
 
+from flip_ray import rewards
 from flip_ray.config import (
     INPUT_FORMATS,
     DedupConfig,
@@ -24,7 +25,7 @@ from flip_ray.config import (
     require,
     validate_reward,
 )
-from flip_ray.schema import FLAG_NAMES, SCORE_METHODS
+from flip_ray.schema import FLAG_NAMES
 from flip_ray.selection import STRATEGIES
 
 
@@ -139,7 +140,14 @@ BASELINES = ("longer", "shorter", "prompt_overlap")
 # Label-free combinations: the mean of the candidates' ranks (within each item, i.e. within a prompt
 # group) under two rewards that fail differently; both must be evaluated too.
 COMBINATIONS = {"flip_lexical_rank": ("flip", "flip_logprob_lexical"), "flip_pmi_rank": ("flip", "pmi_forward")}
-EVAL_METHODS = (*SCORE_METHODS, *PAIR_JUDGES, *BASELINES, *COMBINATIONS)
+
+
+def eval_methods() -> tuple[str, ...]:
+    """Every evaluation method: the registered rewards (`rewards`), the per-pair judges, the
+    baselines and the combinations."""
+    return (*rewards.names(), *PAIR_JUDGES, *BASELINES, *COMBINATIONS)
+
+
 SUBSET_SOURCES = ("auto", "column", "file")
 
 
@@ -210,7 +218,7 @@ def validate_eval_config(cfg: DictConfig) -> None:
     require(cfg.input.sample_per_file is None or cfg.input.sample_per_file >= 1, "`input.sample_per_file` must be >= 1")
     e = cfg.evaluation
     validate_reward(
-        OmegaConf.merge(cfg.reward, {"methods": list(e.methods)}), allowed=EVAL_METHODS, key="evaluation.methods"
+        OmegaConf.merge(cfg.reward, {"methods": list(e.methods)}), allowed=eval_methods(), key="evaluation.methods"
     )
     require(e.subset_from in SUBSET_SOURCES, f"`evaluation.subset_from` must be one of {SUBSET_SOURCES}")
     for combo, parts in COMBINATIONS.items():

@@ -23,7 +23,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from omegaconf import DictConfig
 
-from flip_ray import schema
+from flip_ray import rewards, schema
 from flip_ray.config_jobs import validate_filter_config, validate_pairs_config
 from flip_ray.runtime import init_ray
 from flip_ray.selection import (
@@ -80,7 +80,7 @@ def check_score_column(file_schema: pa.Schema, column: str) -> None:
     if not (pa.types.is_integer(t) or pa.types.is_floating(t) or pa.types.is_null(t)):
         raise InputError(
             f"columns.score={column} is a {t} column; the score must be an integer or floating-point column, such as "
-            "flip_score, flip_logprob_mean or judge_score"
+            f"{', '.join(dict.fromkeys(rewards.rank_columns().values()))}"
         )
 
 

@@ -30,7 +30,7 @@ import time
 import pyarrow as pa
 from omegaconf import DictConfig, OmegaConf
 
-from flip_ray import __version__
+from flip_ray import __version__, rewards
 from flip_ray.config import ScoreConfig, to_dict
 from flip_ray.config_jobs import BASELINES, COMBINATIONS, PAIR_JUDGES, EvalJobConfig, validate_eval_config
 from flip_ray.evalplot import plot_summary
@@ -39,7 +39,6 @@ from flip_ray.metrics import f1_score
 from flip_ray.pairjudge import judge_outcomes, run_pair_judges
 from flip_ray.preference import Item, load_items, response_id, responses_table
 from flip_ray.runtime import apply_storage_config
-from flip_ray.schema import SCORE_COLUMN, SCORE_METHODS
 from flip_ray.score import run_score
 from flip_ray.shards import InputError
 from flip_ray.store import OutputError, OutputStore, open_scored, parquet_bytes, write_bytes_durably
@@ -68,8 +67,9 @@ def scoring_config(cfg: DictConfig, method: str, store: OutputStore) -> DictConf
     return sc
 
 
-def read_scores(uri: str, column: str) -> dict[str, tuple[float | None, str | None]]:
-    """Response id -> (value of `column`, error) from a finished scoring run's committed rows."""
+def read_scores(uri: str, column: str, higher_is_better: bool = True) -> dict[str, tuple[float | None, str | None]]:
+    """Response id -> (value of `column`, error) from a finished scoring run's committed rows; the
+    value negated for a reward where lower is better, so that higher always wins here."""
     import pyarrow.dataset as pads
 
     scored = open_scored(uri, key="scores of")
@@ -77,7 +77,11 @@ def read_scores(uri: str, column: str) -> dict[str, tuple[float | None, str | No
         return {}
     table = pads.dataset(scored.paths, filesystem=scored.fs, format="parquet").to_table(columns=["id", column, "error"])
     ids, values, errors = (table.column(c).to_pylist() for c in ("id", column, "error"))
-    return {rid: (value, error) for rid, value, error in zip(ids, values, errors, strict=True)}
+    sign = 1 if higher_is_better else -1
+    return {
+        rid: (value if value is None else sign * value, error)
+        for rid, value, error in zip(ids, values, errors, strict=True)
+    }
 
 
 def engine_outcomes(
@@ -103,9 +107,8 @@ def engine_outcomes(
 
 
 def score_column(cfg: DictConfig, method: str) -> str:
-    if method == "flip_logprob" and cfg.reward.logprob_distractors:
-        return "flip_logprob_contrast"
-    return SCORE_COLUMN[method]
+    """The column `method` ranks by under the evaluation's reward settings."""
+    return rewards.get(method).ranked_by(OmegaConf.to_container(cfg.reward, resolve=True))
 
 
 def baseline_scores(item: Item, method: str) -> list[float]:
@@ -118,11 +121,9 @@ def baseline_scores(item: Item, method: str) -> list[float]:
     raise ValueError(f"not a baseline: {method}")
 
 
-def _judge_status(values: dict, method: str) -> dict | None:
-    if method != "judge_pointwise":
-        return None
-    unscored = sum(1 for value, error in values.values() if value is None and error is None)
-    return {"scored": sum(1 for value, _ in values.values() if value is not None), "no_verdict": unscored}
+def _scores_of(cfg: DictConfig, store: OutputStore, method: str) -> dict:
+    """The per-response values of an engine method's finished scoring run, higher better."""
+    return read_scores(store.uri_of(SCORES, method), score_column(cfg, method), rewards.get(method).higher_is_better)
 
 
 def _add_baselines(items: list[Item], outcomes: dict, picks: dict) -> None:
@@ -179,11 +180,9 @@ def resummarize(output_path: str) -> dict:
     items, _ = load_items(cfg.input, cfg.evaluation.subset_from)
     outcomes, picks = {}, {}
     scores = {}
-    for method in [m for m in old if m in SCORE_METHODS]:
-        values = scores[method] = read_scores(store.uri_of(SCORES, method), score_column(cfg, method))
+    for method in [m for m in old if m in rewards.names()]:
+        values = scores[method] = _scores_of(cfg, store, method)
         outcomes[method], picks[method] = engine_outcomes(items, values)
-        if method == "judge_pointwise":
-            old[method]["parse_status"] = _judge_status(values, method)
     for combo, parts in COMBINATIONS.items():
         if combo in old and all(m in scores for m in parts):
             outcomes[combo], picks[combo] = combined_outcomes(items, [scores[m] for m in parts])
@@ -195,7 +194,9 @@ def resummarize(output_path: str) -> dict:
             summary[method] = entry
             continue
         s = _method_summary(cfg, outcomes[method], picks[method], picks, subsets)
-        s.update({k: v for k, v in entry.items() if k in ("rows_per_s", "pipeline_s", "parse_status", "errors")})
+        s.update(
+            {k: v for k, v in entry.items() if k in ("rows_per_s", "pipeline_s", "parse_status", "no_value", "errors")}
+        )
         summary[method] = s
     write_bytes_durably(store.fs, store.path(SUMMARY), json.dumps(summary, indent=2).encode())
     return summary
@@ -276,15 +277,17 @@ def prepare(cfg: DictConfig) -> tuple[OutputStore, list[Item], int]:
 def score_responses(cfg: DictConfig, store: OutputStore, items: list[Item], outcomes: dict, picks: dict) -> dict:
     """One scoring run per engine method; fills `outcomes` and `picks`, returns per-method extras."""
     extra, scores = {}, {}
-    for method in [m for m in cfg.evaluation.methods if m in SCORE_METHODS]:
+    for method in [m for m in cfg.evaluation.methods if m in rewards.names()]:
         manifest = run_score(scoring_config(cfg, method, store), label=method)
-        values = scores[method] = read_scores(store.uri_of(SCORES, method), score_column(cfg, method))
+        values = scores[method] = _scores_of(cfg, store, method)
         outcomes[method], picks[method] = engine_outcomes(items, values)
-        t = manifest["timings"]
+        t, reward = manifest["timings"], manifest["counts"]["rewards"].get(method, {})
         extra[method] = {
             "rows_per_s": t["rows_per_s"],
             "pipeline_s": t["pipeline_s"],
-            "parse_status": manifest["counts"]["parse_status"] if method == "flip" else _judge_status(values, method),
+            # how the reward's answers were read (its status column), and responses it gave no value
+            "parse_status": reward.get("status"),
+            "no_value": sum(1 for value, error in values.values() if value is None and error is None),
             "errors": manifest["counts"]["errors"],
         }
     for combo, parts in COMBINATIONS.items():

@@ -14,9 +14,9 @@ from collections.abc import Callable
 from dataclasses import asdict
 
 import pyarrow as pa
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
-from flip_ray import console, inference, schema
+from flip_ray import console, inference, rewards, schema
 from flip_ray.io import ColumnMapping
 from flip_ray.lock import LockLost
 from flip_ray.model import ModelError
@@ -47,11 +47,8 @@ def engine_stage_args(cfg: DictConfig, engine: EngineSpec) -> dict:
         engine=engine,
         prompt=PromptSpec.from_config(cfg.model, cfg.reward),
         sampling=SamplingSpec.from_config(cfg.sampling),
-        methods=tuple(cfg.reward.methods),
-        logprob_format=cfg.reward.logprob_format,
-        logprob_distractors=cfg.reward.logprob_distractors,
-        lexical_control=cfg.reward.lexical_control,
-        judge_max_tokens=cfg.reward.judge_max_tokens,
+        methods=rewards.resolve(cfg.reward.methods),
+        settings=reward_settings(cfg),
         dedup_cache_size=cfg.dedup.cache_size if cfg.dedup.enabled else 0,
     )
 
@@ -59,13 +56,18 @@ def engine_stage_args(cfg: DictConfig, engine: EngineSpec) -> dict:
 def similarity_stage_args(cfg: DictConfig, output_schema: pa.Schema) -> dict:
     """Constructor arguments of `SimilarityStage`."""
     return dict(
+        methods=rewards.resolve(cfg.reward.methods),
+        settings=reward_settings(cfg),
         aggregate=cfg.sampling.aggregate,
         output_schema=output_schema,
         copy_threshold=cfg.flags.copy_threshold,
         min_response_words=cfg.flags.min_response_words,
-        similarity=cfg.reward.similarity,
-        methods=tuple(cfg.reward.methods),
     )
+
+
+def reward_settings(cfg: DictConfig) -> dict:
+    """The `reward` config section as plain values: what each reward reads its settings from."""
+    return OmegaConf.to_container(cfg.reward, resolve=True)
 
 
 def build_dataset(plan: RunPlan, cfg: DictConfig, engine: EngineSpec):
@@ -116,7 +118,11 @@ def build_dataset(plan: RunPlan, cfg: DictConfig, engine: EngineSpec):
         write_parts,
         batch_size=None,
         batch_format="pyarrow",
-        fn_kwargs=dict(output_uri=plan.store.uri, output_schema=plan.output_schema),
+        fn_kwargs=dict(
+            output_uri=plan.store.uri,
+            output_schema=plan.output_schema,
+            methods=rewards.resolve(cfg.reward.methods),
+        ),
         num_cpus=IO_TASK_CPUS,
         runtime_env=io_env,
     )

@@ -242,7 +242,7 @@ def _input_columns(input_cfg: DictConfig, shards: list[Shard]) -> tuple[ColumnMa
     notes += [
         f"input column {c!r} is written as {schema.output_column_name(c)!r}"
         for c in mapping.keep
-        if c in schema.RESERVED
+        if c in schema.reserved()
     ]
     return mapping, pa.schema([present.field(c) for c in mapping.keep]), notes
 
@@ -342,6 +342,7 @@ def plan_run(cfg: DictConfig, lock: RunLock | None = None) -> RunPlan:
             "judge_prompt_version": JUDGE_PROMPT_VERSION,
             "model.weights_sha256": weights_identity(cfg.model.path),
             "engine": _engine_version(),
+            "output_layout": schema.OUTPUT_LAYOUT,
         },
     )
     input_uri = canonical_uri(cfg.input.path)
@@ -362,7 +363,7 @@ def plan_run(cfg: DictConfig, lock: RunLock | None = None) -> RunPlan:
         shards=shards,
         mapping=mapping,
         kept_schema=kept_schema,
-        output_schema=schema.output_schema(kept_schema),
+        output_schema=schema.output_schema(kept_schema, cfg.reward.methods),
         store=store,
         fingerprint=fingerprint(settings),
         settings=settings,

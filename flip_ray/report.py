@@ -3,11 +3,12 @@ batch, so that it can be copied off a cluster or out of s3:// and opened anywher
 
     flip-ray report outputs/sample_scored      # writes outputs/sample_scored/report/index.html
 
-For every reward the run computed (`flip_score`, `flip_logprob_mean`, `flip_logprob_contrast`,
-`flip_logprob_lexical`, `pmi_forward`, `judge_score`): its distribution, the score against response
+For every reward column the run computed (each reward's `RewardMethod.report_columns`, e.g.
+`flip_score` and `flip_logprob_mean`): its distribution, the score against response
 length with the correlations printed (a length bias shows), the mean per `model` when that column
-exists, and the 5 highest- and 5 lowest-scored rows with the real instruction, the inferred one and
-the start of the response. Then the parse-status, error, per-method error and flag rates. Memory
+exists, and the 5 highest- and 5 lowest-scored rows with the real instruction, a reward's explanation
+(`flip`'s inferred instruction) and the start of the response. Then the status (each reward's status
+column), error, per-method error and flag rates. Memory
 stays constant in the number of rows: counters, a fixed-size reservoir sample per reward, and heaps
 of five examples.
 """
@@ -24,19 +25,12 @@ import random
 import fsspec
 import pyarrow.dataset as pads
 
+from flip_ray import rewards
 from flip_ray.evalstats import ranks
-from flip_ray.schema import FLAG_NAMES, METHOD_ERROR, output_column_name
+from flip_ray.schema import FLAG_NAMES, output_column_name
 from flip_ray.selection import as_messages
 from flip_ray.store import NotAScoredOutput, ScoredOutput, open_scored
 
-REWARDS = {
-    "flip_score": "F1 of the inferred and the real instruction (flip)",
-    "flip_logprob_mean": "mean log-probability of the real instruction (flip_logprob)",
-    "flip_logprob_contrast": "flip_logprob minus generic instructions' (contrast)",
-    "flip_logprob_lexical": "flip_logprob minus its shuffled-words control (flip_logprob_lexical)",
-    "pmi_forward": "log P(response | instruction) minus | a generic instruction (pmi_forward)",
-    "judge_score": "the same model as a 1-10 judge (judge_pointwise)",
-}
 _RESERVOIR = 4000
 _EXAMPLES = 5
 _TEXT = 400  # characters of a text shown in an example
@@ -92,14 +86,18 @@ class RewardStats:
 class ReportStats:
     """Accumulates what the page needs, one batch at a time."""
 
-    def __init__(self, columns: dict[str, str | None], seed: int = 0):
+    def __init__(self, columns: dict[str, str | None], present: list[str], seed: int = 0):
         self.columns = columns  # prompt / response / messages column names in the output, if kept
         self.rows = self.errors = 0
         self.status: dict[str, int] = {}
-        self.method_errors = dict.fromkeys(METHOD_ERROR, 0)
+        ran = [m for m in rewards.every() if m.error_column in present]  # the rewards that ran
+        self.method_errors = {m.name: 0 for m in ran}
+        self.status_columns = {m.name: m.status_column for m in ran if m.status_column in present}
+        self.example_column = next((m.example_column for m in ran if m.example_column in present), None)
         self.flags = dict.fromkeys(FLAG_NAMES, 0)
         rng = random.Random(seed)
-        self.rewards = {name: RewardStats(rng) for name in REWARDS}
+        self.labels = {c: label for m in ran for c, label in m.report_columns().items() if c in present}
+        self.rewards = {name: RewardStats(rng) for name in self.labels}
 
     def _texts(self, batch: dict, i: int) -> tuple[str | None, str | None]:
         c = self.columns
@@ -117,10 +115,11 @@ class ReportStats:
         for i in range(n):
             error = batch["error"][i]
             self.errors += error is not None
-            status = batch["parse_status"][i] or ("error" if error is not None else "none")
-            self.status[status] = self.status.get(status, 0) + 1
-            for method, column in METHOD_ERROR.items():
-                if batch.get(column) and batch[column][i] is not None:
+            for method, column in self.status_columns.items():
+                status = f"{method}: {batch[column][i] or ('error' if error is not None else 'none')}"
+                self.status[status] = self.status.get(status, 0) + 1
+            for method in self.method_errors:
+                if batch[f"{method}_error"][i] is not None:
                     self.method_errors[method] += 1
             for flag in FLAG_NAMES:
                 if batch.get(flag) and batch[flag][i]:
@@ -130,8 +129,8 @@ class ReportStats:
                 if score is None or not math.isfinite(score):
                     continue
                 prompt, response = self._texts(batch, i)
-                inferred = batch["inferred_instruction"][i]
-                example = (_cut(prompt), _cut(inferred), _cut(response))
+                explained = batch[self.example_column][i] if self.example_column else None
+                example = (_cut(prompt), _cut(explained), _cut(response))
                 words = batch["response_words"][i] if batch.get("response_words") else None
                 stats.add(score, words, None if models[i] is None else str(models[i]), str(batch["id"][i]), example)
 
@@ -148,19 +147,20 @@ def collect(scored: ScoredOutput) -> ReportStats:
         "response": output_column_name(inp.get("response_column") or "response"),
         "messages": output_column_name(inp["messages_column"]) if inp.get("messages_column") else None,
     }
+    present = dataset.schema.names
+    stats = ReportStats(columns, present)
     wanted = [
         "id",
         "error",
-        "parse_status",
         "response_words",
-        "inferred_instruction",
         "model",
-        *REWARDS,
+        *(stats.status_columns.values()),
+        *([stats.example_column] if stats.example_column else []),
+        *stats.rewards,
         *FLAG_NAMES,
-        *METHOD_ERROR.values(),
+        *(f"{m}_error" for m in stats.method_errors),
         *(c for c in columns.values() if c),
     ]
-    stats = ReportStats(columns)
     for b in dataset.to_batches(columns=[c for c in dict.fromkeys(wanted) if c in dataset.schema.names]):
         stats.add(b.to_pydict())
     return stats
@@ -209,7 +209,7 @@ def render_plots(stats: ReportStats) -> dict[str, str]:
     )
     colors = ["#55a868"] * len(stats.status) + ["#937860"] * len(stats.method_errors) + ["#c44e52"] * len(stats.flags)
     ax.barh(labels, values, color=colors)
-    ax.set(xlabel="share of rows", title="Parse status, errors and flags")
+    ax.set(xlabel="share of rows", title="Status, errors and flags")
     out["rates.png"] = _png(fig)
     plt.close(fig)
     return out
@@ -221,21 +221,22 @@ def _fmt(x) -> str:
     return f"{x:.4f}" if isinstance(x, float) else str(x)
 
 
-def _examples(r: RewardStats, name: str) -> str:
+def _examples(r: RewardStats, name: str, explained: str | None) -> str:
     rows = []
     for title, heap, sign in (("highest", r.top, 1), ("lowest", r.bottom, -1)):
         for key, rid, (prompt, inferred, response) in sorted(heap, reverse=True):
             cells = [title, f"{sign * key:.4f}", rid, prompt or "(not kept)", inferred or "", response or "(not kept)"]
             rows.append("<tr>" + "".join(f"<td>{html.escape(str(c))}</td>" for c in cells) + "</tr>")
-    head = "".join(f"<th>{h}</th>" for h in ("", name, "id", "real instruction", "inferred instruction", "response"))
+    explanation = (explained or "").replace("_", " ")
+    head = "".join(f"<th>{h}</th>" for h in ("", name, "id", "real instruction", explanation, "response"))
     return f'<table class="ex"><tr>{head}</tr>{"".join(rows)}</table>'
 
 
-def _section(name: str, r: RewardStats, images: dict[str, str]) -> str:
+def _section(name: str, label: str, r: RewardStats, images: dict[str, str], explained: str | None) -> str:
     xs, ys = [w for w, _ in r.sample], [s for _, s in r.sample]
     corr = f"Pearson {_fmt(pearson(xs, ys))}, Spearman {_fmt(spearman(xs, ys))}"
     parts = [
-        f"<h2>{html.escape(name)}</h2><p>{html.escape(REWARDS[name])}: {r.n} rows, mean {r.total / r.n:.4f}. "
+        f"<h2>{html.escape(name)}</h2><p>{html.escape(label)}: {r.n} rows, mean {r.total / r.n:.4f}. "
         f"Correlation with response length (words): {corr}.</p>",
         f'<img alt="{name}" src="data:image/png;base64,{images[name + ".png"]}">',
     ]
@@ -246,7 +247,7 @@ def _section(name: str, r: RewardStats, images: dict[str, str]) -> str:
         )
         parts.append(f"<table><tr><th>model</th><th>rows</th><th>mean {name}</th></tr>{table}</table>")
         parts.append(f'<img alt="{name} per model" src="data:image/png;base64,{images[name + "_per_model.png"]}">')
-    parts.append(f"<h3>Examples: the {_EXAMPLES} highest and lowest</h3>" + _examples(r, name))
+    parts.append(f"<h3>Examples: the {_EXAMPLES} highest and lowest</h3>" + _examples(r, name, explained))
     return "\n".join(parts)
 
 
@@ -269,7 +270,9 @@ def render_html(stats: ReportStats, manifest: dict | None, images: dict[str, str
             ("complete", manifest["complete"]),
         ]
     table = "".join(f"<tr><th>{html.escape(str(k))}</th><td>{html.escape(_fmt(v))}</td></tr>" for k, v in facts)
-    sections = [_section(name, r, images) for name, r in stats.rewards.items() if r.n]
+    sections = [
+        _section(name, stats.labels[name], r, images, stats.example_column) for name, r in stats.rewards.items() if r.n
+    ]
     return f"""<!doctype html>
 <html><head><meta charset="utf-8"><title>flip_ray run report</title>
 <style>body{{font-family:sans-serif;max-width:72em;margin:2em auto;color:#222}}th{{text-align:left;padding-right:1.5em}}
@@ -278,7 +281,7 @@ table.ex tr:nth-child(even){{background:#f4f4f4}}</style></head>
 <body><h1>flip_ray run report</h1>
 <table>{table}</table>
 {"".join(sections) or "<p>No reward was computed for any row.</p>"}
-<h2>Parse status, errors and flags</h2>
+<h2>Status, errors and flags</h2>
 <img alt="rates" src="data:image/png;base64,{images["rates.png"]}">
 </body></html>
 """

@@ -1,24 +1,28 @@
 """The output schema, written down once, and the internal columns that travel between stages.
 
-Output rows are `id`, the kept input columns, then `FLIP_COLUMNS`. Internal columns start with
-`_flip_` and are dropped by the last stage.
+Output rows are `id`, the kept input columns, then `scored_fields(methods)`: the columns of the rewards
+that ran (declared by each reward, `rewards`), the shared engine and row columns, the rewards' error
+columns and `error`. Internal columns start with `_flip_` and are dropped by the last stage.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 
 import pyarrow as pa
 
+from flip_ray import rewards
 from flip_ray.shards import InputError
 
 ID = "id"
+# How scored outputs are laid out; part of the output fingerprint, so that a rerun never mixes parts of
+# two layouts. 2: only the columns of the rewards that ran (1 held every reward's columns).
+OUTPUT_LAYOUT = 2
 
 # Internal columns, set by the reader and the engine stage, removed before writing.
 INSTRUCTION = "_flip_instruction"  # the real instruction (prompt, or the last user turn)
 RESPONSE = "_flip_response"  # the response to read backwards
 CONTEXT = "_flip_context"  # earlier turns as a JSON list of {role, content}, or null
-GENERATIONS = "_flip_generations"  # raw engine answers, one per sample (list<string>)
 SHARD = "_flip_shard"  # id of the shard the row came from (store.shard_id)
 # Each shard ends with one marker row (no data): SHARD_TOTAL = rows read from the shard, and
 # SHARD_ERROR = why it could not be read to the end, if so. Stages pass markers through untouched.
@@ -34,91 +38,81 @@ CONTROL_COLUMNS = pa.schema(
     ]
 )
 
-# Per-row rewards the scoring job computes, in one engine pass, and the column each ranks by.
-SCORE_METHODS = ("flip", "flip_logprob", "flip_logprob_lexical", "pmi_forward", "judge_pointwise")
-SCORE_COLUMN = {
-    "flip": "flip_score",
-    "flip_logprob": "flip_logprob_mean",
-    "flip_logprob_lexical": "flip_logprob_lexical",
-    "pmi_forward": "pmi_forward",
-    "judge_pointwise": "judge_score",
-}
-# Per reward method: why that method could not score a row (its columns are then null). A row's
-# `error` is set only when every requested method failed, or the row could not be read at all.
-METHOD_ERROR = {m: f"{m}_error" for m in SCORE_METHODS}
 # Reward-hacking and weak-spot flags (`flags.compute_flags`), one boolean column each.
 FLAG_NAMES = ("flag_restates_prompt", "flag_too_short", "flag_language_mismatch")
 
-FLIP_COLUMNS = pa.schema(
-    [
-        pa.field("inferred_instruction", pa.string()),
-        pa.field("reasoning", pa.string()),
-        pa.field("flip_score", pa.float64()),
-        pa.field("flip_precision", pa.float64()),
-        pa.field("flip_recall", pa.float64()),
-        pa.field("parse_status", pa.string()),
-        pa.field("flip_logprob_mean", pa.float64()),
-        pa.field("flip_logprob_sum", pa.float64()),
-        pa.field("flip_logprob_tokens", pa.int64()),
-        pa.field("flip_logprob_contrast", pa.float64()),
-        pa.field("flip_logprob_lexical", pa.float64()),
-        pa.field("pmi_forward", pa.float64()),
-        pa.field("judge_score", pa.float64()),
-        pa.field("judge_parse_status", pa.string()),
-        pa.field("finish_reason", pa.string()),
-        pa.field("n_prompt_tokens", pa.int64()),
-        pa.field("n_output_tokens", pa.int64()),
-        pa.field("truncated", pa.bool_()),
-        pa.field("prompt_copy_fraction", pa.float64()),
-        pa.field("response_words", pa.int64()),
-        *(pa.field(name, pa.bool_()) for name in FLAG_NAMES),
-        *(pa.field(name, pa.string()) for name in METHOD_ERROR.values()),
-        pa.field("error", pa.string()),
-    ]
+# Columns every scored output holds whatever rewards ran: what the engine did with the row (set by
+# the rewards that ran, `rewards.RowScore`), then the flags of the row's texts. The rewards' own
+# columns (`rewards`) come before these, their error columns after, `error` last.
+ENGINE_SHARED = (
+    pa.field("finish_reason", pa.string()),
+    pa.field("n_prompt_tokens", pa.int64()),
+    pa.field("n_output_tokens", pa.int64()),
+    pa.field("truncated", pa.bool_()),
 )
-FLIP_COLUMN_NAMES = tuple(FLIP_COLUMNS.names)
-RESERVED = {ID, *FLIP_COLUMN_NAMES}
+ROW_FIELDS = (
+    pa.field("prompt_copy_fraction", pa.float64()),
+    pa.field("response_words", pa.int64()),
+    *(pa.field(name, pa.bool_()) for name in FLAG_NAMES),
+)
+ERROR = pa.field("error", pa.string())  # set when the row could not be read, or every reward failed on it
 
-# Columns the engine stage adds; the similarity stage reads them.
-ENGINE_COLUMNS = pa.schema(
-    [
-        pa.field(GENERATIONS, pa.list_(pa.string())),
-        *(
-            FLIP_COLUMNS.field(name)
-            for name in (
-                "flip_logprob_mean",
-                "flip_logprob_sum",
-                "flip_logprob_tokens",
-                "flip_logprob_contrast",
-                "flip_logprob_lexical",
-                "pmi_forward",
-                "judge_score",
-                "judge_parse_status",
-                "finish_reason",
-                "n_prompt_tokens",
-                "n_output_tokens",
-                "truncated",
-                *METHOD_ERROR.values(),
-                "error",
-            )
-        ),
-    ]
-)
+
+def _methods(methods: Iterable[str] | None) -> tuple[rewards.RewardMethod, ...]:
+    return rewards.every() if methods is None else rewards.resolve(methods)
+
+
+def scored_fields(methods: Iterable[str] | None = None) -> pa.Schema:
+    """The columns a run of `methods` (None: every registered reward) adds to each row: the rewards'
+    own, the shared engine and row columns, the rewards' `<method>_error` columns, then `error`."""
+    ms = _methods(methods)
+    return pa.schema(
+        [f for m in ms for f in m.fields]
+        + [*ENGINE_SHARED, *ROW_FIELDS]
+        + [pa.field(m.error_column, pa.string()) for m in ms]
+        + [ERROR]
+    )
+
+
+def engine_fields(methods: Iterable[str]) -> pa.Schema:
+    """The columns the engine stage adds for a run of `methods`; the similarity stage reads them."""
+    ms = _methods(methods)
+    return pa.schema(
+        [f for m in ms for f in m.engine_columns()]
+        + list(ENGINE_SHARED)
+        + [pa.field(m.error_column, pa.string()) for m in ms]
+        + [ERROR]
+    )
+
+
+def reserved() -> set[str]:
+    """Output names no kept input column may take as they are (whatever rewards run, so that the
+    renaming of input columns never depends on the rewards)."""
+    return {ID, *scored_fields(None).names}
 
 
 # What the writer reports to the driver for each part file it wrote (or each shard marker it saw):
 # sums, and JSON objects of counts, that the driver adds up per shard (done records) and per run.
-PART_SUMS = ("rows", "scored", "errors", "score_sum", "flip_scored", "output_tokens", "truncated", "dedup_saved")
-PART_COUNTS = ("flagged", "parse_status", "error_kinds", "method_errors", "method_scored", "method_error_kinds")
+PART_SUMS = ("rows", "scored", "errors", "output_tokens", "truncated", "dedup_saved")
+PART_COUNTS = (
+    "flagged",
+    "statuses",
+    "error_kinds",
+    "method_errors",
+    "method_scored",
+    "method_error_kinds",
+    "reward_sums",
+    "reward_counts",
+)
 PART_META = pa.schema(
     [
         pa.field("shard_id", pa.string()),
         pa.field("file", pa.string()),
-        # score_sum: of flip_score over the rows that have one (flip_scored)
-        *(pa.field(k, pa.float64() if k == "score_sum" else pa.int64()) for k in PART_SUMS),
-        # flagged: flag -> rows; parse_status: status -> rows; error_kinds: kind -> rows;
-        # method_errors: method -> rows it could not score; method_scored: method -> rows it scored;
-        # method_error_kinds: "<method>: <kind>" -> rows
+        *(pa.field(k, pa.int64()) for k in PART_SUMS),
+        # flagged: flag -> rows; statuses: "<method>: <status>" -> rows (a reward's status column);
+        # error_kinds: kind -> rows; method_errors: method -> rows it could not score; method_scored:
+        # method -> rows it scored; method_error_kinds: "<method>: <kind>" -> rows; reward_sums and
+        # reward_counts: method -> sum and count of the column it ranks by (rows without error)
         *(pa.field(k, pa.string()) for k in PART_COUNTS),
         pa.field("total", pa.int64()),  # marker only
         pa.field("shard_error", pa.string()),  # marker only
@@ -126,9 +120,9 @@ PART_META = pa.schema(
 )
 
 
-def output_column_name(input_name: str) -> str:
-    """Kept input columns whose names clash with output columns get an `input_` prefix."""
-    return f"input_{input_name}" if input_name in RESERVED else input_name
+def output_column_name(input_name: str, reserved_names: set[str] | None = None) -> str:
+    """Kept input columns whose names clash with output columns (`reserved()`) get an `input_` prefix."""
+    return f"input_{input_name}" if input_name in (reserved_names or reserved()) else input_name
 
 
 # Internal columns (above, and the downstream jobs' own) are named with this prefix; they travel
@@ -145,13 +139,14 @@ def check_output_names(kept: Sequence[str]) -> None:
             starts like flip_ray's internal ones (`INTERNAL_PREFIX`).
     """
     by_output: dict[str, str] = {}
+    taken = reserved()
     for name in kept:
         if name.startswith(INTERNAL_PREFIX):
             raise InputError(
                 f"input column {name!r} is named like flip_ray's internal columns ({INTERNAL_PREFIX}...); rename "
                 "it in the input, or list the columns to keep in input.keep_columns without it"
             )
-        out = output_column_name(name)
+        out = output_column_name(name, taken)
         if out in by_output:
             first = by_output[out]
             if first == name:
@@ -164,17 +159,20 @@ def check_output_names(kept: Sequence[str]) -> None:
         by_output[out] = name
 
 
-def output_schema(kept: pa.Schema) -> pa.Schema:
-    """`id`, the kept input columns (renamed on clashes), then the FLIP columns."""
+def output_schema(kept: pa.Schema, methods: Iterable[str]) -> pa.Schema:
+    """`id`, the kept input columns (renamed on clashes), then the columns of a run of `methods`
+    (`scored_fields`)."""
+    taken = reserved()
     fields = [pa.field(ID, pa.string())]
-    fields += [pa.field(output_column_name(f.name), f.type) for f in kept]
-    return pa.schema(fields + list(FLIP_COLUMNS))
+    fields += [pa.field(output_column_name(f.name, taken), f.type) for f in kept]
+    return pa.schema(fields + list(scored_fields(methods)))
 
 
 def normalized_schema(kept: pa.Schema) -> pa.Schema:
     """Rows as the reader emits them: id, kept input columns, internal columns, error, control."""
+    taken = reserved()
     fields = [pa.field(ID, pa.string())]
-    fields += [pa.field(output_column_name(f.name), f.type) for f in kept]
+    fields += [pa.field(output_column_name(f.name, taken), f.type) for f in kept]
     fields += [
         pa.field(INSTRUCTION, pa.string()),
         pa.field(RESPONSE, pa.string()),

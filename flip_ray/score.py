@@ -142,8 +142,6 @@ def write_manifest(
     counts = summarize(done)
     lim = cfg.limits
     check_output(counts, list(cfg.reward.methods), lim.max_error_fraction, lim.min_rows_for_error_check, store.uri)
-    if "flip" not in cfg.reward.methods:
-        counts["mean_flip_score"] = None
     failed = [{"key": tracker.shards[sid].key, "error": err} for sid, err in tracker.failed.items()] if tracker else []
     model_path = cfg.model.path or str(_embedded_model())
     rows, pipeline_s = (tracker.rows if tracker else 0), timings["pipeline_s"]
@@ -166,7 +164,12 @@ def write_manifest(
             "shards": len(plan.shards),
             "id_column": plan.mapping.id,  # None: ids derived from file and row
         },
-        "output": {"path": store.uri, "data": f"{store.uri}/data", "schema": plan.output_schema.names},
+        "output": {
+            "path": store.uri,
+            "data": f"{store.uri}/data",
+            "schema": plan.output_schema.names,
+            "types": {f.name: str(f.type) for f in plan.output_schema},
+        },
         "shards": {
             "total": len(plan.shards),
             "done": len(done),

@@ -3,7 +3,8 @@
 Built once from the config (`*.from_config`) and passed whole to every stage that builds an engine
 (the scoring stage, the per-pair judges) and to the in-process scorer, so that an engine argument or
 a prompt choice lives in one place. Adding an engine argument: a field here and in
-`config.ModelConfig` (same name and default; `from_config` copies it), plus the fingerprint list
+`config.ModelConfig` (same name and default, checked by tests/test_defaults.py; `from_config` copies
+it), plus the fingerprint list
 in `store.py` if it cannot change a score. Importing this module loads no vLLM; `EngineSpec.build` does.
 """
 
@@ -14,7 +15,7 @@ from dataclasses import dataclass, field, fields
 
 from omegaconf import DictConfig, OmegaConf
 
-from flip_ray.config import ModelConfig, RewardConfig, SamplingConfig
+from flip_ray.prompts import DEFAULT_PROMPT_VARIANT
 
 _VLLM_ONLY = ("max_model_len",)  # passed to vLLM only when set
 
@@ -28,22 +29,23 @@ class EngineSpec:
     the device.
     """
 
-    # Defaults are `config.ModelConfig`'s (one home); those resolved from the device are CPU's.
+    # Defaults equal `config.ModelConfig`'s (tests/test_defaults.py checks it; this module is below
+    # `config`, which the rewards' validation needs); those resolved from the device are CPU's.
     model: str | None
     device: str = "cpu"  # cpu | gpu
-    dtype: str = ModelConfig.dtype
-    max_model_len: int | None = ModelConfig.max_model_len
-    tensor_parallel_size: int = ModelConfig.tensor_parallel_size
-    gpu_memory_utilization: float = ModelConfig.gpu_memory_utilization
-    enable_prefix_caching: bool = ModelConfig.enable_prefix_caching
+    dtype: str = "auto"
+    max_model_len: int | None = 4096
+    tensor_parallel_size: int = 1
+    gpu_memory_utilization: float = 0.9
+    enable_prefix_caching: bool = True
     enforce_eager: bool = True
-    trust_remote_code: bool = ModelConfig.trust_remote_code
-    load_format: str = ModelConfig.load_format
-    seed: int = SamplingConfig.seed
+    trust_remote_code: bool = False
+    load_format: str = "auto"
+    seed: int = 0
     # The vLLM engine in its own process (vLLM's default on GPU) or inside the actor's (CPU default).
     multiprocessing: bool = False
-    cpu_threads: int | None = ModelConfig.cpu_threads
-    cpu_kvcache_space_gib: int = ModelConfig.cpu_kvcache_space_gib
+    cpu_threads: int | None = None
+    cpu_kvcache_space_gib: int = 1
 
     # Fields that are not `vllm.LLM` arguments: they set the device and the process environment.
     _PROCESS = ("device", "multiprocessing", "cpu_threads", "cpu_kvcache_space_gib")
@@ -98,10 +100,10 @@ class PromptSpec:
     """The FLIP prompt: variant (`prompts.PROMPT_VARIANTS`), worked examples, chat-template
     arguments (e.g. `{"enable_thinking": False}` for Qwen3), and JSON-constrained decoding."""
 
-    variant: str = RewardConfig.prompt
-    few_shot: int = RewardConfig.few_shot
+    variant: str = DEFAULT_PROMPT_VARIANT
+    few_shot: int = 0
     chat_template_kwargs: dict = field(default_factory=dict)
-    guided_json: bool = RewardConfig.guided_json
+    guided_json: bool = False
 
     @classmethod
     def from_config(cls, model_cfg: DictConfig, reward_cfg: DictConfig) -> PromptSpec:
@@ -114,13 +116,13 @@ class SamplingSpec:
     """Decoding of `flip` (greedy by default; `n` samples need temperature > 0). Defaults are
     `config.SamplingConfig`'s."""
 
-    temperature: float = SamplingConfig.temperature
-    top_p: float = SamplingConfig.top_p
-    max_tokens: int = SamplingConfig.max_tokens
-    seed: int = SamplingConfig.seed
-    n: int = SamplingConfig.n
+    temperature: float = 0.0
+    top_p: float = 1.0
+    max_tokens: int = 256
+    seed: int = 0
+    n: int = 1
     # Generate exactly max_tokens tokens (throughput benchmarks; never for real scoring).
-    ignore_eos: bool = SamplingConfig.ignore_eos
+    ignore_eos: bool = False
 
     @classmethod
     def from_config(cls, sampling_cfg: DictConfig) -> SamplingSpec:

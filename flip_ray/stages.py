@@ -5,12 +5,13 @@
     writes: `schema.normalized_schema`: `id`, kept input columns, `_flip_instruction`,
     `_flip_response`, `_flip_context`, `error`, and the control columns `_flip_shard`,
     `_flip_shard_total`, `_flip_shard_error` (set on the one end-of-shard marker row)
-`BackwardInferenceStage` (engine actors, GPU or CPU)
-    reads: `_flip_response`, `_flip_context`, `error`
-    writes: `_flip_generations`, `finish_reason`, `n_prompt_tokens`, `n_output_tokens`, `truncated`,
-    `error`
+`BackwardInferenceStage` (engine actors, GPU or CPU; `inference.py`)
+    reads: `_flip_instruction`, `_flip_response`, `_flip_context`, `error`
+    writes: `schema.engine_fields(methods)`: each reward's engine columns (e.g. `flip`'s raw
+    `_flip_generations`), `finish_reason`, `n_prompt_tokens`, `n_output_tokens`, `truncated`, the
+    `<method>_error` columns and `error`
 `SimilarityStage` (CPU actors)
-    reads: `_flip_instruction`, `_flip_generations` and the columns above
+    reads: `_flip_instruction`, `_flip_response` and the columns above
     writes: the output schema (`schema.output_schema`) plus the control columns
 `write_parts` (tasks)
     reads: the similarity stage's output
@@ -32,12 +33,10 @@ from collections.abc import Iterator, Sequence
 import fsspec
 import pyarrow as pa
 
-from flip_ray import schema
+from flip_ray import rewards, schema
 from flip_ray.flags import Flags, compute_flags
 from flip_ray.io import ColumnMapping, read_shard
-from flip_ray.scoring import score_batch
 from flip_ray.shards import InputError, Shard
-from flip_ray.similarity import EmbeddingSimilarity
 from flip_ray.store import DATA, parquet_bytes, shard_id, write_bytes_durably
 
 logger = logging.getLogger(__name__)
@@ -156,29 +155,6 @@ def flag_columns(
     return cols
 
 
-FLIP_SCORE_COLUMNS = (
-    "inferred_instruction",
-    "reasoning",
-    "flip_score",
-    "flip_precision",
-    "flip_recall",
-    "parse_status",
-)
-
-
-def flip_columns(
-    instructions: list[str | None], generations: list[list[str] | None], rows: list[int], score
-) -> dict[str, list]:
-    """The `flip` reward columns of `rows` from their answers; `score(instructions, generations)`
-    gives one `scoring.FlipScore` per row."""
-    cols: dict[str, list] = {name: [None] * len(instructions) for name in FLIP_SCORE_COLUMNS}
-    scores = score([instructions[i] for i in rows], [generations[i] for i in rows])
-    for i, s in zip(rows, scores, strict=True):
-        for name, value in zip(FLIP_SCORE_COLUMNS, s, strict=True):
-            cols[name][i] = value
-    return cols
-
-
 def output_table(batch: pa.Table, computed: dict[str, list], output_schema: pa.Schema) -> pa.Table:
     """The batch in the declared output schema (plus the control columns): `computed` columns
     first, then the batch's own, null for the rest."""
@@ -197,34 +173,30 @@ def output_table(batch: pa.Table, computed: dict[str, list], output_schema: pa.S
 
 
 class SimilarityStage:
-    """CPU actor: parses each answer, computes word-level F1 against the real instruction, and
-    shapes the batch into the declared output schema.
+    """CPU actor: computes the row flags, runs the CPU part of each reward that has one (`flip`: parse
+    each answer and compare it with the real instruction), and shapes the batch into the declared
+    output schema.
 
     Args:
-        aggregate: How F1 over n samples is combined (`mean` or `max`).
+        methods: The rewards that ran (`rewards.RewardMethod`), in the registry's order.
+        settings: The `reward` config section as plain values.
+        aggregate: How the scores of n samples are combined (`mean` or `max`).
         output_schema: The schema every output block is cast to.
         copy_threshold, min_response_words: Thresholds of the reward-hacking flags (`flags.py`).
-        similarity: The `flip_score` metric (`similarity.METRICS`).
-        methods: The rewards the engine stage computed; without `flip` there is nothing to compare.
     """
 
     def __init__(
         self,
         *,
+        methods: Sequence[rewards.RewardMethod],
+        settings: dict,
         aggregate: str,
         output_schema: pa.Schema,
         copy_threshold: float = 0.6,
         min_response_words: int = 3,
-        similarity: str = "f1",
-        methods: tuple[str, ...] = ("flip",),
     ):
-        self.embedder = None
-        if similarity == "embedding" and "flip" in methods:
-            self.embedder = EmbeddingSimilarity()
-        self.similarity = similarity
-        self.methods = tuple(methods)
-        self.compare = "flip" in methods
-        self.aggregate = aggregate
+        setup = rewards.FinishSetup(settings=settings, aggregate=aggregate)
+        self.finishers = [(m, m.finish(setup)) for m in methods if m.finish is not None]
         self.output_schema = output_schema
         self.copy_threshold = copy_threshold
         self.min_response_words = min_response_words
@@ -233,23 +205,18 @@ class SimilarityStage:
         require_columns(
             "SimilarityStage",
             batch,
-            [schema.INSTRUCTION, schema.RESPONSE, schema.GENERATIONS, "error", schema.SHARD_TOTAL],
+            [schema.INSTRUCTION, schema.RESPONSE, "error", schema.SHARD_TOTAL]
+            + [f.name for m, _ in self.finishers for f in m.engine_columns()],
         )
         instructions = batch.column(schema.INSTRUCTION).to_pylist()
         responses = batch.column(schema.RESPONSE).to_pylist()
         computed = flag_columns(
             instructions, responses, copy_threshold=self.copy_threshold, min_response_words=self.min_response_words
         )
-        if self.compare:
-            generations = batch.column(schema.GENERATIONS).to_pylist()
-            flip_errors = batch.column(schema.METHOD_ERROR["flip"]).to_pylist()
-            rows = [i for i in work_rows(batch) if flip_errors[i] is None]
-            computed |= flip_columns(
-                instructions,
-                generations,
-                rows,
-                lambda q, g: score_batch(q, g, self.aggregate, self.similarity, self.embedder),
-            )
+        todo = work_rows(batch)
+        for method, finish in self.finishers:
+            failed = batch.column(method.error_column).to_pylist() if method.engine is not None else [None] * len(batch)
+            computed |= finish(batch, instructions, responses, [i for i in todo if failed[i] is None])
         return output_table(batch, computed, self.output_schema)
 
 
@@ -276,44 +243,62 @@ def _counts(values: list) -> str:
     return json.dumps(out, sort_keys=True)
 
 
-def part_stats(table: pa.Table) -> dict:
-    """Counts of one part file, summed by the driver into done records and the manifest."""
-    d = table.select(["error", "flip_score", "n_output_tokens", "truncated", "parse_status"]).to_pydict()
+def part_stats(table: pa.Table, methods: Sequence[rewards.RewardMethod] | None = None) -> dict:
+    """Counts of one part file, summed by the driver into done records and the manifest. Per reward
+    that ran (`methods`; None: the registered ones whose error column the table has): rows it scored,
+    its errors, the sum and count of the column it ranks by, and its status column's values."""
+    errors = table.column("error").to_pylist()
+    d = table.select(["n_output_tokens", "truncated"]).to_pydict()
     flagged = {f: sum(bool(v) for v in table.column(f).to_pylist()) for f in schema.FLAG_NAMES}
-    scores = [s for s, e in zip(d["flip_score"], d["error"], strict=True) if s is not None and e is None]
-    method_errors = {m: table.column(col).to_pylist() for m, col in schema.METHOD_ERROR.items()}
+    ran = [m for m in (rewards.every() if methods is None else methods) if m.error_column in table.column_names]
+    method_errors = {m.name: table.column(m.error_column).to_pylist() for m in ran}
+    sums, counts, statuses = {}, {}, []
+    for m in ran:
+        if (column := m.ranked_by()) in table.column_names:
+            values = [
+                v for v, e in zip(table.column(column).to_pylist(), errors, strict=True) if v is not None and e is None
+            ]
+            sums[m.name], counts[m.name] = float(sum(values)), len(values)
+        if m.status_column in table.column_names:
+            statuses += [f"{m.name}: {v}" for v in table.column(m.status_column).to_pylist() if v is not None]
     return {
         "rows": table.num_rows,
-        "scored": sum(e is None for e in d["error"]),
-        "errors": sum(e is not None for e in d["error"]),
-        "score_sum": float(sum(scores)),
-        "flip_scored": len(scores),
+        "scored": sum(e is None for e in errors),
+        "errors": sum(e is not None for e in errors),
         "output_tokens": sum(t or 0 for t in d["n_output_tokens"]),
         "truncated": sum(bool(t) for t in d["truncated"]),
         "flagged": json.dumps(flagged, sort_keys=True),
-        "parse_status": _counts(d["parse_status"]),
-        "error_kinds": _counts([error_kind(e) if e is not None else None for e in d["error"]]),
+        "statuses": _counts(statuses),
+        "error_kinds": _counts([error_kind(e) if e is not None else None for e in errors]),
         "method_errors": json.dumps(
-            {m: n for m, col in schema.METHOD_ERROR.items() if (n := len(table) - table.column(col).null_count)},
-            sort_keys=True,
+            {m: n for m, errs in method_errors.items() if (n := sum(e is not None for e in errs))}, sort_keys=True
         ),
         # A method scored a row when neither the row nor the method has an error there.
         "method_scored": json.dumps(
             {
-                m: sum(e is None and me is None for e, me in zip(d["error"], method_errors[m], strict=True))
-                for m in schema.METHOD_ERROR
+                m: sum(e is None and me is None for e, me in zip(errors, errs, strict=True))
+                for m, errs in method_errors.items()
             },
             sort_keys=True,
         ),
         "method_error_kinds": _counts(
             [f"{m}: {error_kind(me)}" for m, errs in method_errors.items() for me in errs if me is not None]
         ),
+        "reward_sums": json.dumps(sums, sort_keys=True),
+        "reward_counts": json.dumps(counts, sort_keys=True),
     }
 
 
-def write_parts(batch: pa.Table, *, output_uri: str, output_schema: pa.Schema) -> pa.Table:
+def write_parts(
+    batch: pa.Table,
+    *,
+    output_uri: str,
+    output_schema: pa.Schema,
+    methods: Sequence[rewards.RewardMethod] | None = None,
+) -> pa.Table:
     """Ray Data map_batches function: writes the batch's rows as one part file per shard and
-    returns what it wrote (`schema.PART_META`). The driver turns these into done records."""
+    returns what it wrote (`schema.PART_META`), counted per reward of `methods` (`part_stats`). The
+    driver turns these into done records."""
     require_columns("write_parts", batch, list(schema.CONTROL_COLUMNS.names))
     fs, root = fsspec.core.url_to_fs(output_uri)
     sids = batch.column(schema.SHARD).to_pylist()
@@ -331,5 +316,5 @@ def write_parts(batch: pa.Table, *, output_uri: str, output_schema: pa.Schema) -
         name = f"part-{uuid.uuid4().hex}.parquet"
         write_bytes_durably(fs, f"{root.rstrip('/')}/{DATA}/{sid}/{name}", parquet_bytes(part))
         saved = sum(bool(batch.column(schema.DEDUP)[i].as_py()) for i in idx)
-        meta.append({"shard_id": sid, "file": name, "dedup_saved": saved, **part_stats(part)})
+        meta.append({"shard_id": sid, "file": name, "dedup_saved": saved, **part_stats(part, methods)})
     return pa.Table.from_pylist(meta, schema=schema.PART_META)

@@ -12,6 +12,7 @@ from collections.abc import Callable
 
 import pyarrow as pa
 
+from flip_ray import rewards
 from flip_ray.schema import PART_COUNTS, PART_SUMS
 from flip_ray.shards import Shard
 from flip_ray.store import OutputStore, shard_id
@@ -177,7 +178,6 @@ def summarize(done: dict[str, dict]) -> dict:
             totals[k] += record.get(k, 0)
         for k in _COUNTED:
             _merge_counts(counted[k], record.get(k))
-    score_sum, flip_scored = totals.pop("score_sum"), totals.pop("flip_scored")
     return {
         **totals,
         "error_kinds": dict(sorted(counted["error_kinds"].items(), key=lambda kv: -kv[1])),
@@ -187,7 +187,23 @@ def summarize(done: dict[str, dict]) -> dict:
         if all("method_scored" in r for r in done.values())
         else None,
         "method_error_kinds": dict(sorted(counted["method_error_kinds"].items(), key=lambda kv: -kv[1])),
-        "parse_status": dict(sorted(counted["parse_status"].items())),
         "flagged": dict(sorted(counted["flagged"].items())),
-        "mean_flip_score": score_sum / flip_scored if flip_scored else None,
+        "rewards": reward_summary(counted["reward_sums"], counted["reward_counts"], counted["statuses"]),
     }
+
+
+def reward_summary(sums: dict, counts: dict, statuses: dict) -> dict:
+    """Per reward that ran: rows with a value of the column it ranks by, their mean, and (for a reward
+    with a status column) how its answers were read."""
+    out: dict[str, dict] = {}
+    for method in rewards.names():
+        if method not in counts:
+            continue
+        n = counts[method]
+        entry = {"column": rewards.get(method).ranked_by(), "scored": n, "mean": sums[method] / n if n else None}
+        prefix = f"{method}: "
+        status = {k[len(prefix) :]: v for k, v in statuses.items() if k.startswith(prefix)}
+        if rewards.get(method).status_column is not None:
+            entry["status"] = dict(sorted(status.items()))
+        out[method] = entry
+    return out

@@ -132,3 +132,27 @@ def test_filter_and_pairs_configs_refuse_bad_values():
 def test_keep_columns_each_named_once_pass():
     cfg = load_config(None, ["input.path=x", "output.path=y", "input.keep_columns=[prompt,model,error]"])
     validate_score_config(cfg)
+
+
+def test_spec_defaults_are_the_config_defaults():
+    """`specs` sits below `config` (the rewards' validation needs it there), so its defaults are
+    written twice: they must agree, field by field (the fields resolved from the device aside)."""
+    from dataclasses import MISSING, fields
+
+    from flip_ray.config import ModelConfig, RewardConfig, SamplingConfig
+    from flip_ray.specs import EngineSpec, PromptSpec, SamplingSpec
+
+    def defaults(cls):
+        return {f.name: f.default for f in fields(cls) if f.default is not MISSING}
+
+    model, engine = defaults(ModelConfig), defaults(EngineSpec)
+    shared = sorted((set(model) & set(engine)) - {"enforce_eager", "device"})
+    assert len(shared) >= 8 and {k: engine[k] for k in shared} == {k: model[k] for k in shared}
+    assert defaults(SamplingSpec) == {k: v for k, v in defaults(SamplingConfig).items() if k in defaults(SamplingSpec)}
+    assert len(defaults(SamplingSpec)) == 6 and EngineSpec.seed == SamplingConfig.seed
+    reward = defaults(RewardConfig)
+    assert (PromptSpec.variant, PromptSpec.few_shot, PromptSpec.guided_json) == (
+        reward["prompt"],
+        reward["few_shot"],
+        reward["guided_json"],
+    )

@@ -5,10 +5,9 @@ import sys
 from pathlib import Path
 
 # Every module of the package: vLLM, torch and transformers are imported inside functions only.
-CPU_MODULES = ["flip_ray"] + sorted(
-    f"flip_ray.{p.stem}"
-    for p in (Path(__file__).resolve().parents[1] / "flip_ray").glob("*.py")
-    if p.stem != "__init__"
+CPU_MODULES = sorted(
+    ".".join(p.relative_to(Path(__file__).resolve().parents[1]).with_suffix("").parts).removesuffix(".__init__")
+    for p in (Path(__file__).resolve().parents[1] / "flip_ray").rglob("*.py")
 )
 
 
@@ -23,24 +22,58 @@ def test_cpu_modules_import_no_heavy_frameworks():
     assert out.stdout.strip() == "", f"imported at module level: {out.stdout.strip()}"
 
 
-def test_no_import_cycle_and_no_builder_from_the_scoring_run():
-    """Imports between flip_ray modules (lazy ones inside functions included) form no cycle, and no
-    module takes a builder from the scoring run (`score`): builders live in `runtime` and `specs`."""
+ROOT = Path(__file__).resolve().parents[1] / "flip_ray"
+
+
+def module_name(path: Path) -> str:
+    rel = path.relative_to(ROOT.parent).with_suffix("")
+    parts = rel.parts[:-1] if rel.name == "__init__" else rel.parts
+    return ".".join(parts)
+
+
+def import_graph() -> tuple[dict[str, set[str]], set[str]]:
+    """Module -> the flip_ray modules it imports, every form counted (`import flip_ray.x`, `from
+    flip_ray.x import y`, `from flip_ray import x`, `from flip_ray.pkg import sub`, relative imports),
+    at module level or inside functions; and the names taken from the scoring run (`score`)."""
     import ast
 
-    root = Path(__file__).resolve().parents[1] / "flip_ray"
-    modules = {p.stem for p in root.glob("*.py")}
+    modules = {module_name(p) for p in ROOT.rglob("*.py")}
     graph, from_score = {}, set()
-    for path in root.glob("*.py"):
+    for path in ROOT.rglob("*.py"):
+        me = module_name(path)
+        package = me if path.name == "__init__.py" else me.rpartition(".")[0]
         deps = set()
         for node in ast.walk(ast.parse(path.read_text())):
-            if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("flip_ray."):
-                deps.add(node.module.split(".")[1])
-                if node.module == "flip_ray.score":
+            if isinstance(node, ast.ImportFrom):
+                base = node.module or ""
+                if node.level:  # relative: from the package, up level - 1
+                    anchor = package.split(".")[: len(package.split(".")) - (node.level - 1)]
+                    base = ".".join([*anchor, *([base] if base else [])])
+                if not base.startswith("flip_ray"):
+                    continue
+                for alias in node.names:  # `from pkg import sub` imports the submodule
+                    deps.add(f"{base}.{alias.name}" if f"{base}.{alias.name}" in modules else base)
+                if base == "flip_ray.score":
                     from_score |= {a.name for a in node.names}
             elif isinstance(node, ast.Import):
-                deps |= {a.name.split(".")[1] for a in node.names if a.name.startswith("flip_ray.")}
-        graph[path.stem] = deps & modules
+                deps |= {a.name for a in node.names if a.name.startswith("flip_ray")}
+        graph[me] = {d for d in deps if d in modules and d != me}
+    return graph, from_score
+
+
+def test_the_import_graph_sees_every_form():
+    graph, _ = import_graph()
+    assert "flip_ray.rewards" in graph["flip_ray.schema"]  # `from flip_ray import rewards`
+    assert "flip_ray.rewards.flip" in graph["flip_ray.rewards.registry"]  # `from flip_ray.rewards.flip import X`
+    assert "flip_ray.engine" in graph["flip_ray.rewards.flip"]  # inside a function
+
+
+def test_no_import_cycle_and_no_builder_from_the_scoring_run():
+    """Imports between flip_ray modules (lazy ones inside functions included) form no cycle, and no
+    module takes a builder from the scoring run (`score`): builders live in `runtime` and `specs`.
+    A submodule's import of its own package's other submodules is an edge to those only (Python
+    runs the package's `__init__` first, which is not a dependency of the submodule)."""
+    graph, from_score = import_graph()
     state: dict[str, int] = {}
 
     def visit(node, trail):

@@ -5,12 +5,35 @@ a read of the code (dedup off, `max` with another metric, weights hashed on ever
 import pyarrow as pa
 import pytest
 
-from flip_ray import schema
+from flip_ray import rewards, schema
 from flip_ray.engine import Generation
-from flip_ray.inference import AnswerCache, deduplicated, merge_results
+from flip_ray.inference import merge_results
 from flip_ray.likelihood import Likelihood
-from flip_ray.scoring import score_generations
-from flip_ray.stages import flag_columns, flip_columns, output_table, row_error
+from flip_ray.rewards import flip as flip_reward
+from flip_ray.rewards import flip_logprob, judge_pointwise
+from flip_ray.rewards.flip import GENERATIONS, AnswerCache, deduplicated
+from flip_ray.stages import flag_columns, output_table, row_error
+
+
+def merge(n, todo, names, errors, results):
+    """merge_results on the rewards named, from their engine results turned into `RowScore`s the way
+    each reward's engine part does."""
+    to_row = {
+        "flip": lambda g, reused: flip_reward.row_score(g, reused),
+        "flip_logprob": lambda lk, _: flip_logprob.row_score(lk),
+        "flip_logprob_lexical": lambda lk, _: rewards.RowScore(
+            {"flip_logprob_lexical": lk.contrast}, lk.error, lk.truncated, lk.n_prompt_tokens, raw=lk
+        ),
+        "pmi_forward": lambda lk, _: rewards.RowScore(
+            {"pmi_forward": lk.contrast}, lk.error, lk.truncated, lk.n_prompt_tokens, raw=lk
+        ),
+        "judge_pointwise": lambda g, _: judge_pointwise.row_score(g),
+    }
+    scored = {}
+    for name, (answers, *reused) in results.items():
+        flags = reused[0] if reused else [False] * len(answers)
+        scored[name] = [to_row[name](a, r) for a, r in zip(answers, flags, strict=True)]
+    return merge_results(n, todo, rewards.resolve(names), errors, scored)
 
 
 def fake_generate(calls):
@@ -25,7 +48,7 @@ def test_dedup_off_sends_every_row_and_marks_none_reused():
     calls = []
     answers, reused = deduplicated(["a", "a", "b"], AnswerCache(0), fake_generate(calls))
     assert calls == [[0, 1, 2]] and reused == [False, False, False]
-    cols = merge_results(3, [0, 1, 2], ("flip",), [None] * 3, {"flip": answers}, reused)
+    cols = merge(3, [0, 1, 2], ("flip",), [None] * 3, {"flip": (answers, reused)})
     assert cols["n_output_tokens"] == [5, 5, 5]  # each row's own generation
 
 
@@ -35,7 +58,7 @@ def test_dedup_on_reuses_within_the_batch_and_across_batches():
     assert calls == [[0, 2]] and reused == [False, True, False] and answers[1] is answers[0]
     answers, reused = deduplicated(["b", "c"], cache, fake_generate(calls))
     assert calls[-1] == [1] and reused == [True, False]
-    cols = merge_results(2, [0, 1], ("flip",), [None, None], {"flip": answers}, reused)
+    cols = merge(2, [0, 1], ("flip",), [None, None], {"flip": (answers, reused)})
     assert cols["n_output_tokens"] == [0, 5] and cols[schema.DEDUP] == [True, False]
 
 
@@ -48,12 +71,16 @@ def test_a_failed_answer_is_not_cached():
 def test_one_method_failing_keeps_the_others():
     flip = [Generation(texts=['{"INFERRED INSTRUCTION": "x"}'], n_prompt_tokens=10), Generation([], error="bad")]
     logprob = [Likelihood(error="too long"), Likelihood(error="too long")]
-    cols = merge_results(
-        3, [0, 2], ("flip", "flip_logprob"), [None, "response is empty", None], {"flip": flip, "flip_logprob": logprob}
+    cols = merge(
+        3,
+        [0, 2],
+        ("flip", "flip_logprob"),
+        [None, "response is empty", None],
+        {"flip": (flip,), "flip_logprob": (logprob,)},
     )
     assert cols["flip_error"] == [None, None, "bad"] and cols["flip_logprob_error"] == ["too long", None, "too long"]
     assert cols["error"] == [None, "response is empty", "flip: bad; flip_logprob: too long"]
-    assert cols[schema.GENERATIONS][0] and cols["flip_logprob_mean"][0] is None
+    assert cols[GENERATIONS][0] and cols["flip_logprob_mean"][0] is None
     assert row_error(("flip",), {"flip": "x"}) == "x" and row_error(("flip", "flip_logprob"), {"flip": "x"}) is None
 
 
@@ -63,13 +90,13 @@ def test_likelihood_variants_write_their_reward_and_their_own_errors():
     lexical = [Likelihood(logprob_mean=-2.0, contrast=0.5, n_prompt_tokens=40), Likelihood(error="lexical control: x")]
     forward = [Likelihood(logprob_mean=-1, contrast=-0.25, truncated=True), Likelihood(logprob_mean=-1, contrast=0.1)]
     methods = ("flip_logprob_lexical", "pmi_forward")
-    cols = merge_results(2, [0, 1], methods, [None, None], {"flip_logprob_lexical": lexical, "pmi_forward": forward})
+    cols = merge(2, [0, 1], methods, [None, None], {"flip_logprob_lexical": (lexical,), "pmi_forward": (forward,)})
     assert cols["flip_logprob_lexical"] == [0.5, None] and cols["pmi_forward"] == [-0.25, 0.1]
     assert cols["flip_logprob_lexical_error"] == [None, "lexical control: x"]
     assert cols["pmi_forward_error"] == [None, None]
     assert cols["error"] == [None, None] and cols["truncated"] == [True, False] and cols["n_prompt_tokens"][0] == 40
-    assert cols["flip_logprob_mean"] == [None, None]  # flip_logprob's own column only when it was asked for
-    assert {schema.SCORE_COLUMN[m] for m in methods} <= set(schema.FLIP_COLUMN_NAMES)
+    assert "flip_logprob_mean" not in cols  # flip_logprob's own column only when it was asked for
+    assert {rewards.get(m).ranked_by() for m in methods} <= set(schema.scored_fields(methods).names)
 
 
 def test_lexical_controls_keep_the_shared_words_and_are_seeded():
@@ -93,7 +120,7 @@ def test_lexical_controls_keep_the_shared_words_and_are_seeded():
 
 
 def test_an_empty_answer_is_a_flip_error():
-    cols = merge_results(1, [0], ("flip",), [None], {"flip": [Generation(texts=[])]})
+    cols = merge(1, [0], ("flip",), [None], {"flip": ([Generation(texts=[])],)})
     assert cols["flip_error"] == ["engine returned no output"] and cols["error"] == ["engine returned no output"]
 
 
@@ -123,22 +150,19 @@ def test_max_with_another_metric_reports_the_sample_it_scores(monkeypatch):
 def test_similarity_stage_columns_without_ray():
     flags = flag_columns(["Say hi.", None], ["Hi there, friend!", "x"], copy_threshold=0.6, min_response_words=3)
     assert flags["response_words"] == [3, None] and flags["flag_too_short"] == [False, None]
-    flip = flip_columns(
-        ["Say hi.", "Say bye."],
-        [['{"INFERRED INSTRUCTION": "Say hi."}'], None],
-        [0],
-        lambda q, g: [score_generations(q[0], g[0])],
-    )
-    assert flip["flip_score"] == [1.0, None] and flip["parse_status"] == ["json", None]
     kept = pa.schema([("prompt", pa.string())])
     batch = pa.table(
         {
             "prompt": ["Say hi.", "Say bye."],
+            GENERATIONS: [['{"INFERRED INSTRUCTION": "Say hi."}'], None],
             "error": [None, "response is empty"],
             **{f.name: pa.nulls(2, f.type) for f in schema.CONTROL_COLUMNS},
         }
     )
-    out = output_table(batch, {**flags, **flip}, schema.output_schema(kept))
+    finish = rewards.get("flip").finish(rewards.FinishSetup(settings={"similarity": "f1"}))
+    flip = finish(batch, ["Say hi.", "Say bye."], ["Hi there, friend!", "x"], [0])
+    assert flip["flip_score"] == [1.0, None] and flip["parse_status"] == ["json", None]
+    out = output_table(batch, {**flags, **flip}, schema.output_schema(kept, ["flip"]))
     assert out.schema.names[:2] == ["id", "prompt"] and out.column("error").to_pylist() == [None, "response is empty"]
     assert out.column("flip_score").to_pylist() == [1.0, None]
 

@@ -288,6 +288,6 @@ def test_kept_columns_that_would_share_an_output_column_are_refused(tmp_path):
     schema.check_output_names(["prompt", "error", "id", "model"])  # renamed apart: input_error, input_id
     with pytest.raises(InputError, match="'prompt' is kept twice"):
         schema.check_output_names(["prompt", "model", "prompt"])
-    for internal in (schema.RESPONSE, schema.SHARD_TOTAL, schema.GENERATIONS):
+    for internal in (schema.RESPONSE, schema.SHARD_TOTAL, "_flip_generations"):
         with pytest.raises(InputError, match=f"'{internal}' is named like flip_ray's internal columns"):
             schema.check_output_names(["prompt", internal])

@@ -90,10 +90,36 @@ def test_output_schema_is_the_declared_one(runs):
             continue
         table = read_output(out)
         assert table.schema.names[0] == "id", name
-        assert table.schema.names[-len(schema.FLIP_COLUMNS) :] == schema.FLIP_COLUMNS.names, name
-        for f in schema.FLIP_COLUMNS:
+        # The columns of the rewards that ran (the default pair), declared in the manifest.
+        declared = schema.scored_fields(["flip", "flip_logprob"])
+        assert table.schema.names[-len(declared) :] == declared.names, name
+        for f in declared:
             assert table.schema.field(f.name).type == f.type, (name, f.name)
         assert not [c for c in table.schema.names if c.startswith("_flip_")]
+        assert "judge_score" not in table.schema.names and "pmi_forward_error" not in table.schema.names
+        manifest = json.loads((out / "manifest.json").read_text())
+        assert manifest["output"]["schema"] == table.schema.names
+        assert manifest["output"]["types"] == {f.name: str(f.type) for f in table.schema}
+
+
+def test_every_value_is_what_the_code_before_the_reward_registry_gave(runs):
+    """The reward registry changed how rewards are declared and dispatched, not what they compute:
+    on the same rows and settings, every column of the rewards that ran holds exactly the values
+    that main gave before it (tests/data/values_before_registry.json, stored from that commit's run
+    of these rows, 33 columns then)."""
+    ref = json.loads(Path("tests/data/values_before_registry.json").read_text())
+    assert ref["settings"] == [*ENGINE, "input.id_column=id"]
+    got = {r["id"]: r for r in read_output(runs["jsonl"][1]).to_pylist()}
+    assert sorted(got) == [r["id"] for r in ref["rows"]]
+    columns = [c for c in got[ref["rows"][0]["id"]] if c in ref["rows"][0]]
+    assert set(schema.scored_fields(["flip", "flip_logprob"]).names) <= set(columns)
+    differ = [
+        (want["id"], c, got[want["id"]][c], want[c])
+        for want in ref["rows"]
+        for c in columns
+        if got[want["id"]][c] != want[c]
+    ]
+    assert not differ, differ[:5]
 
 
 def test_jsonl_ids_scores_and_bad_rows(runs):

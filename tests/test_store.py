@@ -58,12 +58,12 @@ def test_output_path_that_is_a_file(tmp_path):
         OutputStore(str(tmp_path / "f")).check_writable_location()
 
 
-def output_schema():
-    return schema.output_schema(pa.schema([("prompt", pa.string())]))
+def output_schema(methods=("flip",)):
+    return schema.output_schema(pa.schema([("prompt", pa.string())]), methods)
 
 
-def scored_batch(sid, n, total=None, errors=0):
-    sch = output_schema()
+def scored_batch(sid, n, total=None, errors=0, methods=("flip",)):
+    sch = output_schema(methods)
     rows = []
     for i in range(n):
         row = {f.name: None for f in sch}
@@ -100,7 +100,10 @@ def test_tracker_commits_only_complete_shards_and_prunes_orphans(tmp_path):
     assert files == done[sa]["files"] and len(files) == 2  # the orphan is gone
     assert pq.read_table(tmp_path / "out" / "data" / sa).num_rows == 5
     counts = summarize(done)
-    assert counts["rows"] == 5 and counts["scored"] == 4 and counts["mean_flip_score"] == 0.5
+    assert counts["rows"] == 5 and counts["scored"] == 4
+    assert counts["rewards"] == {
+        "flip": {"column": "flip_score", "scored": 4, "mean": 0.5, "status": {"raw_text": 4}}
+    }
     assert counts["error_kinds"] == {"response is empty": 1}
 
 
@@ -161,11 +164,12 @@ def test_check_output_refuses_a_run_that_scored_nothing(tmp_path):
 def test_check_output_refuses_a_reward_that_scored_no_row(tmp_path):
     store = OutputStore(str(tmp_path / "out"))
     sid = shard_id("a.jsonl")
-    batch = scored_batch(sid, 4, total=4)
+    both = ("flip", "flip_logprob")
+    batch = scored_batch(sid, 4, total=4, methods=both)
     failed = pa.array(["the instruction does not fit in model.max_model_len=N"] * 4 + [None])
     batch = batch.set_column(batch.schema.get_field_index("flip_logprob_error"), "flip_logprob_error", failed)
     tracker = ShardTracker(store, [Shard("file:///a", "jsonl", "a.jsonl")], "x", max_error_fraction=1.0, min_rows=1)
-    tracker.add(write_parts(batch, output_uri=store.uri, output_schema=output_schema()))
+    tracker.add(write_parts(batch, output_uri=store.uri, output_schema=output_schema(both)))
     counts = summarize(store.done_records())
     assert (
         counts["scored"] == 4 and counts["method_scored"]["flip"] == 4 and counts["method_scored"]["flip_logprob"] == 0

@@ -1,0 +1,32 @@
+"""`pmi_forward`: the forward likelihood baseline, not FLIP: mean log P(response | instruction) minus
+mean log P(response | a generic instruction), per response token. Two prefills per row
+(`controls.ForwardLikelihood`)."""
+
+from __future__ import annotations
+
+import pyarrow as pa
+
+from flip_ray.rewards.base import EngineRows, EngineSetup, RewardMethod, RowScore
+
+COLUMN = "pmi_forward"
+
+
+class ForwardEngine:
+    def __init__(self, llm, setup: EngineSetup):
+        from flip_ray.controls import ForwardLikelihood
+
+        self.forward = ForwardLikelihood(llm, setup.prompt)
+
+    def score(self, rows: EngineRows, earlier) -> list[RowScore]:
+        results = self.forward.score(rows.instructions, rows.responses, rows.contexts)
+        return [RowScore({COLUMN: lk.contrast}, lk.error, lk.truncated, lk.n_prompt_tokens, raw=lk) for lk in results]
+
+
+PMI_FORWARD = RewardMethod(
+    name="pmi_forward",
+    about="log P(response | instruction) minus log P(response | a generic instruction)",
+    fields=(pa.field(COLUMN, pa.float64()),),
+    rank_column=COLUMN,
+    engine=ForwardEngine,
+    report={COLUMN: "log P(response | instruction) minus | a generic instruction (pmi_forward)"},
+)
