@@ -70,8 +70,8 @@ def metric_lever(run: Path) -> str:
     import pyarrow.dataset as pads
     import pyarrow.parquet as pq
 
-    from flip_ray.evalstats import pair_outcome, summarize
-    from flip_ray.similarity import EmbeddingSimilarity, pairwise_metric
+    from flip_ray.evaluation.stats import pair_outcome, summarize
+    from flip_ray.text.similarity import EmbeddingSimilarity, pairwise_metric
 
     source = run / "responses" if (run / "responses").is_dir() else run / "responses.parquet"
     responses = pq.read_table(source).to_pylist()
@@ -136,9 +136,9 @@ def restricted(run: Path, method: str, pair_ids: set[str]) -> dict:
     compare a lever run on a smaller nested sample with the runs on the larger one)."""
     import pyarrow.parquet as pq
 
-    from flip_ray.evalstats import summarize
-    from flip_ray.evaluate import engine_outcomes, read_scores
-    from flip_ray.preference import Item
+    from flip_ray.evaluation.pairs_input import Item
+    from flip_ray.evaluation.run import engine_outcomes, read_scores
+    from flip_ray.evaluation.stats import summarize
 
     source = run / "responses" if (run / "responses").is_dir() else run / "responses.parquet"
     rows = pq.read_table(source, columns=["pair_id", "candidate", "subset"]).to_pylist()
@@ -189,13 +189,13 @@ def small_lever_table(out: Path) -> str:
 
 def item_outcomes(run: Path) -> tuple[dict[str, list], list[str]]:
     """Per-item outcomes of every method of a finished evaluation, recomputed from its stored scores
-    the way `flip_ray.evaluate.resummarize` does, and the items' subsets."""
+    the way `flip_ray.evaluation.run.resummarize` does, and the items' subsets."""
     from omegaconf import OmegaConf
 
     from flip_ray import rewards
-    from flip_ray.config_jobs import COMBINATIONS, EvalJobConfig
-    from flip_ray.evaluate import _add_baselines, combined_outcomes, engine_outcomes, read_scores, score_column
-    from flip_ray.preference import load_items
+    from flip_ray.config.jobs import COMBINATIONS, EvalJobConfig
+    from flip_ray.evaluation.pairs_input import load_items
+    from flip_ray.evaluation.run import _add_baselines, combined_outcomes, engine_outcomes, read_scores, score_column
 
     manifest = json.loads((run / "eval_manifest.json").read_text())
     cfg = OmegaConf.merge(OmegaConf.structured(EvalJobConfig), manifest["config"])
@@ -283,7 +283,7 @@ def variants_tables(out: Path) -> str:
 def main() -> None:
     out = Path(sys.argv[1] if len(sys.argv) > 1 else "outputs/eval_table")
     if "--resummarize" in sys.argv:  # recompute summaries from stored scores (after a fix in the summary step)
-        from flip_ray.evaluate import resummarize
+        from flip_ray.evaluation.run import resummarize
 
         for run in sorted(p.parent for p in out.glob("*/summary.json")):
             resummarize(str(run))

@@ -16,7 +16,7 @@ from collections import Counter
 
 from datadir import DATA  # benchmarks/datadir.py: $FLIP_RAY_DATA or ../shared/data
 
-from flip_ray.flags import compute_flags
+from flip_ray.text.flags import compute_flags
 
 FLAGS = ("flag_restates_prompt", "flag_too_short", "flag_language_mismatch")
 

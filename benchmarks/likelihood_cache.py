@@ -31,9 +31,9 @@ def cache_counters(llm) -> tuple[float, float]:
 
 
 def run(llm, data: list[dict], methods: set[str], reuse: bool, max_tokens: int, batch: int) -> dict:
-    from flip_ray.engine import FlipGenerator
-    from flip_ray.likelihood import FlipLikelihood
-    from flip_ray.specs import SamplingSpec
+    from flip_ray.engine.generation import FlipGenerator
+    from flip_ray.engine.likelihood import FlipLikelihood
+    from flip_ray.engine.specs import SamplingSpec
 
     gen = FlipGenerator(llm, sampling=SamplingSpec(max_tokens=max_tokens))
     lk = FlipLikelihood(llm, reuse_prefix=reuse)
@@ -59,8 +59,8 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=16)
     args = parser.parse_args()
     os.environ.update(CPU_ENV)
-    from flip_ray.model import prepare_default_model
-    from flip_ray.specs import EngineSpec
+    from flip_ray.engine.embedded import prepare_default_model
+    from flip_ray.engine.specs import EngineSpec
 
     engine = EngineSpec(str(prepare_default_model()), dtype="float32", max_model_len=4096, enforce_eager=True)
     from vllm import LLM

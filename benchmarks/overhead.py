@@ -50,9 +50,9 @@ def corpus_rows(n: int) -> list[dict]:
 
 
 def run_bare(rows: list[dict], max_tokens: int) -> dict:
-    from flip_ray.engine import FlipGenerator
-    from flip_ray.model import prepare_default_model
-    from flip_ray.specs import EngineSpec, PromptSpec, SamplingSpec
+    from flip_ray.engine.embedded import prepare_default_model
+    from flip_ray.engine.generation import FlipGenerator
+    from flip_ray.engine.specs import EngineSpec, PromptSpec, SamplingSpec
 
     t0 = time.perf_counter()
     llm = EngineSpec(str(prepare_default_model()), **ENGINE).build()
@@ -100,8 +100,8 @@ class _BareActor:
 
 
 def run_pipeline(rows: list[dict], max_tokens: int) -> dict:
-    from flip_ray.config import load_config
-    from flip_ray.score import run_score
+    from flip_ray.config.base import load_config
+    from flip_ray.recipe import run_score
 
     with tempfile.TemporaryDirectory() as tmp:
         src = Path(tmp) / "in.jsonl"
@@ -133,8 +133,8 @@ def run_ray_data_llm(rows: list[dict], max_tokens: int) -> dict:
     import ray
     from ray.data.llm import build_processor, vLLMEngineProcessorConfig
 
-    from flip_ray.model import prepare_default_model
-    from flip_ray.prompts import build_flip_messages
+    from flip_ray.engine.embedded import prepare_default_model
+    from flip_ray.text.prompts import build_flip_messages
 
     t0 = time.perf_counter()
     ray.init(num_cpus=max(4, os.cpu_count() or 1), include_dashboard=False, runtime_env={"env_vars": CPU_ENV})

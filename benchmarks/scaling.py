@@ -41,8 +41,8 @@ def child(mode: str, input_path: str, output: str, actors: int) -> None:
         import standin
 
         standin.install()
-    from flip_ray.config import load_config
-    from flip_ray.score import run_score
+    from flip_ray.config.base import load_config
+    from flip_ray.recipe import run_score
 
     overrides = [
         f"input.path={input_path}",

@@ -17,9 +17,9 @@ import time
 
 from datadir import DATA  # benchmarks/datadir.py: $FLIP_RAY_DATA or ../shared/data
 
-from flip_ray.flags import compute_flags
-from flip_ray.metrics import f1_score
-from flip_ray.scoring import score_generations
+from flip_ray.rewards.flip_f1 import score_generations
+from flip_ray.text.flags import compute_flags
+from flip_ray.text.metrics import f1_score
 
 
 def load_pairs(limit: int) -> list[tuple[str, str, str]]:
@@ -52,7 +52,7 @@ def main() -> None:
     mean_words = sum(len(p[0].split()) + len(p[1].split()) for p in pairs) / len(pairs)
     print(f"{len(pairs)} pairs, mean {mean_words:.0f} words per pair (inferred + reference)")
     f1 = rate(lambda a, b, _: f1_score(a, b), pairs)
-    print(f"word F1 (flip_ray.metrics.f1_score): {f1:,.0f} pairs/s on one core")
+    print(f"word F1 (flip_ray.text.metrics.f1_score): {f1:,.0f} pairs/s on one core")
     json_answers = [(json.dumps({"REASONING": "r", "INFERRED INSTRUCTION": a}), b, c) for a, b, c in pairs[:50_000]]
     stage = rate(lambda ans, ref, _: score_generations(ref, [ans]), json_answers)
     print(f"parse + F1 (score_generations, JSON answer): {stage:,.0f} rows/s on one core")

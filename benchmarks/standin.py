@@ -51,8 +51,8 @@ def install() -> None:
     import os
     from pathlib import Path
 
-    import flip_ray.inference
+    import flip_ray.job.engine_stage
 
     here = str(Path(__file__).resolve().parent)
     os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (here, os.environ.get("PYTHONPATH")) if p)
-    flip_ray.inference.BackwardInferenceStage = StandInEngineStage
+    flip_ray.job.engine_stage.BackwardInferenceStage = StandInEngineStage

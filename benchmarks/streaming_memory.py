@@ -104,8 +104,8 @@ def child(input_dir: str, output_dir: str, extra: list[str]) -> None:
     import standin
 
     standin.install()
-    from flip_ray.config import load_config
-    from flip_ray.score import run_score
+    from flip_ray.config.base import load_config
+    from flip_ray.recipe import run_score
 
     me = psutil.Process()
     peak = {"node": 0}

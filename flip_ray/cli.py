@@ -20,7 +20,7 @@ import signal
 import sys
 import traceback
 
-from flip_ray.config import ConfigError, load_config
+from flip_ray.config.base import ConfigError, load_config
 
 logger = logging.getLogger("flip_ray")
 
@@ -31,9 +31,9 @@ EXIT_SIGNAL = {signal.SIGINT: 130, signal.SIGTERM: 143}
 
 
 def _user_errors() -> tuple[type[Exception], ...]:
-    from flip_ray.model import ModelError
-    from flip_ray.shards import InputError
-    from flip_ray.store import OutputError
+    from flip_ray.engine.embedded import ModelError
+    from flip_ray.input.files import InputError
+    from flip_ray.job.store import OutputError
 
     return (*_USER_ERRORS, InputError, ModelError, OutputError)
 
@@ -82,7 +82,7 @@ def format_summary(manifest: dict) -> str:
 def quiet_console(output_path, verbose: bool):
     """The run's console: flip_ray's lines and progress on the terminal, the rest in a log file under
     output.path/logs/ (or ./flip_ray_logs/ for an output on object storage)."""
-    from flip_ray.console import Console, log_dir_for
+    from flip_ray.job.console import Console, log_dir_for
 
     try:
         log_dir = log_dir_for(str(output_path)) if output_path else None
@@ -92,7 +92,7 @@ def quiet_console(output_path, verbose: bool):
 
 
 def cmd_score(args: argparse.Namespace) -> int:
-    from flip_ray.score import run_score
+    from flip_ray.recipe import run_score
 
     cfg = load_config(args.config, args.overrides)
     with quiet_console(cfg.output.path, args.verbose):
@@ -113,8 +113,8 @@ def cmd_score(args: argparse.Namespace) -> int:
 
 
 def cmd_filter(args: argparse.Namespace) -> int:
-    from flip_ray.config_jobs import FilterJobConfig
-    from flip_ray.downstream import run_filter
+    from flip_ray.config.jobs import FilterJobConfig
+    from flip_ray.downstream.jobs import run_filter
 
     summary = run_filter(load_config(args.config, args.overrides, schema=FilterJobConfig))
     print(
@@ -130,8 +130,8 @@ def cmd_filter(args: argparse.Namespace) -> int:
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
-    from flip_ray.config_jobs import EvalJobConfig
-    from flip_ray.evaluate import run_evaluate
+    from flip_ray.config.jobs import EvalJobConfig
+    from flip_ray.evaluation.run import run_evaluate
 
     cfg = load_config(args.config, args.overrides, schema=EvalJobConfig)
     with quiet_console(cfg.output.path, args.verbose):
@@ -146,8 +146,8 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
 
 def cmd_pairs(args: argparse.Namespace) -> int:
-    from flip_ray.config_jobs import PairsJobConfig
-    from flip_ray.downstream import run_pairs
+    from flip_ray.config.jobs import PairsJobConfig
+    from flip_ray.downstream.jobs import run_pairs
 
     summary = run_pairs(load_config(args.config, args.overrides, schema=PairsJobConfig))
     print(
@@ -160,14 +160,14 @@ def cmd_pairs(args: argparse.Namespace) -> int:
 
 
 def cmd_report(args: argparse.Namespace) -> int:
-    from flip_ray.report import build_report
+    from flip_ray.downstream.report import build_report
 
     print(build_report(args.output, allow_incomplete=args.allow_incomplete))
     return 0
 
 
 def cmd_prepare_model(args: argparse.Namespace) -> int:
-    from flip_ray.model import prepare_default_model
+    from flip_ray.engine.embedded import prepare_default_model
 
     path = prepare_default_model(args.dir, force=args.force)
     print(path)
@@ -206,7 +206,7 @@ EXAMPLES = {
 def _keys_help(command: str) -> str:
     from omegaconf import OmegaConf
 
-    from flip_ray.config_jobs import JOB_SCHEMAS
+    from flip_ray.config.jobs import JOB_SCHEMAS
 
     defaults = OmegaConf.structured(JOB_SCHEMAS[command])
     lines = []
@@ -218,7 +218,7 @@ def _keys_help(command: str) -> str:
             value = OmegaConf.to_container(value)
         lines.append(f"  {key:<32} {value}")
     return (
-        "config: the built-in defaults (flip_ray/config.py, config_jobs.py), then --config FILE, then\n"
+        "config: the built-in defaults (flip_ray/config/base.py, config_jobs.py), then --config FILE, then\n"
         "key=value overrides; unknown keys are refused with the nearest valid name.\n\n"
         "most used keys (default):\n" + "\n".join(lines) + f"\n\nexample:\n  {EXAMPLES[command]}\n"
         "all keys: the README's config reference."
@@ -280,7 +280,7 @@ def _unknown_command(argv: list[str]) -> str | None:
 
 
 def _terminate(signum, frame):
-    from flip_ray.score import Terminated
+    from flip_ray.recipe import Terminated
 
     raise Terminated()
 
@@ -295,10 +295,10 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     _quiet_telemetry()
-    from flip_ray.lock import LockLost
-    from flip_ray.pipeline import RunInterrupted
-    from flip_ray.score import RunStopped, Terminated
-    from flip_ray.tracker import ErrorBudgetExceeded
+    from flip_ray.job.lock import LockLost
+    from flip_ray.job.pipeline import RunInterrupted
+    from flip_ray.job.tracker import ErrorBudgetExceeded
+    from flip_ray.recipe import RunStopped, Terminated
 
     # SIGTERM (what `ray job stop`, Kubernetes and schedulers send) stops the job as Ctrl-C does.
     signal.signal(signal.SIGTERM, _terminate)

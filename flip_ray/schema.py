@@ -12,7 +12,8 @@ from collections.abc import Iterable, Sequence
 import pyarrow as pa
 
 from flip_ray import rewards
-from flip_ray.shards import InputError
+from flip_ray.text.flags import FLAG_NAMES
+from flip_ray.text.rows import InputError
 
 ID = "id"
 # How scored outputs are laid out; part of the output fingerprint, so that a rerun never mixes parts of
@@ -38,8 +39,6 @@ CONTROL_COLUMNS = pa.schema(
     ]
 )
 
-# Reward-hacking and weak-spot flags (`flags.compute_flags`), one boolean column each.
-FLAG_NAMES = ("flag_restates_prompt", "flag_too_short", "flag_language_mismatch")
 
 # Columns every scored output holds whatever rewards ran: what the engine did with the row (set by
 # the rewards that ran, `rewards.RowScore`), then the flags of the row's texts. The rewards' own

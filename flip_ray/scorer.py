@@ -15,11 +15,11 @@ from __future__ import annotations
 
 from typing import Any
 
-from flip_ray.engine import FlipGenerator
-from flip_ray.likelihood import FlipLikelihood
-from flip_ray.records import RowError, conversation_parts, text_field
-from flip_ray.scoring import FlipScore, score_generations
-from flip_ray.specs import PromptSpec, SamplingSpec
+from flip_ray.engine.generation import FlipGenerator
+from flip_ray.engine.likelihood import FlipLikelihood
+from flip_ray.engine.specs import PromptSpec, SamplingSpec
+from flip_ray.rewards.flip_f1 import FlipScore, score_generations
+from flip_ray.text.rows import RowError, conversation_parts, text_field
 
 
 def _response_text(completion: Any) -> str:

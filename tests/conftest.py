@@ -13,7 +13,7 @@ os.environ.setdefault("DO_NOT_TRACK", "1")
 
 @pytest.fixture(scope="session")
 def embedded_model() -> str:
-    from flip_ray.model import prepare_default_model
+    from flip_ray.engine.embedded import prepare_default_model
 
     return str(prepare_default_model())
 

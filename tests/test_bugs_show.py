@@ -17,12 +17,12 @@ from pathlib import Path
 import pytest
 from clusters import kill_processes_mentioning
 
-from flip_ray import io
-from flip_ray.engine import PromptFitter, render_rows
-from flip_ray.io import ColumnMapping, read_shard
-from flip_ray.prompts import build_flip_messages
-from flip_ray.records import conversation_parts
-from flip_ray.shards import InputError, list_shards
+from flip_ray.engine.generation import PromptFitter, render_rows
+from flip_ray.input import readers as io
+from flip_ray.input.files import InputError, list_shards
+from flip_ray.input.readers import ColumnMapping, read_shard
+from flip_ray.text.prompts import build_flip_messages
+from flip_ray.text.rows import conversation_parts
 
 REPO = Path(__file__).resolve().parents[1]
 SAMPLE = REPO / "flip_ray/samples/alpacaeval_sample.jsonl"
@@ -85,7 +85,9 @@ def test_a_bug_in_the_column_check_ends_flip_ray_with_its_traceback_and_exit_4(t
     a bug there ends the run with its traceback and exit 4, not with "cannot read <file>" (exit 2)."""
     inp = write_rows(tmp_path / "in.jsonl", 2)
     args = ["score", f"input.path={inp}", f"output.path={tmp_path / 'out'}", "model.device=cpu"]
-    done = flip_ray_with("import flip_ray.io\nflip_ray.io._json_lines = lambda f, shard: f.no_such_method()", args)
+    done = flip_ray_with(
+        "import flip_ray.input.readers\nflip_ray.input.readers._json_lines = lambda f, shard: f.no_such_method()", args
+    )
     assert done.returncode == 4, done.stdout + done.stderr
     assert "Traceback" in done.stderr and "AttributeError" in done.stderr and "no_such_method" in done.stderr
     assert "this is a bug in flip_ray" in done.stderr.strip().splitlines()[-1]
@@ -99,7 +101,8 @@ def test_a_bug_in_the_column_check_ends_flip_ray_with_its_traceback_and_exit_4(t
 
 
 BUGGY_READER = """
-from flip_ray import io, stages
+from flip_ray.input import readers as io
+from flip_ray.job import stages
 
 
 def read_shards(batch, **kwargs):
@@ -117,9 +120,9 @@ def test_a_bug_in_the_reader_on_a_ray_worker_shows_its_traceback_and_exit_4_thro
     (tmp_path / "buggy_reader.py").write_text(BUGGY_READER)
     patch = (
         f"sys.path.insert(0, {str(tmp_path)!r})\n"
-        "import ray.cloudpickle, buggy_reader, flip_ray.pipeline\n"
+        "import ray.cloudpickle, buggy_reader, flip_ray.job.pipeline\n"
         "ray.cloudpickle.register_pickle_by_value(buggy_reader)  # the workers cannot import this test module\n"
-        "flip_ray.pipeline.read_shards = buggy_reader.read_shards\n"
+        "flip_ray.job.pipeline.read_shards = buggy_reader.read_shards\n"
     )
     ray_tmp = tempfile.mkdtemp(prefix="frbug-", dir="/tmp")
     env = {**{k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}, "RAY_TMPDIR": ray_tmp}
@@ -206,7 +209,7 @@ def test_a_bug_in_the_prompt_code_propagates_from_the_render_step(tokenizer, mon
     assert results == [None] and len(rendered[0][1]) > 50
     too_small = lambda: (*fitter.fit(lambda t, c: build_flip_messages(t[0], c), ["Apple."], None, 5, "it"), None)  # noqa: E731
     assert render_rows([too_small], failed)[0][0].startswith("failed: it does not fit the model window")
-    monkeypatch.setattr("flip_ray.prompts.build_flip_user_message", injected_bug)
+    monkeypatch.setattr("flip_ray.text.prompts.build_flip_user_message", injected_bug)
     with pytest.raises(AttributeError, match="injected bug"):
         render_rows([render], failed)
 
@@ -216,7 +219,7 @@ def test_a_bug_in_the_prompt_code_propagates_from_the_render_step(tokenizer, mon
 CONSOLE_RUN = """
 import logging, subprocess, sys
 from pathlib import Path
-from flip_ray.console import Console
+from flip_ray.job.console import Console
 
 log_dir = Path(sys.argv[1])
 with Console(log_dir) as console:
@@ -257,7 +260,7 @@ def test_no_log_file_at_all_is_said_on_the_terminal(tmp_path):
     (tmp_path / "output").write_text("a file where the output directory should be")
     (tmp_path / "flip_ray_logs").write_text("a file, not a directory")
     code = (
-        "import sys\nfrom pathlib import Path\nfrom flip_ray.console import Console\n"
+        "import sys\nfrom pathlib import Path\nfrom flip_ray.job.console import Console\n"
         "with Console(Path(sys.argv[1])) as console:\n"
         "    console.say('a line')\n    print('for the log')\n    assert console.path is None\n"
     )

@@ -3,8 +3,8 @@ from pathlib import Path
 import pytest
 from omegaconf import OmegaConf
 
-from flip_ray.config import ConfigError, ScoreConfig, load_config, validate_score_config
-from flip_ray.config_jobs import (
+from flip_ray.config.base import ConfigError, ScoreConfig, load_config, validate_score_config
+from flip_ray.config.jobs import (
     EvalJobConfig,
     FilterJobConfig,
     PairsJobConfig,
@@ -139,8 +139,8 @@ def test_spec_defaults_are_the_config_defaults():
     written twice: they must agree, field by field (the fields resolved from the device aside)."""
     from dataclasses import MISSING, fields
 
-    from flip_ray.config import ModelConfig, RewardConfig, SamplingConfig
-    from flip_ray.specs import EngineSpec, PromptSpec, SamplingSpec
+    from flip_ray.config.base import ModelConfig, RewardConfig, SamplingConfig
+    from flip_ray.engine.specs import EngineSpec, PromptSpec, SamplingSpec
 
     def defaults(cls):
         return {f.name: f.default for f in fields(cls) if f.default is not MISSING}

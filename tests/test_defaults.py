@@ -10,10 +10,10 @@ import pyarrow.parquet as pq
 import pytest
 from omegaconf import OmegaConf
 
-from flip_ray.config import ModelConfig, SamplingConfig, load_config
-from flip_ray.prompts import DEFAULT_PROMPT_VARIANT
-from flip_ray.score import run_score
-from flip_ray.specs import EngineSpec, PromptSpec, SamplingSpec
+from flip_ray.config.base import ModelConfig, SamplingConfig, load_config
+from flip_ray.engine.specs import EngineSpec, PromptSpec, SamplingSpec
+from flip_ray.recipe import run_score
+from flip_ray.text.prompts import DEFAULT_PROMPT_VARIANT
 
 pytestmark = pytest.mark.slow
 

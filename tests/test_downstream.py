@@ -8,11 +8,11 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 
-from flip_ray.config import load_config
-from flip_ray.config_jobs import FilterJobConfig, PairsJobConfig
-from flip_ray.downstream import run_filter, run_pairs
-from flip_ray.report import build_report
-from flip_ray.score import run_score
+from flip_ray.config.base import load_config
+from flip_ray.config.jobs import FilterJobConfig, PairsJobConfig
+from flip_ray.downstream.jobs import run_filter, run_pairs
+from flip_ray.downstream.report import build_report
+from flip_ray.recipe import run_score
 
 pytestmark = pytest.mark.slow
 

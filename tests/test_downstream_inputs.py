@@ -14,10 +14,10 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from flip_ray.config import ConfigError, load_config
-from flip_ray.config_jobs import FilterJobConfig, PairsJobConfig, validate_filter_config, validate_pairs_config
-from flip_ray.downstream import run_filter, run_pairs
-from flip_ray.store import MANIFEST, OutputStore
+from flip_ray.config.base import ConfigError, load_config
+from flip_ray.config.jobs import FilterJobConfig, PairsJobConfig, validate_filter_config, validate_pairs_config
+from flip_ray.downstream.jobs import run_filter, run_pairs
+from flip_ray.job.store import MANIFEST, OutputStore
 
 REPO = Path(__file__).resolve().parents[1]
 SCORING = {"input": {"prompt_column": "prompt", "response_column": "response"}}

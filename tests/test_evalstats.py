@@ -6,7 +6,7 @@ import time
 import numpy as np
 import pytest
 
-from flip_ray.evalstats import (
+from flip_ray.evaluation.stats import (
     agreement,
     markdown_table,
     outcome_from_pick,

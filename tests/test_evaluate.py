@@ -6,13 +6,13 @@ from pathlib import Path
 
 import pytest
 
-from flip_ray.config import ConfigError, load_config
-from flip_ray.config_jobs import EvalJobConfig, validate_eval_config
-from flip_ray.evaluate import baseline_scores
-from flip_ray.pairjudge import listwise_order, listwise_outcome, pair_judge_jobs, pairwise_outcome
-from flip_ray.preference import Item, load_items, responses_table
-from flip_ray.records import RowError, parse_transcript, prompt_parts
-from flip_ray.shards import InputError
+from flip_ray.config.base import ConfigError, load_config
+from flip_ray.config.jobs import EvalJobConfig, validate_eval_config
+from flip_ray.evaluation.pair_judges import listwise_order, listwise_outcome, pair_judge_jobs, pairwise_outcome
+from flip_ray.evaluation.pairs_input import Item, load_items, responses_table
+from flip_ray.evaluation.run import baseline_scores
+from flip_ray.input.files import InputError
+from flip_ray.text.rows import RowError, parse_transcript, prompt_parts
 
 SAMPLE = "flip_ray/samples/preference_pairs_sample.jsonl"
 
@@ -179,8 +179,8 @@ def test_eval_config_is_checked_before_anything_runs():
 
 
 def test_evaluation_never_writes_into_a_directory_of_someone_elses_files(tmp_path):
-    from flip_ray.evaluate import prepare
-    from flip_ray.store import OutputError
+    from flip_ray.evaluation.run import prepare
+    from flip_ray.job.store import OutputError
 
     out = tmp_path / "theirs"
     (out / "responses").mkdir(parents=True)
@@ -200,7 +200,7 @@ def test_evaluation_end_to_end_on_real_pairs(tmp_path, caplog):
     with consistent counts, and the per-response scores are where the summary says."""
     from PIL import Image
 
-    from flip_ray.evaluate import run_evaluate
+    from flip_ray.evaluation.run import run_evaluate
 
     out = tmp_path / "eval"
     cfg = load_config(
@@ -249,7 +249,7 @@ def test_evaluation_end_to_end_on_real_pairs(tmp_path, caplog):
     assert scored.column("flip_logprob_mean").null_count == 0
     assert scored.column("flip_score").null_count == 43  # flip ran in its own pass
     # A rerun with the same config into a finished evaluation is refused without overwrite.
-    from flip_ray.store import OutputError
+    from flip_ray.job.store import OutputError
 
     with pytest.raises(OutputError, match="finished evaluation"):
         run_evaluate(cfg)
@@ -266,7 +266,7 @@ def test_evaluation_end_to_end_on_real_pairs(tmp_path, caplog):
 
 
 def test_engine_outcomes_missing_versus_no_verdict():
-    from flip_ray.evaluate import engine_outcomes
+    from flip_ray.evaluation.run import engine_outcomes
 
     items = [_item(2), Item("q", "Q", [], ["a", "b", "c"], "s"), Item("r", "Q", [], ["a", "b"], "s")]
     scores = {

@@ -23,11 +23,11 @@ from clusters import kill_processes_mentioning
 from invariant import assert_output_matches_input
 
 from flip_ray.cli import main as cli_main
-from flip_ray.config import load_config
-from flip_ray.pipeline import RunInterrupted
-from flip_ray.plan import DuplicateIdError
-from flip_ray.score import run_score
-from flip_ray.tracker import ErrorBudgetExceeded
+from flip_ray.config.base import load_config
+from flip_ray.job.pipeline import RunInterrupted
+from flip_ray.job.plan import DuplicateIdError
+from flip_ray.job.tracker import ErrorBudgetExceeded
+from flip_ray.recipe import run_score
 
 pytestmark = pytest.mark.slow
 
@@ -250,6 +250,6 @@ def test_duplicate_ids_are_refused_before_the_model_loads(tmp_path, ray_local, m
     def no_model(*a, **k):
         raise AssertionError("the model must not load when ids repeat")
 
-    monkeypatch.setattr("flip_ray.model.prepare_default_model", no_model)
+    monkeypatch.setattr("flip_ray.engine.embedded.prepare_default_model", no_model)
     with pytest.raises(DuplicateIdError, match=rf"{rows[1]['id']!r} x2"):
         score(tmp_path / "in", tmp_path / "out")

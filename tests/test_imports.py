@@ -53,7 +53,7 @@ def import_graph() -> tuple[dict[str, set[str]], set[str]]:
                     continue
                 for alias in node.names:  # `from pkg import sub` imports the submodule
                     deps.add(f"{base}.{alias.name}" if f"{base}.{alias.name}" in modules else base)
-                if base == "flip_ray.score":
+                if base == "flip_ray.recipe":
                     from_score |= {a.name for a in node.names}
             elif isinstance(node, ast.Import):
                 deps |= {a.name for a in node.names if a.name.startswith("flip_ray")}
@@ -65,7 +65,7 @@ def test_the_import_graph_sees_every_form():
     graph, _ = import_graph()
     assert "flip_ray.rewards" in graph["flip_ray.schema"]  # `from flip_ray import rewards`
     assert "flip_ray.rewards.flip" in graph["flip_ray.rewards.registry"]  # `from flip_ray.rewards.flip import X`
-    assert "flip_ray.engine" in graph["flip_ray.rewards.flip"]  # inside a function
+    assert "flip_ray.engine.generation" in graph["flip_ray.rewards.flip"]  # inside a function
 
 
 def test_no_import_cycle_and_no_builder_from_the_scoring_run():
@@ -88,3 +88,38 @@ def test_no_import_cycle_and_no_builder_from_the_scoring_run():
     for module in sorted(graph):
         visit(module, [])
     assert from_score <= {"run_score", "RunStopped", "Terminated"}, from_score
+
+
+# The packages from the bottom up: a module may import its own package and those below it, never one
+# above (every import form counted, lazy ones inside functions too).
+LAYERS = [
+    ("flip_ray", "flip_ray.text"),  # the package's version; pure text functions and row rules
+    ("flip_ray.engine",),  # the vLLM side
+    ("flip_ray.rewards",),  # the registry and each reward
+    ("flip_ray.schema",),  # the output schema, built from the registry
+    ("flip_ray.input",),  # reading the input into rows
+    ("flip_ray.config",),  # the typed configs, checked (each reward checks its own keys)
+    ("flip_ray.job",),  # the scoring job's steps
+    ("flip_ray.downstream",),  # filter, best-of-N, pairs, report
+    ("flip_ray.recipe",),  # the scoring run: the steps in order
+    ("flip_ray.evaluation",),  # evaluating rewards on preference data (runs scoring runs)
+    ("flip_ray.scorer", "flip_ray.cli"),  # the public entry points
+]
+
+
+def layer_of(module: str) -> int:
+    for level, names in enumerate(LAYERS):
+        if module in names or any(module.startswith(n + ".") for n in names if n != "flip_ray"):
+            return level
+    raise AssertionError(f"{module} is in no layer: add its package to LAYERS")
+
+
+def test_packages_import_only_downwards():
+    graph, _ = import_graph()
+    upward = [
+        f"{m} ({LAYERS[layer_of(m)][0]}) imports {d} ({LAYERS[layer_of(d)][0]})"
+        for m, deps in sorted(graph.items())
+        for d in sorted(deps)
+        if layer_of(d) > layer_of(m)
+    ]
+    assert not upward, "\n".join(upward)

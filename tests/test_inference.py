@@ -6,13 +6,13 @@ import pyarrow as pa
 import pytest
 
 from flip_ray import rewards, schema
-from flip_ray.engine import Generation
-from flip_ray.inference import merge_results
-from flip_ray.likelihood import Likelihood
+from flip_ray.engine.generation import Generation
+from flip_ray.engine.likelihood import Likelihood
+from flip_ray.job.engine_stage import merge_results
+from flip_ray.job.stages import flag_columns, output_table, row_error
 from flip_ray.rewards import flip as flip_reward
 from flip_ray.rewards import flip_logprob, judge_pointwise
 from flip_ray.rewards.flip import GENERATIONS, AnswerCache, deduplicated
-from flip_ray.stages import flag_columns, output_table, row_error
 
 
 def merge(n, todo, names, errors, results):
@@ -100,7 +100,7 @@ def test_likelihood_variants_write_their_reward_and_their_own_errors():
 
 
 def test_lexical_controls_keep_the_shared_words_and_are_seeded():
-    from flip_ray.prompts import lexical_control
+    from flip_ray.text.prompts import lexical_control
 
     text = "The capital of France is Paris. It is also the largest city!\nShort line"
     control = lexical_control(text, "What is the capital of France?", "shuffle")
@@ -125,7 +125,7 @@ def test_an_empty_answer_is_a_flip_error():
 
 
 def test_max_with_another_metric_reports_the_sample_it_scores(monkeypatch):
-    import flip_ray.scoring as scoring
+    import flip_ray.rewards.flip_f1 as scoring
 
     real, parsed = scoring.parse_inferred_instruction, []
 
@@ -140,7 +140,7 @@ def test_max_with_another_metric_reports_the_sample_it_scores(monkeypatch):
         '{"INFERRED INSTRUCTION": "write a poem about the sea"}',  # best by ROUGE-L (order kept)
     ]
     (s,) = scoring.score_batch([instruction], [samples], "max", "rouge_l")
-    from flip_ray.similarity import rouge_l
+    from flip_ray.text.similarity import rouge_l
 
     assert s.inferred_instruction == "write a poem about the sea"
     assert s.flip_score == pytest.approx(rouge_l("write a poem about the sea", instruction))
@@ -170,7 +170,7 @@ def test_similarity_stage_columns_without_ray():
 def test_weights_are_hashed_once_per_checkpoint(tmp_path, monkeypatch):
     import os
 
-    import flip_ray.model as model
+    import flip_ray.engine.embedded as model
 
     monkeypatch.setenv("FLIP_RAY_CACHE", str(tmp_path / "cache"))
     ckpt = tmp_path / "ckpt"

@@ -11,9 +11,9 @@ import pyarrow.parquet as pq
 import pytest
 
 from flip_ray import schema
-from flip_ray.io import ColumnMapping, check_columns, read_shard
-from flip_ray.records import RowError, conversation_parts, derive_id
-from flip_ray.shards import InputError, list_shards
+from flip_ray.input.files import InputError, list_shards
+from flip_ray.input.readers import ColumnMapping, check_columns, read_shard
+from flip_ray.text.rows import RowError, conversation_parts, derive_id
 
 SAMPLE = "flip_ray/samples/alpacaeval_sample.jsonl"
 
@@ -261,8 +261,8 @@ def test_a_corrupt_file_is_an_input_error_naming_it(tmp_path, name):
     fmt = "hf" if name.endswith(".arrow") else "auto"
     code = (
         "import sys\n"
-        "from flip_ray.io import ColumnMapping, read_shard\n"
-        "from flip_ray.shards import InputError, list_shards\n"
+        "from flip_ray.input.readers import ColumnMapping, read_shard\n"
+        "from flip_ray.input.files import InputError, list_shards\n"
         f"shard = list_shards({str(path)!r}, {fmt!r})[0]\n"
         "try:\n"
         "    for _ in read_shard(shard, ColumnMapping(), 64):\n"

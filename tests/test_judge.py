@@ -4,7 +4,7 @@ import sys
 
 import pytest
 
-from flip_ray.judge import (
+from flip_ray.engine.judge import (
     JUDGE_PROMPT_VERSION,
     LISTWISE_SYSTEM_PROMPT,
     PAIRWISE_JSON_SCHEMA,
@@ -16,7 +16,7 @@ from flip_ray.judge import (
     pairwise_messages,
     pointwise_messages,
 )
-from flip_ray.verdicts import (
+from flip_ray.engine.verdicts import (
     EMPTY,
     INVALID,
     JSON,
@@ -295,7 +295,7 @@ def test_schema_conforming_answers_parse_as_clean_json():
 
 def test_import_loads_no_heavy_frameworks():
     code = (
-        "import sys, flip_ray.judge, flip_ray.verdicts\n"
+        "import sys, flip_ray.engine.judge, flip_ray.engine.verdicts\n"
         "print(','.join(m for m in ('vllm', 'torch', 'transformers') if m in sys.modules))\n"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)

@@ -10,9 +10,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from flip_ray.io import ColumnMapping, read_shard
-from flip_ray.layout import measure, split
-from flip_ray.shards import list_shards
+from flip_ray.input.files import list_shards
+from flip_ray.input.readers import ColumnMapping, read_shard
+from flip_ray.input.sharding import measure, split
 
 SAMPLE = [json.loads(line) for line in Path("flip_ray/samples/alpacaeval_sample.jsonl").read_text().splitlines()]
 

@@ -7,7 +7,7 @@ from collections import Counter
 
 import pytest
 
-from flip_ray.metrics import F1, f1_score, normalize_answer
+from flip_ray.text.metrics import F1, f1_score, normalize_answer
 
 
 def reference_normalize(s: str) -> str:
@@ -107,7 +107,7 @@ def test_real_text_pairs_match_reference():
 
 
 def test_fast_tokens_equal_the_normalised_split():
-    from flip_ray.metrics import tokens
+    from flip_ray.text.metrics import tokens
 
     rng = random.Random(99)
     alphabet = list("aAnNtThHeE _-—–“”…’'.,!?0123456789 ") + ["é", "ß", "İ", "ǅ", "\u0301", "汉", "字", "©", "\u00a0"]
@@ -118,7 +118,7 @@ def test_fast_tokens_equal_the_normalised_split():
 
 
 def test_token_counts_equal_the_counted_normalised_split():
-    from flip_ray.metrics import token_counts
+    from flip_ray.text.metrics import token_counts
 
     rng = random.Random(7)
     alphabet = list("aAnNtThHeE _-—’.,0123456789 \t\n\x1c\x00") + ["é", "İ", "\u0301", "汉", "\u00a0", "\u2003"]

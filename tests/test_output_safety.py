@@ -14,12 +14,12 @@ import pyarrow.parquet as pq
 import pytest
 from test_preflight import RECORDS, assert_refused, flip_ray
 
-from flip_ray.config import load_config
-from flip_ray.plan import OutputExistsError, check_same_engine, plan_run
-from flip_ray.score import prepare_output
-from flip_ray.stages import write_parts
-from flip_ray.store import OutputError, OutputStore, shard_id
-from flip_ray.tracker import ShardTracker
+from flip_ray.config.base import load_config
+from flip_ray.job.plan import OutputExistsError, check_same_engine, plan_run
+from flip_ray.job.stages import write_parts
+from flip_ray.job.store import OutputError, OutputStore, shard_id
+from flip_ray.job.tracker import ShardTracker
+from flip_ray.recipe import prepare_output
 
 
 def write_jsonl(path: Path, rows: list[dict]) -> Path:

@@ -1,4 +1,4 @@
-from flip_ray.parsing import (
+from flip_ray.text.parsing import (
     EMPTY,
     JSON,
     JSON_EMBEDDED,

@@ -12,10 +12,10 @@ import pytest
 from invariant import assert_output_matches_input
 
 from flip_ray import schema
-from flip_ray.config import load_config
-from flip_ray.plan import OutputExistsError
-from flip_ray.score import run_score
-from flip_ray.shards import InputError
+from flip_ray.config.base import load_config
+from flip_ray.input.files import InputError
+from flip_ray.job.plan import OutputExistsError
+from flip_ray.recipe import run_score
 
 pytestmark = pytest.mark.slow
 
@@ -190,7 +190,7 @@ def test_rerun_resumes_without_work_and_other_config_is_refused(runs, monkeypatc
     def no_ray(*a, **k):
         raise AssertionError("nothing is left to score: Ray must not start")
 
-    monkeypatch.setattr("flip_ray.score.init_ray", no_ray)
+    monkeypatch.setattr("flip_ray.recipe.init_ray", no_ray)
     again = score(src, out, "input.id_column=id")
     assert again["shards"]["skipped_already_done"] == 1 and again["shards"]["scored_this_run"] == 0
     assert again["counts"] == first["counts"]
@@ -207,7 +207,7 @@ def test_missing_column_fails_before_model_loads(tmp_path, monkeypatch):
     def no_ray(*a, **k):
         raise AssertionError("Ray/model must not start for a bad input")
 
-    monkeypatch.setattr("flip_ray.score.init_ray", no_ray)
+    monkeypatch.setattr("flip_ray.recipe.init_ray", no_ray)
     with pytest.raises(InputError, match="columns present: question, answer"):
         score(p, tmp_path / "out")
 
@@ -241,7 +241,7 @@ def test_missing_bucket_is_a_clear_error(s3_server, tmp_path):
 def test_unreadable_s3_inputs_are_clear_errors(s3_server, monkeypatch, tmp_path):
     import s3fs
 
-    from flip_ray.shards import list_shards
+    from flip_ray.input.files import list_shards
 
     client = s3_server.client()
     client.create_bucket(Bucket="locked")
@@ -258,7 +258,7 @@ def test_unreadable_s3_inputs_are_clear_errors(s3_server, monkeypatch, tmp_path)
 
 
 def test_missing_output_bucket_is_never_created(s3_server, tmp_path):
-    from flip_ray.store import OutputError
+    from flip_ray.job.store import OutputError
 
     with pytest.raises(OutputError, match="bucket 'no-such-out' does not exist"):
         score(SAMPLE, "s3://no-such-out/scored")

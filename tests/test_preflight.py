@@ -12,11 +12,11 @@ import pyarrow.parquet as pq
 import pytest
 
 from flip_ray import schema
-from flip_ray.config import load_config
-from flip_ray.io import ColumnMapping
-from flip_ray.plan import plan_run
-from flip_ray.shards import InputError, list_shards
-from flip_ray.stages import read_shards
+from flip_ray.config.base import load_config
+from flip_ray.input.files import InputError, list_shards
+from flip_ray.input.readers import ColumnMapping
+from flip_ray.job.plan import plan_run
+from flip_ray.job.stages import read_shards
 
 REPO = Path(__file__).resolve().parents[1]
 SAMPLE = REPO / "flip_ray/samples/alpacaeval_sample.jsonl"

@@ -1,7 +1,7 @@
 """The FLIP prompt text: the authors' system and user messages stay byte-for-byte, and the variants
 share their wording."""
 
-from flip_ray.prompts import (
+from flip_ray.text.prompts import (
     FLIP_SYSTEM_PROMPT,
     NO_REASONING_SYSTEM_PROMPT,
     PROMPT_TEMPLATE_VERSION,

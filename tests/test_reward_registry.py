@@ -14,8 +14,8 @@ import pyarrow.parquet as pq
 import pytest
 
 from flip_ray import rewards, schema
-from flip_ray.config import ConfigError, load_config, validate_score_config
-from flip_ray.evalstats import pair_outcome
+from flip_ray.config.base import ConfigError, load_config, validate_score_config
+from flip_ray.evaluation.stats import pair_outcome
 
 SAMPLE = Path("flip_ray/samples/alpacaeval_sample.jsonl")
 EVAL_SAMPLE = Path("flip_ray/samples/preference_pairs_sample.jsonl")
@@ -138,10 +138,10 @@ def test_a_registered_reward_is_a_config_choice_and_its_settings_are_checked(toy
 def test_a_reward_registered_by_a_user_is_scored_reported_and_evaluated(tmp_path, toy, ray_local, embedded_model):
     from transformers import AutoTokenizer
 
-    from flip_ray.config_jobs import EvalJobConfig
-    from flip_ray.evaluate import run_evaluate
-    from flip_ray.report import build_report
-    from flip_ray.score import run_score
+    from flip_ray.config.jobs import EvalJobConfig
+    from flip_ray.downstream.report import build_report
+    from flip_ray.evaluation.run import run_evaluate
+    from flip_ray.recipe import run_score
 
     rows = [json.loads(line) for line in SAMPLE.read_text().splitlines()][:6]
     rows[5]["response"] = "word " * 500  # the toy's own error: kept on the row, the row not lost

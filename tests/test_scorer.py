@@ -15,7 +15,7 @@ def llm(embedded_model):
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
     os.environ.setdefault("VLLM_HOST_IP", "127.0.0.1")
     os.environ.setdefault("VLLM_LOOPBACK_IP", "127.0.0.1")
-    from flip_ray.specs import EngineSpec
+    from flip_ray.engine.specs import EngineSpec
 
     return EngineSpec(embedded_model, dtype="float32", max_model_len=512, enforce_eager=True).build()
 
@@ -40,10 +40,10 @@ def hf_logprobs(model, ids: list[int], n_last: int) -> list[float]:
 
 
 def test_scorer_matches_metric_and_handles_chat_and_bad_rows(llm):
-    from flip_ray.metrics import f1_score
-    from flip_ray.parsing import parse_inferred_instruction
-    from flip_ray.records import RowError
     from flip_ray.scorer import FlipScorer
+    from flip_ray.text.metrics import f1_score
+    from flip_ray.text.parsing import parse_inferred_instruction
+    from flip_ray.text.rows import RowError
 
     rows = [json.loads(line) for line in Path("flip_ray/samples/alpacaeval_sample.jsonl").read_text().splitlines()][:4]
     scorer = FlipScorer(llm, max_tokens=48)
@@ -63,9 +63,9 @@ def test_scorer_matches_metric_and_handles_chat_and_bad_rows(llm):
 
 
 def test_render_truncates_to_the_window(llm):
-    from flip_ray.engine import FlipGenerator
-    from flip_ray.records import RowError
-    from flip_ray.specs import SamplingSpec
+    from flip_ray.engine.generation import FlipGenerator
+    from flip_ray.engine.specs import SamplingSpec
+    from flip_ray.text.rows import RowError
 
     gen = FlipGenerator(llm, sampling=SamplingSpec(max_tokens=64))
     ids, truncated = gen.render("word " * 2000)
@@ -85,7 +85,7 @@ def test_render_truncates_to_the_window(llm):
 def test_flip_likelihood_equals_a_transformers_forward_pass(llm, hf_model):
     """flip_logprob is the log-probability of the real instruction's tokens after the FLIP prompt,
     checked against an independent forward pass of the same checkpoint in transformers."""
-    from flip_ray.likelihood import FlipLikelihood
+    from flip_ray.engine.likelihood import FlipLikelihood
 
     lk = FlipLikelihood(llm)
     instruction = "Write a haiku about autumn leaves."
@@ -101,7 +101,7 @@ def test_flip_likelihood_equals_a_transformers_forward_pass(llm, hf_model):
 
 
 def test_flip_likelihood_truncates_long_responses_and_records_errors(llm):
-    from flip_ray.likelihood import FlipLikelihood
+    from flip_ray.engine.likelihood import FlipLikelihood
 
     lk = FlipLikelihood(llm, logprob_format="json")
     out = lk.score(["Summarise this.", "x " * 600], ["word " * 2000, "fine"])
@@ -110,11 +110,11 @@ def test_flip_likelihood_truncates_long_responses_and_records_errors(llm):
 
 
 def test_judge_and_prompt_levers_on_the_real_engine(llm):
-    from flip_ray.engine import FlipGenerator
-    from flip_ray.judge import Judge
-    from flip_ray.parsing import parse_inferred_instruction
-    from flip_ray.specs import PromptSpec, SamplingSpec
-    from flip_ray.verdicts import parse_pairwise, parse_pointwise
+    from flip_ray.engine.generation import FlipGenerator
+    from flip_ray.engine.judge import Judge
+    from flip_ray.engine.specs import PromptSpec, SamplingSpec
+    from flip_ray.engine.verdicts import parse_pairwise, parse_pointwise
+    from flip_ray.text.parsing import parse_inferred_instruction
 
     judge = Judge(llm, PromptSpec(guided_json=True), max_tokens=160)
     g = judge.pointwise(["Name a primary colour."], ["Red is a primary colour."])[0]
@@ -137,8 +137,8 @@ def test_judge_and_prompt_levers_on_the_real_engine(llm):
 
 
 def test_flip_likelihood_contrast_subtracts_generic_instructions(llm):
-    from flip_ray.likelihood import FlipLikelihood
-    from flip_ray.prompts import distractors_for
+    from flip_ray.engine.likelihood import FlipLikelihood
+    from flip_ray.text.prompts import distractors_for
 
     instruction, response = "Write a haiku about autumn leaves.", "Crimson leaves drift down,\nthe maple lets go."
     contrasted = FlipLikelihood(llm, distractors=3).score([instruction], [response])[0]
@@ -153,9 +153,9 @@ def test_flip_likelihood_contrast_subtracts_generic_instructions(llm):
 
 
 def test_scorer_likelihood_reward(llm):
-    from flip_ray.likelihood import FlipLikelihood
+    from flip_ray.engine.likelihood import FlipLikelihood
+    from flip_ray.engine.specs import PromptSpec
     from flip_ray.scorer import FlipScorer
-    from flip_ray.specs import PromptSpec
 
     scorer = FlipScorer(llm, likelihood=True, variant="no_reasoning")
     prompts = [
@@ -176,8 +176,8 @@ def _long_responses(tag: str, n: int = 24) -> list[str]:
 
 
 def test_sampling_on_cpu_uses_the_engine_seed(llm):
-    from flip_ray.engine import FlipGenerator
-    from flip_ray.specs import PromptSpec, SamplingSpec
+    from flip_ray.engine.generation import FlipGenerator
+    from flip_ray.engine.specs import PromptSpec, SamplingSpec
 
     gen = FlipGenerator(llm, PromptSpec("flip"), SamplingSpec(temperature=0.7, max_tokens=4, seed=0))
     assert gen.params.seed is None  # vLLM's CPU backend fails on per-request seeds with split prefills
@@ -187,15 +187,15 @@ def test_sampling_on_cpu_uses_the_engine_seed(llm):
 
 
 def test_a_failed_batch_leaves_no_request_behind(llm, monkeypatch, caplog):
-    import flip_ray.engine as engine
-    from flip_ray.specs import PromptSpec, SamplingSpec
+    import flip_ray.engine.generation as engine
+    from flip_ray.engine.specs import PromptSpec, SamplingSpec
 
     # Force the per-request seed the CPU backend cannot honour: the batch fails, the rows are retried
     # one by one, and the requests the failed call left in the engine must not run again.
     monkeypatch.setattr(engine, "request_seed", lambda seed, temperature: seed)
     # The authors' longer prompt: the batch's prefills then exceed one engine step and are split.
     gen = engine.FlipGenerator(llm, PromptSpec("flip"), SamplingSpec(temperature=0.7, max_tokens=2, seed=0))
-    with caplog.at_level("WARNING", logger="flip_ray.engine"):
+    with caplog.at_level("WARNING", logger="flip_ray.engine.generation"):
         out = gen.generate(_long_responses("forced"))
     assert "retrying 24 prompts one by one" in caplog.text
     assert [g.error for g in out] == [None] * len(out)
@@ -206,8 +206,8 @@ def test_flip_logprob_reads_the_prefix_cache_with_identical_scores(llm, caplog):
     """The likelihood prefill reuses the KV cache the generation pass left for the FLIP prompt, and
     gives the scores of a full prefill (the path before) to float tolerance; an instruction whose own
     tokens were cached (the same request again) is prefilled again, logged, with the same score."""
-    from flip_ray.engine import FlipGenerator
-    from flip_ray.likelihood import FlipLikelihood
+    from flip_ray.engine.generation import FlipGenerator
+    from flip_ray.engine.likelihood import FlipLikelihood
     from flip_ray.scorer import FlipScorer
 
     rows = [json.loads(line) for line in Path("flip_ray/samples/alpacaeval_sample.jsonl").read_text().splitlines()]
@@ -228,7 +228,7 @@ def test_flip_logprob_reads_the_prefix_cache_with_identical_scores(llm, caplog):
     # A long instruction scored twice: the second request finds its own tokens cached.
     long_instruction = "Explain, step by step and with examples, " * 12 + "how tides work."
     first = FlipLikelihood(llm).score([long_instruction], [responses[0]])[0]
-    with caplog.at_level("INFO", logger="flip_ray.likelihood"):
+    with caplog.at_level("INFO", logger="flip_ray.engine.likelihood"):
         second = FlipLikelihood(llm).score([long_instruction], [responses[0]])[0]
     assert "prefilled again without the prefix cache" in caplog.text
     assert second.logprob_sum == pytest.approx(first.logprob_sum, abs=1e-4)
@@ -254,9 +254,9 @@ def test_flip_logprob_lexical_equals_transformers_with_its_control(llm, hf_model
     """flip_logprob_lexical = the instruction's mean log-probability after the response minus after
     its lexical control, each term checked against transformers; the own term reused from
     flip_logprob gives the same reward."""
-    from flip_ray.controls import LexicalLikelihood
-    from flip_ray.likelihood import FlipLikelihood
-    from flip_ray.prompts import lexical_control
+    from flip_ray.engine.controls import LexicalLikelihood
+    from flip_ray.engine.likelihood import FlipLikelihood
+    from flip_ray.text.prompts import lexical_control
 
     lexical = LexicalLikelihood(llm, control=control)
     instructions, responses = [r[0] for r in ROWS], [r[1] for r in ROWS]
@@ -276,7 +276,7 @@ def test_flip_logprob_lexical_equals_transformers_with_its_control(llm, hf_model
 def test_pmi_forward_equals_transformers_and_rewards_the_matching_instruction(llm, hf_model):
     """pmi_forward = mean log P(response | instruction) - mean log P(response | generic instruction)
     over the same response tokens, each term checked against transformers."""
-    from flip_ray.controls import ForwardLikelihood
+    from flip_ray.engine.controls import ForwardLikelihood
 
     forward = ForwardLikelihood(llm)
     instructions, responses = [r[0] for r in ROWS], [r[1] for r in ROWS]

@@ -7,10 +7,10 @@ from pathlib import Path
 import pyarrow as pa
 import pytest
 
-from flip_ray.downstream import DROP, KEY, Columns, annotate, check_score_column, pairs_for_group
-from flip_ray.flags import compute_flags, copied_fraction, language_of, script_of, word_count
-from flip_ray.selection import drop_reason, group_key, make_dpo_pairs, missing_text, prompt_key, top_k
-from flip_ray.shards import InputError
+from flip_ray.downstream.jobs import DROP, KEY, Columns, annotate, check_score_column, pairs_for_group
+from flip_ray.downstream.selection import drop_reason, group_key, make_dpo_pairs, missing_text, prompt_key, top_k
+from flip_ray.input.files import InputError
+from flip_ray.text.flags import compute_flags, copied_fraction, language_of, script_of, word_count
 
 SAMPLE = [json.loads(line) for line in Path("flip_ray/samples/alpacaeval_sample.jsonl").read_text().splitlines()]
 PROMPT = "Who created the Superman cartoon character?"

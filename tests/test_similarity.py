@@ -8,9 +8,9 @@ from collections import Counter
 
 import pytest
 
-from flip_ray import similarity
-from flip_ray.metrics import f1_score, normalize_answer
-from flip_ray.similarity import (
+from flip_ray.text import similarity
+from flip_ray.text.metrics import f1_score, normalize_answer
+from flip_ray.text.similarity import (
     METRICS,
     EmbeddingSimilarity,
     bleu,
@@ -203,7 +203,7 @@ def test_pairwise_metric_refuses_unknown_names(name):
 
 def test_importing_similarity_loads_no_heavy_framework():
     code = (
-        "import sys, flip_ray.similarity\n"
+        "import sys, flip_ray.text.similarity\n"
         "print(','.join(m for m in ('vllm', 'torch', 'transformers') if m in sys.modules))\n"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)

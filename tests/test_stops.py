@@ -78,7 +78,7 @@ def test_sigint_and_sigterm_stop_cleanly_and_the_rerun_resumes(tmp_path, embedde
 BUGGY = """
 import pyarrow as pa
 
-from flip_ray.stages import SimilarityStage
+from flip_ray.job.stages import SimilarityStage
 
 
 class BuggySimilarityStage(SimilarityStage):
@@ -97,9 +97,9 @@ import sys
 sys.path.insert(0, {str(tmp_path)!r})
 import ray.cloudpickle
 import buggy
-import flip_ray.stages
+import flip_ray.job.stages
 ray.cloudpickle.register_pickle_by_value(buggy)  # the workers cannot import this test module
-flip_ray.stages.SimilarityStage = buggy.BuggySimilarityStage
+flip_ray.job.stages.SimilarityStage = buggy.BuggySimilarityStage
 from flip_ray.cli import main
 sys.exit(main(sys.argv[1:]))
 """

@@ -8,11 +8,11 @@ import pyarrow.parquet as pq
 import pytest
 
 from flip_ray import schema
-from flip_ray.io import ColumnMapping
-from flip_ray.shards import Shard
-from flip_ray.stages import read_shards, write_parts
-from flip_ray.store import OutputError, OutputStore, fingerprint, scoring_settings, settings_diff, shard_id
-from flip_ray.tracker import ErrorBudgetExceeded, ShardTracker, check_output, summarize
+from flip_ray.input.files import Shard
+from flip_ray.input.readers import ColumnMapping
+from flip_ray.job.stages import read_shards, write_parts
+from flip_ray.job.store import OutputError, OutputStore, fingerprint, scoring_settings, settings_diff, shard_id
+from flip_ray.job.tracker import ErrorBudgetExceeded, ShardTracker, check_output, summarize
 
 
 def test_shard_id_is_stable_safe_and_distinct():
@@ -101,9 +101,7 @@ def test_tracker_commits_only_complete_shards_and_prunes_orphans(tmp_path):
     assert pq.read_table(tmp_path / "out" / "data" / sa).num_rows == 5
     counts = summarize(done)
     assert counts["rows"] == 5 and counts["scored"] == 4
-    assert counts["rewards"] == {
-        "flip": {"column": "flip_score", "scored": 4, "mean": 0.5, "status": {"raw_text": 4}}
-    }
+    assert counts["rewards"] == {"flip": {"column": "flip_score", "scored": 4, "mean": 0.5, "status": {"raw_text": 4}}}
     assert counts["error_kinds"] == {"response is empty": 1}
 
 

@@ -126,8 +126,8 @@ def make_rows(n: int) -> list[dict]:
 
 
 def bare(model_dir: Path, rows: list[dict], args) -> dict:
-    from flip_ray.engine import FlipGenerator
-    from flip_ray.specs import EngineSpec, PromptSpec, SamplingSpec
+    from flip_ray.engine.generation import FlipGenerator
+    from flip_ray.engine.specs import EngineSpec, PromptSpec, SamplingSpec
 
     t0 = time.perf_counter()
     llm = EngineSpec(
@@ -154,8 +154,8 @@ def bare(model_dir: Path, rows: list[dict], args) -> dict:
 
 
 def pipeline(model_dir: Path, rows: list[dict], args, tmp: Path) -> dict:
-    from flip_ray.config import load_config
-    from flip_ray.score import run_score
+    from flip_ray.config.base import load_config
+    from flip_ray.recipe import run_score
 
     tmp.mkdir(parents=True, exist_ok=True)
     src = tmp / "in.jsonl"
@@ -192,9 +192,9 @@ def likelihood_pair(model_dir: Path, rows: list[dict], args) -> None:
     engine stage runs them, and vLLM's prefix-cache hit rate (its own counters)."""
     from vllm import LLM
 
-    from flip_ray.engine import FlipGenerator
-    from flip_ray.likelihood import FlipLikelihood
-    from flip_ray.specs import EngineSpec, SamplingSpec
+    from flip_ray.engine.generation import FlipGenerator
+    from flip_ray.engine.likelihood import FlipLikelihood
+    from flip_ray.engine.specs import EngineSpec, SamplingSpec
 
     spec = EngineSpec(
         str(model_dir), device=args.device, dtype=args.dtype, max_model_len=args.max_model_len,
@@ -277,8 +277,8 @@ def main() -> None:
         # first so that neither run pays for it).
         from omegaconf import OmegaConf
 
-        from flip_ray.config import RayConfig
-        from flip_ray.runtime import init_ray
+        from flip_ray.config.base import RayConfig
+        from flip_ray.job.runtime import init_ray
 
         init_ray(OmegaConf.structured(RayConfig))
         b1 = pipeline(model_dir, rows[: args.rows // 2], args, tmp / "half")

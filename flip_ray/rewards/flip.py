@@ -14,8 +14,8 @@ from typing import Any
 import pyarrow as pa
 
 from flip_ray.rewards.base import EngineRows, EngineSetup, FinishSetup, RewardMethod, RowScore
-from flip_ray.scoring import score_batch
-from flip_ray.similarity import METRICS
+from flip_ray.rewards.flip_f1 import score_batch
+from flip_ray.text.similarity import METRICS
 
 # Internal column: the raw answers of the engine, one per sample; the similarity stage reads them.
 GENERATIONS = "_flip_generations"
@@ -93,7 +93,7 @@ def row_score(g, reused: bool) -> RowScore:
 
 class FlipEngine:
     def __init__(self, llm, setup: EngineSetup):
-        from flip_ray.engine import FlipGenerator
+        from flip_ray.engine.generation import FlipGenerator
 
         self.generator = FlipGenerator(llm, setup.prompt, setup.sampling)
         self.cache = AnswerCache(setup.dedup_cache_size)
@@ -114,7 +114,7 @@ class FlipFinish:
     """Parses each answer and measures it against the real instruction (`scoring.score_batch`)."""
 
     def __init__(self, setup: FinishSetup):
-        from flip_ray.similarity import EmbeddingSimilarity
+        from flip_ray.text.similarity import EmbeddingSimilarity
 
         self.similarity = setup.settings.get("similarity", "f1")
         self.aggregate = setup.aggregate

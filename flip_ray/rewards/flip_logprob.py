@@ -10,8 +10,8 @@ from typing import Any
 
 import pyarrow as pa
 
-from flip_ray.prompts import LOGPROB_FORMATS
 from flip_ray.rewards.base import EngineRows, EngineSetup, RewardMethod, RowScore
+from flip_ray.text.prompts import LOGPROB_FORMATS
 
 FIELDS = (
     pa.field("flip_logprob_mean", pa.float64()),
@@ -33,7 +33,7 @@ def row_score(lk) -> RowScore:
 
 class FlipLogprobEngine:
     def __init__(self, llm, setup: EngineSetup):
-        from flip_ray.likelihood import FlipLikelihood
+        from flip_ray.engine.likelihood import FlipLikelihood
 
         s = setup.settings
         self.likelihood = FlipLikelihood(

@@ -10,15 +10,15 @@ from typing import Any
 
 import pyarrow as pa
 
-from flip_ray.prompts import LEXICAL_CONTROLS
 from flip_ray.rewards.base import EngineRows, EngineSetup, RewardMethod, RowScore
+from flip_ray.text.prompts import LEXICAL_CONTROLS
 
 COLUMN = "flip_logprob_lexical"
 
 
 class LexicalEngine:
     def __init__(self, llm, setup: EngineSetup):
-        from flip_ray.controls import LexicalLikelihood
+        from flip_ray.engine.controls import LexicalLikelihood
 
         s = setup.settings
         self.lexical = LexicalLikelihood(

@@ -8,8 +8,8 @@ from typing import Any
 
 import pyarrow as pa
 
+from flip_ray.engine.verdicts import parse_pointwise
 from flip_ray.rewards.base import EngineRows, EngineSetup, RewardMethod, RowScore
-from flip_ray.verdicts import parse_pointwise
 
 FIELDS = (pa.field("judge_score", pa.float64()), pa.field("judge_parse_status", pa.string()))
 
@@ -25,7 +25,7 @@ def row_score(g) -> RowScore:
 
 class JudgeEngine:
     def __init__(self, llm, setup: EngineSetup):
-        from flip_ray.judge import Judge
+        from flip_ray.engine.judge import Judge
 
         max_tokens = setup.settings.get("judge_max_tokens", 256)
         self.judge = Judge(llm, setup.prompt, max_tokens=max_tokens, seed=setup.sampling.seed)

@@ -13,7 +13,7 @@ COLUMN = "pmi_forward"
 
 class ForwardEngine:
     def __init__(self, llm, setup: EngineSetup):
-        from flip_ray.controls import ForwardLikelihood
+        from flip_ray.engine.controls import ForwardLikelihood
 
         self.forward = ForwardLikelihood(llm, setup.prompt)
 
