@@ -7,20 +7,22 @@ fixed seed; reruns until the job exits 0, then the invariant and the scores are 
     # the same in two holds of the engine lock: the fault-free run, then the chaos run on it
     flock /tmp/flip_ray_engine.lock .venv/bin/python tests/chaos.py --workdir /tmp/chaos --phase reference
     flock /tmp/flip_ray_engine.lock .venv/bin/python tests/chaos.py --workdir /tmp/chaos --phase chaos
-    # the short run of CI (tests/test_chaos.py): 120 rows in 10 shards, one fault of each kind
+    # the short run of CI (tests/test_chaos.py): 240 rows in 40 shards, one fault of each kind
     flock /tmp/flip_ray_engine.lock .venv/bin/python tests/chaos.py \
-        --rows 120 --rows-per-shard 12 --faults 7 --max-delay 5
+        --rows 240 --rows-per-shard 6 --faults 7 --max-delay 5
 
 Steps: a head (no work) and two worker nodes (`ray start`, token auth, 127.0.0.1 only), a SeaweedFS
 S3 server, generated {id, prompt, response} rows uploaded to s3://chaos/in/ as JSONL and Parquet
-files; a fault-free run into s3://chaos/ref (timed), then the chaos run into s3://chaos/out-<id>. Faults
-(kinds in `KINDS`): engine actor kill -9; vLLM EngineCore kill -9 (`model.engine_multiprocessing=true`);
-a worker node's raylet and workers kill -9, the node started again; S3 server stopped, started again;
-driver kill -9, resubmitted; driver SIGTERM, resubmitted; a second run submitted into the same output,
-which must be refused with exit 2 while the first goes on. A fault waits until a part file was written
-since the previous one, then a drawn delay. After a job ends non-zero with a code that says "rerun"
-(3, 143, a kill), the same job is submitted again. At the end: `invariant.assert_output_matches_input`
-on the S3 output, every output column equal to the fault-free run's by id, and a table.
+files; a fault-free run into s3://chaos/ref (timed), then the chaos run into s3://chaos/out-<id>.
+Faults (kinds in `KINDS`), one after the other: engine actor kill -9; vLLM EngineCore kill -9
+(`model.engine_multiprocessing=true`); a worker node's raylet and workers kill -9, the node started
+again; S3 server stopped, started again; driver kill -9, resubmitted; driver SIGTERM, resubmitted; a
+second run submitted into the same output, which must be refused with exit 2 while the first goes on
+(its verdict awaited while the other faults go on). A fault comes a drawn delay after the previous
+one, once the job's current attempt has written a part file. After a job ends non-zero with a code
+that says "rerun" (3, 143, a kill), the same job is submitted again. At the end:
+`invariant.assert_output_matches_input` on the S3 output, every output column equal to the fault-free
+run's by id, and a table.
 
 Exit status 0 when every check holds; 1 with the reason otherwise (the work dir is then kept).
 """
@@ -292,6 +294,7 @@ class Chaos:
     attempts: list[tuple[str, int | None]] = field(default_factory=list)
     orphans: list[int] = field(default_factory=list)  # the processes of engine actors killed
     started: float = 0.0
+    second: tuple[str, Fault] | None = None  # a second run submitted, its verdict pending
 
     def _engines(self) -> list[psutil.Process]:
         """This cluster's engine actor processes (other clusters may run on the host)."""
@@ -368,31 +371,57 @@ class Chaos:
         raise ValueError(kind)
 
     def _second_run(self, at: float, attempt: int) -> Fault:
-        """A second run into the same output while this one works: refused with exit 2, naming the holder."""
+        """Submits a second run into the same output while this one works; its verdict is awaited by
+        `_check_second` while the first job and the other faults go on (a `ray job submit` driver
+        takes a minute to start on this host, and the first job must not finish meanwhile)."""
         second = self.jobs.submit(self.output)
-        code = self.jobs.wait(second, timeout=900)
-        text = self.jobs.save_logs(second)
+        fault = Fault("concurrent", at, attempt, f"{second} submitted", outcome="pending")
+        self.second = (second, fault)
+        return fault
+
+    def _check_second(self) -> None:
+        """The second run's verdict, once it has ended: refused with exit 2 naming the holder while
+        the first job held the output (or the first had ended: inconclusive)."""
+        second, fault = self.second
+        info = self.jobs.info(second)
+        if not info.status.is_terminal():
+            return
+        self.second = None
+        code, text = info.driver_exit_code, self.jobs.save_logs(second)
         first = self.jobs.info(self.job).status
-        detail = f"{second} exit {code}, first job {first.value}"
+        fault.detail = f"{second} exit {code}, first job {first.value}"
         if code == 2 and "in use by another run" in text:
-            return Fault("concurrent", at, attempt, detail, outcome="refused with exit 2, the first went on")
-        if not first.is_terminal():
-            raise ChaosFailure(f"a second run into a working output was not refused: {detail}\n{text[-3000:]}")
-        # The first run ended before the second took the lock: the second is then the run that goes on.
-        if code is None:
-            self.attempts.append((self.job, self.jobs.info(self.job).driver_exit_code))
-            self.job = second
-        return Fault("concurrent", at, attempt, detail, outcome="inconclusive: the first run had ended")
+            fault.outcome = "refused with exit 2, the first went on"
+        elif not first.is_terminal():
+            raise ChaosFailure(f"a second run into a working output was not refused: {fault.detail}\n{text[-3000:]}")
+        else:
+            fault.outcome = "inconclusive: the first run had ended"
+        print(f"chaos: {time.time() - self.started:7.1f} s  second run: {fault.outcome}", flush=True)
+
+    def _next(self, plan: list[str]) -> int | None:
+        """The plan's next fault to inject now: while a second run is pending, none that stops the
+        first job's driver (it would free the lock for the second) and no second one."""
+        if self.second is None:
+            return 0 if plan else None
+        return next((i for i, k in enumerate(plan) if k not in ("driver_kill", "sigterm", "concurrent")), None)
 
     def run(self, watcher: PartWatcher, hang_s: float, max_attempts: int) -> None:
         """Submits the job and injects the plan's faults; reruns until the job exits 0."""
         self.started = time.time()
         self.job = self.jobs.submit(self.output)
         plan = list(self.plan)
-        mark, fire_at, last_change, seen = 0, None, time.time(), (0, 0)  # the first fault after a part
+        # A fault is drawn a delay after the previous one, once the current attempt has written a part
+        # (`mark`: the parts seen when it was submitted), so that every attempt makes progress and a
+        # fault always meets a working job; faults that leave the job running follow each other.
+        mark, fire_at, last_change, seen = 0, None, time.time(), (0, 0)
         while True:
+            if self.second is not None:
+                self._check_second()
             info = self.jobs.info(self.job)
             if info.status.is_terminal():
+                if self.second is not None:  # its verdict first: a rerun now would meet it
+                    time.sleep(1)
+                    continue
                 code = info.driver_exit_code
                 self.jobs.save_logs(self.job)
                 self.attempts.append((self.job, code))
@@ -408,7 +437,7 @@ class Chaos:
                 if len(self.attempts) >= max_attempts:
                     raise ChaosFailure(f"{len(self.attempts)} attempts and the job has not finished")
                 self.job = self.jobs.submit(self.output)
-                last_change = time.time()
+                mark, fire_at, last_change = len(watcher.parts), None, time.time()
                 continue
             now = (len(watcher.parts), watcher.done)
             if now != seen:
@@ -417,13 +446,14 @@ class Chaos:
                 raise ChaosFailure(f"no part file written for {hang_s:.0f} s: job {self.job} hangs")
             if plan and fire_at is None and len(watcher.parts) > mark:
                 fire_at = time.time() + self.rng.uniform(0, self.max_delay_s)
-            if plan and fire_at is not None and time.time() >= fire_at and self.ready(plan[0]):
-                fault = self.inject(plan[0])
+            nxt = self._next(plan)
+            if nxt is not None and fire_at is not None and time.time() >= fire_at and self.ready(plan[nxt]):
+                fault = self.inject(plan[nxt])
                 if fault is not None:
-                    plan.pop(0)
+                    plan.pop(nxt)
                     self.faults.append(fault)
                     print(f"chaos: {fault.at_s:7.1f} s  {KIND_NAMES[fault.kind]}: {fault.detail}", flush=True)
-                    mark, fire_at, last_change = len(watcher.parts), None, time.time()
+                    fire_at, last_change = None, time.time()
             time.sleep(1)
 
 
