@@ -14,6 +14,7 @@ Exit codes (README, "Reruns, resume and exit codes"):
 from __future__ import annotations
 
 import argparse
+import errno
 import logging
 import os
 import signal
@@ -285,6 +286,36 @@ def _terminate(signum, frame):
     raise Terminated()
 
 
+# Exceptions that say the storage or the network did not answer (botocore, aiohttp, requests): never
+# a user's mistake (a wrong bucket or key is a ClientError) and never a bug in flip_ray.
+_UNREACHABLE = {
+    "EndpointConnectionError",
+    "ConnectTimeoutError",
+    "ConnectionClosedError",
+    "ReadTimeoutError",
+    "ClientConnectorError",
+    "ServerDisconnectedError",
+    "ServerTimeoutError",
+}
+_NETWORK_ERRNOS = {errno.ECONNREFUSED, errno.ECONNRESET, errno.ETIMEDOUT, errno.EHOSTUNREACH, errno.ENETUNREACH}
+
+
+def storage_unreachable(e: BaseException) -> str | None:
+    """The last line of the exception in `e`'s chain that says the storage or the network did not
+    answer, or None when none does (then it is a bug, or a user error already told apart)."""
+    seen = set()
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        if (
+            isinstance(e, (ConnectionError, TimeoutError))
+            or type(e).__name__ in _UNREACHABLE
+            or (isinstance(e, OSError) and e.errno in _NETWORK_ERRNOS)
+        ):
+            return (str(e).strip().splitlines() or [type(e).__name__])[-1]
+        e = e.__cause__ or e.__context__
+    return None
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     argv = sys.argv[1:] if argv is None else argv
@@ -317,7 +348,15 @@ def main(argv: list[str] | None = None) -> int:
         signum = signal.SIGINT if isinstance(e, KeyboardInterrupt) else signal.SIGTERM
         print(f"flip-ray: stopped by {signal.Signals(signum).name}", file=sys.stderr)
         return EXIT_SIGNAL[signum]
-    except Exception:
+    except Exception as e:
+        unreachable = storage_unreachable(e)
+        if unreachable is not None:  # the storage or the network failed, not our code: a rerun may succeed
+            print(
+                f"flip-ray: the storage could not be reached ({unreachable}); finished shards are kept. Rerun with "
+                "the same config once it answers",
+                file=sys.stderr,
+            )
+            return EXIT_STOPPED
         traceback.print_exc()
         print(
             "flip-ray: internal error: this is a bug in flip_ray, please report it with the traceback above. "

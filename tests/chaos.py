@@ -386,9 +386,13 @@ class Chaos:
         info = self.jobs.info(second)
         if not info.status.is_terminal():
             return
-        self.second = None
         code, text = info.driver_exit_code, self.jobs.save_logs(second)
         first = self.jobs.info(self.job).status
+        if code == 3 and not first.is_terminal():  # the storage was down when it started: submitted again
+            self.second = (self.jobs.submit(self.output), fault)
+            fault.detail += f"; {second} exit 3 (storage down), again"
+            return
+        self.second = None
         fault.detail = f"{second} exit {code}, first job {first.value}"
         if code == 2 and "in use by another run" in text:
             fault.outcome = "refused with exit 2, the first went on"

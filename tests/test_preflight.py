@@ -135,3 +135,57 @@ def test_id_column_auto_uses_the_id_column_when_every_file_has_it(tmp_path, corp
     (corpus.parent / "b.jsonl").write_text(json.dumps({"prompt": "p", "response": "r"}) + "\n")
     cfg = load_config(None, [f"input.path={corpus.parent}", f"output.path={tmp_path / 'out2'}"])
     assert plan_run(cfg).mapping.id is None  # one file without ids: derived ids for all
+
+
+def test_an_object_store_that_does_not_answer_is_exit_3_and_not_a_bug(tmp_path):
+    """Storage down while the run plans (found by the chaos run: a run started while the S3 server was
+    stopped said "internal error ... a bug in flip_ray", exit 4): exit 3, rerun, no traceback."""
+    import os
+    import socket
+
+    with socket.socket() as s:  # a port nobody listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {
+        **os.environ,
+        "AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}",
+        "AWS_ACCESS_KEY_ID": "x",
+        "AWS_SECRET_ACCESS_KEY": "y",
+        "AWS_REGION": "us-east-1",
+        "AWS_MAX_ATTEMPTS": "1",
+    }
+    done = subprocess.run(
+        [sys.executable, "-m", "flip_ray.cli", "score", "input.path=s3://nobody/in/", f"output.path={tmp_path / 'o'}"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=env,
+    )
+    assert done.returncode == 3, (done.returncode, done.stderr[-3000:])
+    assert "Traceback" not in done.stderr and "internal error" not in done.stderr, done.stderr[-3000:]
+    last = done.stderr.strip().splitlines()[-1]
+    assert last.startswith("flip-ray: the storage could not be reached (") and "Rerun with the same config" in last
+    written = {p.name for p in (tmp_path / "o").iterdir()} if (tmp_path / "o").exists() else set()
+    assert written <= {"logs"}, written  # flip_ray's own log of the attempt, nothing else
+
+
+def test_storage_unreachable_tells_the_network_from_a_bug():
+    import errno
+
+    from flip_ray.cli import storage_unreachable
+
+    class EndpointConnectionError(Exception):  # botocore's, by name
+        pass
+
+    try:
+        try:
+            raise EndpointConnectionError('Could not connect to the endpoint URL: "http://127.0.0.1:1/b"')
+        except EndpointConnectionError as inner:
+            raise RuntimeError("listing failed") from inner
+    except RuntimeError as e:
+        assert storage_unreachable(e) == 'Could not connect to the endpoint URL: "http://127.0.0.1:1/b"'
+    assert storage_unreachable(OSError(errno.ECONNREFUSED, "Connection refused")) is not None
+    assert storage_unreachable(ConnectionResetError("peer")) == "peer"
+    assert storage_unreachable(FileNotFoundError(errno.ENOENT, "no such file")) is None
+    assert storage_unreachable(AttributeError("a bug")) is None
