@@ -20,7 +20,7 @@ class StandInEngineStage:
     stay null); accepts (and ignores) its other kwargs."""
 
     def __init__(self, *, methods=(), **_):
-        self.fields = schema.engine_fields([m.name for m in methods] or ["flip"])
+        self.fields = schema.engine_fields(list(methods) or ["flip"])
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         n = batch.num_rows

@@ -57,11 +57,18 @@ ROW_FIELDS = (
 ERROR = pa.field("error", pa.string())  # set when the row could not be read, or every reward failed on it
 
 
-def _methods(methods: Iterable[str] | None) -> tuple[rewards.RewardMethod, ...]:
-    return rewards.every() if methods is None else rewards.resolve(methods)
+def _methods(methods: Iterable[str | rewards.RewardMethod] | None) -> tuple[rewards.RewardMethod, ...]:
+    """Rewards by name (looked up in this process's registry) or as given: the actors get the
+    `RewardMethod` objects from the driver, whose registry may hold rewards theirs does not."""
+    if methods is None:
+        return rewards.every()
+    methods = list(methods)
+    if all(isinstance(m, rewards.RewardMethod) for m in methods):
+        return tuple(methods)
+    return rewards.resolve(methods)
 
 
-def scored_fields(methods: Iterable[str] | None = None) -> pa.Schema:
+def scored_fields(methods: Iterable[str | rewards.RewardMethod] | None = None) -> pa.Schema:
     """The columns a run of `methods` (None: every registered reward) adds to each row: the rewards'
     own, the shared engine and row columns, the rewards' `<method>_error` columns, then `error`."""
     ms = _methods(methods)
@@ -73,7 +80,7 @@ def scored_fields(methods: Iterable[str] | None = None) -> pa.Schema:
     )
 
 
-def engine_fields(methods: Iterable[str]) -> pa.Schema:
+def engine_fields(methods: Iterable[str | rewards.RewardMethod]) -> pa.Schema:
     """The columns the engine stage adds for a run of `methods`; the similarity stage reads them."""
     ms = _methods(methods)
     return pa.schema(

@@ -17,7 +17,8 @@ files; a fault-free run into s3://chaos/ref (timed), then the chaos run into s3:
 Faults (kinds in `KINDS`), one after the other: engine actor kill -9; vLLM EngineCore kill -9
 (`model.engine_multiprocessing=true`); a worker node's raylet and workers kill -9, the node started
 again; S3 server stopped, started again; driver kill -9, resubmitted; driver SIGTERM, resubmitted; a
-second run submitted into the same output, which must be refused with exit 2 while the first goes on
+second run into the same output (`flip-ray score` from outside the cluster, as another user would
+start it), which must be refused with exit 2 while the first goes on
 (its verdict awaited while the other faults go on). A fault comes a drawn delay after the previous
 one, once the job's current attempt has written a part file. After a job ends non-zero with a code
 that says "rerun" (3, 143, a kill), the same job is submitted again. At the end:
@@ -69,6 +70,9 @@ KIND_NAMES = {
 # Exit codes after which the same command is run again (README: 3 infrastructure, 143 SIGTERM; a
 # driver killed by a signal is seen as -9 or 128+9 depending on the shell between).
 RERUN_CODES = {3, 143, -15, 137, -9}
+# A second run into a working output is refused within seconds (before Ray starts); one still going
+# after this long has taken the output.
+SECOND_RUN_S = 180
 # The scoring job: the embedded model on CPU, short answers, two engine actors with vLLM's EngineCore
 # in its own process (the GPU layout) so that it can be killed.
 ENGINE = [
@@ -294,7 +298,8 @@ class Chaos:
     attempts: list[tuple[str, int | None]] = field(default_factory=list)
     orphans: list[int] = field(default_factory=list)  # the processes of engine actors killed
     started: float = 0.0
-    second: tuple[str, Fault] | None = None  # a second run submitted, its verdict pending
+    second: tuple | None = None  # a second run started: (process, fault, start time, log), its verdict pending
+    second_count: int = 0
 
     def _engines(self) -> list[psutil.Process]:
         """This cluster's engine actor processes (other clusters may run on the host)."""
@@ -371,29 +376,46 @@ class Chaos:
         raise ValueError(kind)
 
     def _second_run(self, at: float, attempt: int) -> Fault:
-        """Submits a second run into the same output while this one works; its verdict is awaited by
-        `_check_second` while the first job and the other faults go on (a `ray job submit` driver
-        takes a minute to start on this host, and the first job must not finish meanwhile)."""
-        second = self.jobs.submit(self.output)
-        fault = Fault("concurrent", at, attempt, f"{second} submitted", outcome="pending")
-        self.second = (second, fault)
+        """Starts a second run into the same output while this one works, as another user would from
+        their own machine: `flip-ray score` with the same arguments, outside the cluster (a refused run
+        starts no Ray). Its verdict is awaited by `_check_second` while the first job and the other
+        faults go on."""
+        self.second_count += 1
+        log = self.jobs.logs / f"second-{self.second_count:02d}.log"
+        env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+        cmd = [
+            sys.executable,
+            "-m",
+            "flip_ray.cli",
+            "score",
+            f"input.path=s3://{BUCKET}/in/",
+            f"output.path={self.output}",
+        ]
+        with open(log, "w") as out:
+            proc = subprocess.Popen([*cmd, *self.jobs.args], cwd=self.jobs.source, env=env, stdout=out, stderr=out)
+        fault = Fault("concurrent", at, attempt, f"{log.name} started", outcome="pending")
+        self.second = (proc, fault, time.time(), log)
         return fault
 
     def _check_second(self) -> None:
         """The second run's verdict, once it has ended: refused with exit 2 naming the holder while
-        the first job held the output (or the first had ended: inconclusive)."""
-        second, fault = self.second
-        info = self.jobs.info(second)
-        if not info.status.is_terminal():
+        the first job held the output (or the first had ended: inconclusive). One still running after
+        `SECOND_RUN_S` was not refused."""
+        proc, fault, started, log = self.second
+        if proc.poll() is None and time.time() - started < SECOND_RUN_S:
             return
-        code, text = info.driver_exit_code, self.jobs.save_logs(second)
+        if proc.poll() is None:  # it is working: it took the output
+            proc.kill()
+            proc.wait()
+        code, text = proc.returncode, log.read_text()
         first = self.jobs.info(self.job).status
-        if code == 3 and not first.is_terminal():  # the storage was down when it started: submitted again
-            self.second = (self.jobs.submit(self.output), fault)
-            fault.detail += f"; {second} exit 3 (storage down), again"
+        if code == 3 and not first.is_terminal():  # the storage was down when it started: started again
+            fault.detail += f"; {log.name} exit 3 (storage down), again"
+            self._second_run(fault.at_s, fault.attempt)
+            self.second = (*self.second[:1], fault, *self.second[2:])
             return
         self.second = None
-        fault.detail = f"{second} exit {code}, first job {first.value}"
+        fault.detail = f"{log.name} exit {code} after {time.time() - started:.0f} s, first job {first.value}"
         if code == 2 and "in use by another run" in text:
             fault.outcome = "refused with exit 2, the first went on"
         elif not first.is_terminal():

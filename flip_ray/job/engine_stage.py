@@ -37,7 +37,7 @@ def merge_results(
     registry's order (`n_prompt_tokens`) or any (`truncated`); a reward's failure goes to its
     `<method>_error`, and `error` is set only when every reward failed."""
     names = [m.name for m in methods]
-    cols: dict[str, list] = {name: [None] * n for name in schema.engine_fields(names).names}
+    cols: dict[str, list] = {name: [None] * n for name in schema.engine_fields(methods).names}
     cols["error"] = list(errors)
     dedup = [None] * n
     for k, i in enumerate(todo):
@@ -125,6 +125,6 @@ class BackwardInferenceStage:
         batch = schema.put_column(
             batch, schema.CONTROL_COLUMNS.field(schema.DEDUP), pa.array(cols.pop(schema.DEDUP), pa.bool_())
         )
-        for f in schema.engine_fields([m.name for m in self.methods]):
+        for f in schema.engine_fields(self.methods):
             batch = schema.put_column(batch, f, pa.array(cols[f.name], f.type))
         return batch
