@@ -686,6 +686,9 @@ def main(argv: list[str] | None = None) -> int:
         if reference is None:
             shape = {"rows": args.rows, "rows_per_shard": args.rows_per_shard, "seed": args.seed}
             record = {"shape": shape, "files": prepare_input(args, workdir, s3)}
+        else:  # the chaos phase on an earlier fault-free run: today's code, the same input
+            shutil.rmtree(workdir / "src", ignore_errors=True)
+            snapshot_source(workdir / "src")
         cluster = LoopbackCluster(dict(os.environ), object_store_bytes=512 * 1024**2).start()
         print(f"chaos: work dir {workdir}; cluster {cluster.address}; S3 {s3.endpoint}", flush=True)
         job_args = [*ENGINE, f"input.rows_per_shard={args.rows_per_shard}"]
