@@ -219,7 +219,7 @@ def _keys_help(command: str) -> str:
             value = OmegaConf.to_container(value)
         lines.append(f"  {key:<32} {value}")
     return (
-        "config: the built-in defaults (flip_ray/config/base.py, config_jobs.py), then --config FILE, then\n"
+        "config: the built-in defaults (flip_ray/config/base.py, flip_ray/config/jobs.py), then --config FILE, then\n"
         "key=value overrides; unknown keys are refused with the nearest valid name.\n\n"
         "most used keys (default):\n" + "\n".join(lines) + f"\n\nexample:\n  {EXAMPLES[command]}\n"
         "all keys: the README's config reference."

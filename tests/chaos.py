@@ -666,7 +666,7 @@ def check_and_report(chaos: Chaos, watcher: PartWatcher, reference: dict, wall: 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    workdir = args.workdir or Path(tempfile.mkdtemp(prefix="frchaos-", dir="/tmp"))
+    workdir = (args.workdir or Path(tempfile.mkdtemp(prefix="frchaos-", dir="/tmp"))).resolve()  # weed runs elsewhere
     (workdir / "logs").mkdir(parents=True, exist_ok=True)
     saved_env = dict(os.environ)  # restored at the end: a test session goes on in this process
     os.environ.update({"RAY_USAGE_STATS_ENABLED": "0", "VLLM_NO_USAGE_STATS": "1", "DO_NOT_TRACK": "1"})

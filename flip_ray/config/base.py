@@ -1,7 +1,7 @@
 """Typed configuration: dataclasses merged with a YAML file and `key=value` overrides (OmegaConf).
 
 This module holds the loader and the scoring job's schema (the sections other jobs share); the
-schemas of `filter`, `pairs` and `evaluate` are in `config_jobs.py`. Every key a job reads is
+schemas of `filter`, `pairs` and `evaluate` are in `jobs.py`. Every key a job reads is
 declared; unknown keys and values of the wrong type are refused with a message naming the key.
 `validate_*` checks the rest (choices, ranges, combinations) so that a bad config stops the job
 before any model is loaded. Classes never receive the config object: `specs.py` and `runtime.py`

@@ -5,7 +5,7 @@ Built once from the config (`*.from_config`) and passed whole to every stage tha
 a prompt choice lives in one place. Adding an engine argument: a field here and in
 `config.ModelConfig` (same name and default, checked by tests/test_defaults.py; `from_config` copies
 it), plus the fingerprint list
-in `store.py` if it cannot change a score. Importing this module loads no vLLM; `EngineSpec.build` does.
+in `job/store.py` if it cannot change a score. Importing this module loads no vLLM; `EngineSpec.build` does.
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """Preference data for the evaluation job: `{id, prompt, chosen, rejected[, subset]}` rows read into
 `Item`s (bad rows kept aside with their reason), and the one-row-per-response table the scoring job
-reads. `prompt` is a string, a chat, or an HH-RLHF transcript (`records.prompt_parts`); `rejected`
+reads. `prompt` is a string, a chat, or an HH-RLHF transcript (`text/rows.prompt_parts`); `rejected`
 is a string or a list (best-of-N)."""
 
 from __future__ import annotations

@@ -2,7 +2,7 @@
 
     flip-ray evaluate input.path=pairs.jsonl output.path=outputs/eval
 
-Input rows are `{id, prompt, chosen, rejected[, subset]}` (`preference.py`); `rejected` is a string
+Input rows are `{id, prompt, chosen, rejected[, subset]}` (`pairs_input.py`); `rejected` is a string
 or a list (best-of-N: an item counts as correct only if chosen outscores every rejected response).
 `run_evaluate` is a recipe of named steps:
 
@@ -11,7 +11,7 @@ or a list (best-of-N: an item counts as correct only if chosen outscores every r
 2. `score_responses`: the scoring job itself, one run per engine method under `scores/<method>/`
    (each method's speed measured alone; a rerun resumes);
 3. `judge_pairs`: the per-pair judges (`judge_pairwise` in both orders, `judge_listwise` over a
-   seeded shuffle; `pairjudge.py`) through the same engine on Ray Data;
+   seeded shuffle; `pair_judges.py`) through the same engine on Ray Data;
 4. `write_summary`: the trivial baselines (`longer`, `shorter`, `prompt_overlap`), then
    `summary.json` (keyed by method: accuracy, n, ties, 95% bootstrap CI, per subset, agreement
    with the length rules, rows/s), `summary.md` and `eval_manifest.json`.
@@ -136,7 +136,7 @@ def _add_baselines(items: list[Item], outcomes: dict, picks: dict) -> None:
 
 
 def _method_summary(cfg: DictConfig, outcomes: list, picks: list, rule_picks: dict, subsets: list) -> dict:
-    """`evalstats.summarize` of one method plus its agreement with the length rules and with prompt
+    """`stats.summarize` of one method plus its agreement with the length rules and with prompt
     overlap (a method that only tracks length, or restating, shows there)."""
     s = summarize(outcomes, subsets, n_boot=cfg.evaluation.bootstrap, seed=cfg.evaluation.seed)
     for rule in ("longer", "shorter", "prompt_overlap"):

@@ -1,8 +1,9 @@
 """Input shards: finding them (a file, directory or glob; local or s3://; Parquet, JSONL, HF
 `save_to_disk`) and telling whether a file changed since it was read (`source_identity`).
 
-A shard is one input file. File systems go through fsspec (s3fs for s3://), configured by the
-standard AWS variables. Reading a shard's rows is `io.py`.
+A shard is one input file, or a range of its rows when the file is big (`sharding.split`): what is
+read, scored and committed as one. File systems go through fsspec (s3fs for s3://), configured by the
+standard AWS variables. Reading a shard's rows is `readers.py`.
 """
 
 from __future__ import annotations
@@ -36,7 +37,7 @@ logger = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class Shard:
-    """A file, or a range of its rows (`layout.split`): what is read, scored and committed as one."""
+    """A file, or a range of its rows (`sharding.split`): what is read, scored and committed as one."""
 
     uri: str  # the file's full URI, protocol included for remote files
     format: str  # parquet | jsonl | hf (an Arrow stream file of a saved HF dataset)

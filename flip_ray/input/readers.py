@@ -1,4 +1,4 @@
-"""Input: reading a shard's rows (Parquet, JSONL, HF `save_to_disk`; finding shards is `shards.py`).
+"""Input: reading a shard's rows (Parquet, JSONL, HF `save_to_disk`; finding shards is `files.py`).
 
 Reading a shard yields blocks of normalised rows: `id`, the internal
 columns `_flip_instruction`, `_flip_response`, `_flip_context`, the kept input columns, and `error`
@@ -174,7 +174,7 @@ def read_records(shard: Shard) -> Iterator[tuple[int, dict | None, str | None]]:
 
 def _range_lines(f, shard: Shard) -> Iterator[tuple[int, bytes]]:
     """(line number, bytes) of the lines that start in the shard's byte range: the reader seeks to
-    it and never reads, let alone parses, a line before it (`layout.py` cuts at line starts)."""
+    it and never reads, let alone parses, a line before it (`sharding.py` cuts at line starts)."""
     f.seek(shard.byte_start)
     pos, lineno = shard.byte_start, shard.first_line
     for line in f:

@@ -4,7 +4,7 @@
                    -> SimilarityStage (CPU actors) -> write_parts (tasks) -> driver
 
 The driver receives only small per-part records (`schema.PART_META`) and commits a shard (its done
-record, `store.py`) once all its rows are durably written. The run around it is `score.py`.
+record, `store.py`) once all its rows are durably written. The run around it is `flip_ray/recipe.py`.
 """
 
 from __future__ import annotations

@@ -2,7 +2,8 @@
 the current input.
 
 `plan_run` reads the config, the input (every shard's columns, every file's identity), the model
-path and the output directory, and decides what the run must do, without changing anything:
+path and the output directory, takes the output's lock (`lock.RunLock`), and decides what the run
+must do; nothing else in the output is changed here (`recipe.prepare_output` does it):
 
 - shards done before, whose file is unchanged and whose part files are all there: skipped;
 - shards whose file changed since they were scored: refused (naming the file), unless
@@ -68,7 +69,7 @@ class DuplicateIdError(InputError):
 @dataclass
 class RunPlan:
     files: list[Shard]  # the input files, whole
-    layouts: dict[str, dict]  # file uri -> how it is cut into shards (layout.split_files)
+    layouts: dict[str, dict]  # file uri -> how it is cut into shards (sharding.split_files)
     shards: list[Shard]  # what is read and committed: files, or row ranges of them
     mapping: ColumnMapping
     kept_schema: pa.Schema

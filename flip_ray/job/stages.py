@@ -5,7 +5,7 @@
     writes: `schema.normalized_schema`: `id`, kept input columns, `_flip_instruction`,
     `_flip_response`, `_flip_context`, `error`, and the control columns `_flip_shard`,
     `_flip_shard_total`, `_flip_shard_error` (set on the one end-of-shard marker row)
-`BackwardInferenceStage` (engine actors, GPU or CPU; `inference.py`)
+`BackwardInferenceStage` (engine actors, GPU or CPU; `engine_stage.py`)
     reads: `_flip_instruction`, `_flip_response`, `_flip_context`, `error`
     writes: `schema.engine_fields(methods)`: each reward's engine columns (e.g. `flip`'s raw
     `_flip_generations`), `finish_reason`, `n_prompt_tokens`, `n_output_tokens`, `truncated`, the

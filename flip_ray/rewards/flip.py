@@ -111,7 +111,7 @@ class FlipEngine:
 
 
 class FlipFinish:
-    """Parses each answer and measures it against the real instruction (`scoring.score_batch`)."""
+    """Parses each answer and measures it against the real instruction (`flip_f1.score_batch`)."""
 
     def __init__(self, setup: FinishSetup):
         from flip_ray.text.similarity import EmbeddingSimilarity
