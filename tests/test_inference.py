@@ -21,12 +21,8 @@ def merge(n, todo, names, errors, results):
     to_row = {
         "flip": lambda g, reused: flip_reward.row_score(g, reused),
         "flip_logprob": lambda lk, _: flip_logprob.row_score(lk),
-        "flip_logprob_lexical": lambda lk, _: rewards.RowScore(
-            {"flip_logprob_lexical": lk.contrast}, lk.error, lk.truncated, lk.n_prompt_tokens, raw=lk
-        ),
-        "pmi_forward": lambda lk, _: rewards.RowScore(
-            {"pmi_forward": lk.contrast}, lk.error, lk.truncated, lk.n_prompt_tokens, raw=lk
-        ),
+        "flip_logprob_lexical": lambda lk, _: rewards.likelihood_score(lk, {"flip_logprob_lexical": lk.contrast}),
+        "pmi_forward": lambda lk, _: rewards.likelihood_score(lk, {"pmi_forward": lk.contrast}),
         "judge_pointwise": lambda g, _: judge_pointwise.row_score(g),
     }
     scored = {}

@@ -20,12 +20,10 @@ from omegaconf.errors import OmegaConfBaseException
 
 from flip_ray import rewards
 from flip_ray.text.prompts import DEFAULT_PROMPT_VARIANT, PROMPT_VARIANTS
-from flip_ray.text.similarity import METRICS
 
 INPUT_FORMATS = ("auto", "parquet", "jsonl", "hf")
 DEVICES = ("auto", "cpu", "gpu")
 AGGREGATES = ("mean", "max")
-SIMILARITIES = METRICS
 MAX_FEW_SHOT = 3
 
 

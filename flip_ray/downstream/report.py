@@ -91,6 +91,7 @@ class ReportStats:
         self.status: dict[str, int] = {}
         ran = [m for m in rewards.every() if m.error_column in present]  # the rewards that ran
         self.method_errors = {m.name: 0 for m in ran}
+        self.error_columns = {m.name: m.error_column for m in ran}
         self.status_columns = {m.name: m.status_column for m in ran if m.status_column in present}
         self.example_column = next((m.example_column for m in ran if m.example_column in present), None)
         self.flags = dict.fromkeys(FLAG_NAMES, 0)
@@ -118,7 +119,7 @@ class ReportStats:
                 status = f"{method}: {batch[column][i] or ('error' if error is not None else 'none')}"
                 self.status[status] = self.status.get(status, 0) + 1
             for method in self.method_errors:
-                if batch[f"{method}_error"][i] is not None:
+                if batch[self.error_columns[method]][i] is not None:
                     self.method_errors[method] += 1
             for flag in FLAG_NAMES:
                 if batch.get(flag) and batch[flag][i]:
@@ -157,7 +158,7 @@ def collect(scored: ScoredOutput) -> ReportStats:
         *([stats.example_column] if stats.example_column else []),
         *stats.rewards,
         *FLAG_NAMES,
-        *(f"{m}_error" for m in stats.method_errors),
+        *stats.error_columns.values(),
         *(c for c in columns.values() if c),
     ]
     for b in dataset.to_batches(columns=[c for c in dict.fromkeys(wanted) if c in dataset.schema.names]):

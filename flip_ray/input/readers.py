@@ -428,8 +428,9 @@ def normalize(batch: SourceBatch, shard: Shard, mapping: ColumnMapping) -> pa.Ta
         contexts.append(context)
         errors.append(error)
     columns = {schema.ID: pa.array(ids, pa.string())}
+    taken = schema.reserved()
     for name, arr in batch.kept.items():
-        columns[schema.output_column_name(name)] = arr
+        columns[schema.output_column_name(name, taken)] = arr
     columns[schema.INSTRUCTION] = pa.array(instructions, pa.string())
     columns[schema.RESPONSE] = pa.array(responses, pa.string())
     columns[schema.CONTEXT] = pa.array(contexts, pa.string())

@@ -5,7 +5,7 @@ keys and their validation), and the registry that the engine stage, the similari
 schema, the report, the downstream jobs and the evaluation iterate over. No module outside a reward's
 own names its columns."""
 
-from flip_ray.rewards.base import EngineRows, EngineSetup, FinishSetup, RewardMethod, RowScore
+from flip_ray.rewards.base import EngineRows, EngineSetup, FinishSetup, RewardMethod, RowScore, likelihood_score
 from flip_ray.rewards.registry import (
     every,
     get,
@@ -27,6 +27,7 @@ __all__ = [
     "RowScore",
     "every",
     "get",
+    "likelihood_score",
     "names",
     "output_fields",
     "owner_of",

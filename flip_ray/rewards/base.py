@@ -47,6 +47,12 @@ class RowScore:
     raw: Any = None
 
 
+def likelihood_score(lk, values: Mapping[str, Any]) -> RowScore:
+    """A likelihood result (`engine.likelihood.Likelihood`) as a reward's engine result: `values`
+    for its columns, the result's error, truncation and prompt length, and the result itself."""
+    return RowScore(values, lk.error, lk.truncated, lk.n_prompt_tokens, raw=lk)
+
+
 @dataclass(frozen=True)
 class EngineSetup:
     """What an engine part is built from, in the engine actor: the shared prompt and sampling specs,

@@ -10,7 +10,7 @@ from typing import Any
 
 import pyarrow as pa
 
-from flip_ray.rewards.base import EngineRows, EngineSetup, RewardMethod, RowScore
+from flip_ray.rewards.base import EngineRows, EngineSetup, RewardMethod, RowScore, likelihood_score
 from flip_ray.text.prompts import LOGPROB_FORMATS
 
 FIELDS = (
@@ -28,7 +28,7 @@ def row_score(lk) -> RowScore:
         "flip_logprob_tokens": lk.tokens,
         "flip_logprob_contrast": lk.contrast,
     }
-    return RowScore(values, lk.error, lk.truncated, lk.n_prompt_tokens, raw=lk)
+    return likelihood_score(lk, values)
 
 
 class FlipLogprobEngine:

@@ -10,7 +10,7 @@ from typing import Any
 
 import pyarrow as pa
 
-from flip_ray.rewards.base import EngineRows, EngineSetup, RewardMethod, RowScore
+from flip_ray.rewards.base import EngineRows, EngineSetup, RewardMethod, RowScore, likelihood_score
 from flip_ray.text.prompts import LEXICAL_CONTROLS
 
 COLUMN = "flip_logprob_lexical"
@@ -35,7 +35,7 @@ class LexicalEngine:
         results = self.lexical.score(
             rows.instructions, rows.responses, rows.contexts, own=[r.raw for r in own] if own else None
         )
-        return [RowScore({COLUMN: lk.contrast}, lk.error, lk.truncated, lk.n_prompt_tokens, raw=lk) for lk in results]
+        return [likelihood_score(lk, {COLUMN: lk.contrast}) for lk in results]  # the reward is the contrast
 
 
 def validate(settings: Mapping[str, Any]) -> list[str]:

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import pyarrow as pa
 
-from flip_ray.rewards.base import EngineRows, EngineSetup, RewardMethod, RowScore
+from flip_ray.rewards.base import EngineRows, EngineSetup, RewardMethod, RowScore, likelihood_score
 
 COLUMN = "pmi_forward"
 
@@ -19,7 +19,7 @@ class ForwardEngine:
 
     def score(self, rows: EngineRows, earlier) -> list[RowScore]:
         results = self.forward.score(rows.instructions, rows.responses, rows.contexts)
-        return [RowScore({COLUMN: lk.contrast}, lk.error, lk.truncated, lk.n_prompt_tokens, raw=lk) for lk in results]
+        return [likelihood_score(lk, {COLUMN: lk.contrast}) for lk in results]  # the reward is the contrast
 
 
 PMI_FORWARD = RewardMethod(
