@@ -69,6 +69,13 @@ def format_summary(manifest: dict) -> str:
         f"({t['pipeline_s']} s pipeline, {t['total_s']} s total)",
         f"  output: {manifest['output']['data']}  manifest: {manifest['output']['path']}/manifest.json",
     ]
+    occ = manifest.get("engine_occupancy")
+    if occ:
+        lines.insert(
+            -1,
+            f"  engine: {occ['mean_requests_in_engine']} requests in the engine per step on average "
+            f"(most {occ['max_requests_in_engine']}), idle {occ['idle_fraction']:.0%} of its time",
+        )
     if manifest.get("report"):
         lines.append(f"  report: {manifest['report']}")
     for method, count in c.get("method_errors", {}).items():

@@ -187,6 +187,7 @@ def write_manifest(
             "rows_per_s": round(rows / pipeline_s, 3) if rows and pipeline_s else None,
             "output_tokens_per_s": round(tracker.output_tokens / pipeline_s, 3) if tracker and pipeline_s else None,
         },
+        "engine_occupancy": tracker.occupancy if tracker else None,
         "versions": _versions(),
         "notes": plan.notes,
     }

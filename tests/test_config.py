@@ -91,6 +91,11 @@ def test_wrong_types_are_refused(override, key):
         (["input.path=x", "output.path=y", "reward.logprob_format=xml"], r"reward\.logprob_format"),
         (["input.path=x", "output.path=y", "reward.logprob_distractors=99"], r"reward\.logprob_distractors"),
         (["input.path=x", "output.path=y", "input.keep_columns=[prompt,model,prompt]"], "'prompt' more than once"),
+        (["input.path=x", "output.path=y", "resources.concurrency=0"], r"resources\.concurrency"),
+        (["input.path=x", "output.path=y", "resources.concurrency=[3,1]"], r"resources\.concurrency.*\[3, 1\]"),
+        (["input.path=x", "output.path=y", "resources.concurrency=[1,2,3]"], r"resources\.concurrency"),
+        (["input.path=x", "output.path=y", "resources.max_concurrent_batches=0"], "max_concurrent_batches"),
+        (["input.path=x", "output.path=y", "model.engine_kwargs.dtype=half"], r"set it as `model\.dtype`"),
     ],
 )
 def test_semantic_checks(overrides, match):
@@ -156,3 +161,34 @@ def test_spec_defaults_are_the_config_defaults():
         reward["few_shot"],
         reward["guided_json"],
     )
+
+
+@pytest.mark.parametrize("value,pool", [("2", 2), ("[1,4]", (1, 4)), ("[2,2]", (2, 2))])
+def test_engine_pool_is_n_or_min_max(value, pool):
+    from flip_ray.config.base import engine_pool
+    from flip_ray.engine.specs import EngineSpec
+    from flip_ray.job.runtime import engine_actor_options
+
+    cfg = load_config(None, ["input.path=x", "output.path=y", f"resources.concurrency={value}"])
+    validate_score_config(cfg)
+    assert engine_pool(cfg.resources.concurrency) == pool
+    compute = engine_actor_options(EngineSpec(None), cfg.resources)["compute"]
+    assert (compute.min_size, compute.max_size) == ((pool, pool) if isinstance(pool, int) else pool)
+    assert compute.max_concurrent_calls_per_actor == 8 and compute.enable_true_multi_threading
+
+
+def test_engine_kwargs_pass_through_and_only_scoring_ones_are_fingerprinted():
+    from flip_ray.engine.specs import EngineSpec
+    from flip_ray.job.store import fingerprint, scoring_settings
+
+    def settings(*overrides):
+        cfg = load_config(None, ["input.path=x", "output.path=y", *overrides])
+        return cfg, scoring_settings(OmegaConf.to_container(cfg, resolve=True))
+
+    _, plain = settings()
+    cfg, throughput = settings("model.engine_kwargs.max_num_seqs=512", "model.engine_kwargs.block_size=32")
+    _, quantized = settings("model.engine_kwargs.quantization=fp8")
+    assert fingerprint(throughput) == fingerprint(plain)  # how much runs at once changes no score
+    assert fingerprint(quantized) != fingerprint(plain) and quantized["model.engine_kwargs.quantization"] == "fp8"
+    kwargs = EngineSpec.from_config(cfg.model, device="gpu", seed=0).llm_kwargs()
+    assert kwargs["max_num_seqs"] == 512 and kwargs["block_size"] == 32

@@ -1,6 +1,7 @@
 """A dead engine neither hangs the job nor becomes committed error rows: vLLM's EngineCore in its own
-process (the GPU layout, `model.engine_multiprocessing=true` on CPU here) is killed mid-run; the
-engine actor ends, Ray restarts it and retries its batch, and the run completes with every row."""
+process (the GPU layout, `model.engine_multiprocessing=true` on CPU here) is killed mid-run while the
+engine actor works on several blocks at once (`resources.max_concurrent_batches`); the engine actor
+ends, Ray restarts it and retries its batches, and the run completes with every row."""
 
 import threading
 import time
@@ -42,7 +43,13 @@ def test_killed_engine_core_is_restarted_not_recorded(tmp_path, ray_local, embed
     t = threading.Thread(target=killer, daemon=True)
     t.start()
     started = time.time()
-    args = [f"input.path={tmp_path / 'in'}", f"output.path={out}", *ENGINE, "model.engine_multiprocessing=true"]
+    args = [
+        f"input.path={tmp_path / 'in'}",
+        f"output.path={out}",
+        *ENGINE,
+        "model.engine_multiprocessing=true",
+        "resources.max_concurrent_batches=4",
+    ]
     manifest = run_score(load_config(None, args))
     elapsed = time.time() - started
     t.join(timeout=5)
@@ -52,6 +59,9 @@ def test_killed_engine_core_is_restarted_not_recorded(tmp_path, ray_local, embed
     assert not [r["id"] for r in rows if r["error"] is not None], "the kill must not become error rows"
     assert {r["id"] for r in rows} == ids and manifest["complete"]
     assert_output_matches_input(out, tmp_path / "in", id_column="id")
+    # Blocks were in flight together: more requests in the engine at once than one block of 2 rows
+    # has (a generation and a likelihood each).
+    assert manifest["engine_occupancy"]["max_requests_in_engine"] > 4, manifest["engine_occupancy"]
 
 
 def test_fatal_errors_are_told_from_row_errors():

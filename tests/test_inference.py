@@ -55,7 +55,19 @@ def test_dedup_on_reuses_within_the_batch_and_across_batches():
     answers, reused = deduplicated(["b", "c"], cache, fake_generate(calls))
     assert calls[-1] == [1] and reused == [True, False]
     cols = merge(2, [0, 1], ("flip",), [None, None], {"flip": (answers, reused)})
-    assert cols["n_output_tokens"] == [0, 5] and cols[schema.DEDUP] == [True, False]
+    # A reused answer holds its answer's tokens (a row's values do not depend on which identical row
+    # came first); the run's output-token count leaves it out.
+    assert cols["n_output_tokens"] == [5, 5] and cols[schema.DEDUP] == [True, False]
+
+
+def test_output_tokens_count_only_generated_answers():
+    from flip_ray.job.stages import part_stats
+
+    cols = {name: [None, None] for name in schema.output_schema(pa.schema([]), ("flip",)).names}
+    cols |= {"n_output_tokens": [7, 7], "truncated": [False, False], **{f: [False, False] for f in schema.FLAG_NAMES}}
+    table = pa.table(cols)
+    assert part_stats(table, None, [False, True])["output_tokens"] == 7
+    assert part_stats(table)["output_tokens"] == 14
 
 
 def test_a_failed_answer_is_not_cached():

@@ -102,11 +102,23 @@ def test_output_schema_is_the_declared_one(runs):
         assert manifest["output"]["types"] == {f.name: str(f.type) for f in table.schema}
 
 
+# A likelihood is an fp32 forward pass on CPU: since the engine queue, its prefill runs in other
+# batches (beside the decodes, other blocks' rows), which may round the last bits differently.
+LOGPROB_TOLERANCE = {"flip_logprob_mean": 1e-4, "flip_logprob_sum": 1e-3, "flip_logprob_contrast": 1e-4}
+
+
 def test_every_value_is_what_the_code_before_the_reward_registry_gave(runs):
-    """The reward registry changed how rewards are declared and dispatched, not what they compute:
-    on the same rows and settings, every column of the rewards that ran holds exactly the values
-    that main gave before it (tests/data/values_before_registry.json, stored from that commit's run
-    of these rows, 33 columns then)."""
+    """The reward registry changed how rewards are declared and dispatched, and the engine queue how
+    requests are batched, not what they compute: on the same rows and settings, every column of the
+    rewards that ran holds the values that main gave before them (tests/data/values_before_registry.json,
+    stored from that commit's run of these rows, 33 columns then): exactly, the log-probabilities
+    to float tolerance."""
+
+    def same(column, a, b) -> bool:
+        if column in LOGPROB_TOLERANCE and a is not None and b is not None:
+            return abs(a - b) <= LOGPROB_TOLERANCE[column]
+        return a == b
+
     ref = json.loads(Path("tests/data/values_before_registry.json").read_text())
     assert ref["settings"] == [*ENGINE, "input.id_column=id"]
     got = {r["id"]: r for r in read_output(runs["jsonl"][1]).to_pylist()}
@@ -117,7 +129,7 @@ def test_every_value_is_what_the_code_before_the_reward_registry_gave(runs):
         (want["id"], c, got[want["id"]][c], want[c])
         for want in ref["rows"]
         for c in columns
-        if got[want["id"]][c] != want[c]
+        if not same(c, got[want["id"]][c], want[c])
     ]
     assert not differ, differ[:5]
 

@@ -63,6 +63,15 @@ def test_bad_model_path_is_refused_before_any_engine(tmp_path, corpus, model, ne
     assert not (tmp_path / "out" / "run.json").exists()
 
 
+def test_an_unknown_engine_argument_is_refused_before_any_engine(tmp_path, corpus):
+    """`model.engine_kwargs` names are checked against vLLM's own EngineArgs, with the close ones."""
+    done = flip_ray(
+        "score", f"input.path={corpus}", f"output.path={tmp_path / 'out'}", "model.engine_kwargs.max_num_seq=64"
+    )
+    assert_refused(done, "model.engine_kwargs.max_num_seq", "EngineArgs", "max_num_seqs")
+    assert not (tmp_path / "out" / "run.json").exists()
+
+
 @pytest.mark.parametrize("output", ["/proc/flip-ray-out", "FILE/sub"])
 def test_unwritable_output_is_refused(tmp_path, corpus, output):
     if output.startswith("FILE"):

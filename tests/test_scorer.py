@@ -190,14 +190,14 @@ def test_a_failed_batch_leaves_no_request_behind(llm, monkeypatch, caplog):
     import flip_ray.engine.generation as engine
     from flip_ray.engine.specs import PromptSpec, SamplingSpec
 
-    # Force the per-request seed the CPU backend cannot honour: the batch fails, the rows are retried
-    # one by one, and the requests the failed call left in the engine must not run again.
+    # Force the per-request seed the CPU backend cannot honour: an engine step fails, the requests in
+    # the engine are run again one by one, and none is left behind.
     monkeypatch.setattr(engine, "request_seed", lambda seed, temperature: seed)
     # The authors' longer prompt: the batch's prefills then exceed one engine step and are split.
     gen = engine.FlipGenerator(llm, PromptSpec("flip"), SamplingSpec(temperature=0.7, max_tokens=2, seed=0))
-    with caplog.at_level("WARNING", logger="flip_ray.engine.generation"):
+    with caplog.at_level("WARNING", logger="flip_ray.engine.queue"):
         out = gen.generate(_long_responses("forced"))
-    assert "retrying 24 prompts one by one" in caplog.text
+    assert "running its 24 requests again one by one" in caplog.text
     assert [g.error for g in out] == [None] * len(out)
     assert not llm.llm_engine.has_unfinished_requests()
 
@@ -297,3 +297,69 @@ def test_pmi_forward_equals_transformers_and_rewards_the_matching_instruction(ll
     cut, failed = forward.score(["Summarise this.", "x " * 600], ["word " * 2000, "fine"])
     assert cut.error is None and cut.truncated and cut.n_prompt_tokens <= 512
     assert failed.error is not None and "no room" in failed.error
+
+
+def _sample_rows(n: int) -> tuple[list[str], list[str]]:
+    rows = [json.loads(line) for line in Path("flip_ray/samples/alpacaeval_sample.jsonl").read_text().splitlines()]
+    rows = [rows[k % len(rows)] for k in range(n)]
+    return [r["prompt"] for r in rows], [f"({k}) " + r["response"] for k, r in enumerate(rows)]
+
+
+def test_the_engine_queue_generates_what_llm_generate_does(llm):
+    """Requests through the engine queue (deltas merged, a step thread) give the texts, token counts
+    and finish reasons of one `LLM.generate` call on the same prompts (the path before)."""
+    from vllm.inputs import TokensPrompt
+
+    from flip_ray.engine.generation import FlipGenerator
+    from flip_ray.engine.specs import SamplingSpec
+
+    _, responses = _sample_rows(12)
+    gen = FlipGenerator(llm, sampling=SamplingSpec(max_tokens=24))
+    queued = gen.generate(responses)
+    prompts = [TokensPrompt(prompt_token_ids=gen.render(r)[0]) for r in responses]
+    direct = llm.generate(prompts, gen.params.clone(), use_tqdm=False)
+    assert [g.texts for g in queued] == [[c.text for c in o.outputs] for o in direct]
+    assert [g.n_output_tokens for g in queued] == [len(o.outputs[0].token_ids) for o in direct]
+    assert [g.finish_reason for g in queued] == [o.outputs[0].finish_reason for o in direct]
+
+
+def test_rewards_and_blocks_share_one_engine_queue_with_identical_scores(llm):
+    """flip and flip_logprob of several blocks at once (threads, as Ray Data calls an engine actor
+    with max_concurrent_batches): every request in the one engine queue at the same time, more of
+    them in the engine than one block has; each likelihood request waits for its row's generation to
+    prefill and reads the FLIP prompt from the prefix cache; every value equal to the rewards run
+    one after the other, block by block."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from flip_ray.engine.queue import EngineQueue
+    from flip_ray.engine.specs import PromptSpec, SamplingSpec
+    from flip_ray.job.engine_stage import score_together
+    from flip_ray.rewards import EngineRows, EngineSetup, get
+
+    prompts, responses = _sample_rows(24)
+    blocks = [EngineRows(prompts[k : k + 6], responses[k : k + 6], [None] * 6, [None] * 6) for k in range(0, 24, 6)]
+    setup = EngineSetup(PromptSpec(), SamplingSpec(max_tokens=24), {}, dedup_cache_size=0)
+    parts = [(get(name), get(name).engine(llm, setup)) for name in ("flip", "flip_logprob")]
+
+    llm.reset_prefix_cache()
+    one_by_one = [{m.name: part.score(rows, {}) for m, part in parts} for rows in blocks]
+    llm.reset_prefix_cache()
+    queue = EngineQueue.of(llm)
+    before = queue.occupancy.as_dict()
+    with ThreadPoolExecutor(4) as pool:
+        together = list(pool.map(lambda rows: score_together(parts, rows), blocks))
+    after = queue.occupancy.as_dict()
+
+    for a, b in zip(one_by_one, together, strict=True):
+        assert [r.values for r in a["flip"]] == [r.values for r in b["flip"]]
+        for x, y in zip(a["flip_logprob"], b["flip_logprob"], strict=True):
+            assert x.error is None and y.error is None
+            assert y.values["flip_logprob_sum"] == pytest.approx(x.values["flip_logprob_sum"], abs=1e-3)
+            assert y.values["flip_logprob_mean"] == pytest.approx(x.values["flip_logprob_mean"], abs=1e-4)
+    # A row's FLIP prompt was prefilled once: its likelihood read it from the cache its generation
+    # left, or (the likelihood sent first) the other way round.
+    for block in together:
+        for g, lk in zip(block["flip"], block["flip_logprob"], strict=True):
+            assert g.raw.cached_tokens > 0 or lk.raw.cached_tokens > 0
+    assert after["prefix_held"] > before["prefix_held"]
+    assert after["max_requests_in_engine"] > 12  # more than one block's generations and likelihoods

@@ -19,6 +19,7 @@ from omegaconf import MISSING, DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from flip_ray import rewards
+from flip_ray.engine.specs import check_engine_kwargs
 from flip_ray.text.prompts import DEFAULT_PROMPT_VARIANT, PROMPT_VARIANTS
 
 INPUT_FORMATS = ("auto", "parquet", "jsonl", "hf")
@@ -98,6 +99,10 @@ class ModelConfig:
     # vLLM's engine in its own process: auto (yes on GPU, as vLLM does; no on CPU, where the engine
     # inside the actor starts in seconds), true or false.
     engine_multiprocessing: str = "auto"
+    # Any other vLLM engine argument (vllm EngineArgs), e.g. {max_num_seqs: 512, quantization: fp8}:
+    # checked against vLLM's EngineArgs before anything starts; fingerprinted unless it only sets
+    # how much runs at once (engine.specs.THROUGHPUT_ONLY).
+    engine_kwargs: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass
@@ -159,8 +164,12 @@ class ResourcesConfig:
     # GPUs per engine actor; None: tensor_parallel_size on GPU, 0 on CPU.
     num_gpus: float | None = None
     num_cpus: float = 1.0
-    # Number of engine actors.
-    concurrency: int = 1
+    # Number of engine actors: n, or [min, max] for an autoscaling pool (Ray Data's `concurrency`).
+    concurrency: Any = 1
+    # Blocks each engine actor works on at once (Ray Data calls it from this many threads); every
+    # request of every block in flight goes to the actor's one engine queue, so the engine never
+    # drains between blocks. 8 like ray.data.llm's max_concurrent_batches; 1: one block at a time.
+    max_concurrent_batches: int = 8
     # Rows per engine call (and, by default, per read block and per part file).
     batch_size: int = 64
     similarity_concurrency: int = 1
@@ -293,6 +302,21 @@ def _apply_override(cfg: DictConfig, item: str) -> DictConfig:
         raise ConfigError(_explain(e, f"override {item!r}")) from None
 
 
+def engine_pool(concurrency) -> int | tuple[int, int] | None:
+    """`resources.concurrency` as Ray Data takes it: n engine actors, or (min, max) for an
+    autoscaling pool; None when it is neither."""
+    if isinstance(concurrency, bool):
+        return None
+    if isinstance(concurrency, int):
+        return concurrency if concurrency >= 1 else None
+    if isinstance(concurrency, (list, tuple)) or OmegaConf.is_list(concurrency):
+        pair = list(concurrency)
+        if len(pair) == 2 and all(isinstance(v, int) and not isinstance(v, bool) for v in pair):
+            low, high = pair
+            return (low, high) if 1 <= low <= high else None
+    return None
+
+
 def require(cond: bool, message: str) -> None:
     if not cond:
         raise ConfigError(message)
@@ -315,6 +339,8 @@ def validate_score_config(cfg: DictConfig) -> None:
     require(m.device in DEVICES, f"`model.device` must be one of {DEVICES}, got {m.device!r}")
     require(m.tensor_parallel_size >= 1, "`model.tensor_parallel_size` must be >= 1")
     require(0 < m.gpu_memory_utilization <= 1, "`model.gpu_memory_utilization` must be in (0, 1]")
+    problem = check_engine_kwargs(OmegaConf.to_container(m.engine_kwargs, resolve=True) or {})
+    require(problem is None, problem or "")
     require(s.max_tokens >= 1, "`sampling.max_tokens` must be >= 1")
     if m.max_model_len is not None:
         require(
@@ -332,7 +358,11 @@ def validate_score_config(cfg: DictConfig) -> None:
     )
     require(s.aggregate in AGGREGATES, f"`sampling.aggregate` must be one of {AGGREGATES}")
     validate_reward(cfg.reward)
-    require(r.concurrency >= 1, "`resources.concurrency` must be >= 1")
+    require(
+        engine_pool(r.concurrency) is not None,
+        f"`resources.concurrency` must be n >= 1 or [min, max] with 1 <= min <= max, got {r.concurrency}",
+    )
+    require(r.max_concurrent_batches >= 1, "`resources.max_concurrent_batches` must be >= 1")
     require(r.batch_size >= 1, "`resources.batch_size` must be >= 1")
     require(r.similarity_concurrency >= 1, "`resources.similarity_concurrency` must be >= 1")
     require(

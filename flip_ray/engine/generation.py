@@ -13,7 +13,9 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
+from flip_ray.engine.queue import EngineQueue, is_fatal_engine_error  # noqa: F401 - its callers import it here
 from flip_ray.engine.specs import PromptSpec, SamplingSpec
 from flip_ray.text.prompts import build_flip_messages
 from flip_ray.text.rows import RowError
@@ -34,6 +36,12 @@ class Generation:
     n_output_tokens: int | None = None
     truncated: bool = False
     error: str | None = None
+    cached_tokens: int = 0  # prompt tokens served from vLLM's prefix cache
+
+
+# Blocks in flight render their prompts from several threads of one engine actor; a fast tokenizer
+# shared by them can raise "Already borrowed" when used concurrently (huggingface/tokenizers#537).
+_TOKENIZER_LOCK = threading.RLock()
 
 
 class PromptFitter:
@@ -48,9 +56,10 @@ class PromptFitter:
         self.chat_template_kwargs = dict(chat_template_kwargs or {})
 
     def ids(self, messages: list[dict]) -> list[int]:
-        text = self.tokenizer.apply_chat_template(
-            messages, tokenize=False, add_generation_prompt=True, **self.chat_template_kwargs
-        )
+        with _TOKENIZER_LOCK:
+            text = self.tokenizer.apply_chat_template(
+                messages, tokenize=False, add_generation_prompt=True, **self.chat_template_kwargs
+            )
         return self.encode(text)
 
     def encode(self, text: str) -> list[int]:
@@ -61,7 +70,8 @@ class PromptFitter:
                 Python str can hold): the tokenizer refuses it with a TypeError.
         """
         try:
-            return self.tokenizer.encode(text, add_special_tokens=False)
+            with _TOKENIZER_LOCK:
+                return self.tokenizer.encode(text, add_special_tokens=False)
         except TypeError:
             try:
                 text.encode("utf-8")
@@ -99,31 +109,10 @@ class PromptFitter:
             if keep <= 0:
                 raise RowError(f"{what} does not fit the model window even with the response cut to nothing")
             pieces[longest] = pieces[longest][:keep]
-            ids = self.ids(build([self.tokenizer.decode(p) for p in pieces], context))
+            with _TOKENIZER_LOCK:
+                texts = [self.tokenizer.decode(p) for p in pieces]
+            ids = self.ids(build(texts, context))
         return ids, True
-
-
-# Messages of errors that leave the engine unusable (the device or the engine process is gone), not
-# a problem of one prompt: they end the actor (`exit_for_restart`) instead of becoming row errors.
-_FATAL_MESSAGES = (
-    "CUDA error",
-    "CUDA out of memory",
-    "NCCL error",
-    "device-side assert",
-    "CUBLAS_STATUS",
-    "cuDNN error",
-    "EngineCore encountered an issue",
-)
-
-
-def is_fatal_engine_error(e: BaseException) -> bool:
-    """True when the engine is dead or unusable (vLLM's EngineDeadError, CUDA or driver failures,
-    device memory exhausted), False for an error that one request caused (too long, malformed)."""
-    from vllm.v1.engine.exceptions import EngineDeadError
-
-    if isinstance(e, (EngineDeadError, MemoryError)) or type(e).__name__ == "OutOfMemoryError":
-        return True
-    return any(m in f"{type(e).__name__}: {e}" for m in _FATAL_MESSAGES)
 
 
 def exit_for_restart(reason: str) -> None:
@@ -170,49 +159,14 @@ class EngineWatchdog:
                 exit_for_restart(reason)
 
 
-def generate_isolated(llm, prompts: list, params) -> list:
-    """One engine call for the batch; if it raises, each prompt alone, so one bad row fails alone.
-    `params` is one SamplingParams or a list with one per prompt. An error that leaves the engine
-    unusable (`is_fatal_engine_error`) is raised, never turned into row errors."""
-    if not prompts:
-        return []
-    try:
-        return llm.generate(prompts, params, use_tqdm=False)
-    except Exception as e:
-        if is_fatal_engine_error(e):
-            raise
-        logger.warning("batch generation failed (%s); retrying %d prompts one by one", e, len(prompts))
-    outs = []
-    for k, p in enumerate(prompts):
-        _abort_unfinished(llm)
-        try:
-            outs.append(llm.generate([p], params[k] if isinstance(params, list) else params, use_tqdm=False)[0])
-        except Exception as e:
-            if is_fatal_engine_error(e):
-                raise
-            outs.append(e)
-    _abort_unfinished(llm)
-    return outs
-
-
-def _abort_unfinished(llm) -> None:
-    """Drops requests a failed `generate` left in the engine. `LLM.generate` runs until the engine
-    has no unfinished request, so without this the next call would run (and fail on) them again."""
-    engine = llm.llm_engine
-    if not engine.has_unfinished_requests():
-        return
-    states = getattr(getattr(engine, "output_processor", None), "request_states", None)
-    if states is None:
-        logger.warning(
-            "cannot abort the %d requests a failed batch left in the engine", engine.get_num_unfinished_requests()
-        )
-        return
-    try:
-        engine.abort_request(list(states), internal=True)
-    except Exception as e:
-        if is_fatal_engine_error(e):
-            raise
-        logger.warning("could not abort the requests a failed batch left in the engine: %s", e)
+def generate_isolated(llm, prompts: list, params, prefix_lens: list[int | None] | None = None) -> list:
+    """Runs the prompts on the engine's queue (`queue.EngineQueue`: all callers of this engine in one
+    vLLM scheduler) and waits for them: one output per prompt, or the exception that prompt alone
+    failed with. `params` is one SamplingParams or a list with one per prompt; `prefix_lens` says
+    how many first tokens of each prompt other requests share (held while one of them prefills). An
+    error that leaves the engine unusable (`is_fatal_engine_error`) is raised, never turned into
+    row errors."""
+    return EngineQueue.of(llm).run(prompts, params, prefix_lens)
 
 
 _warned: set[str] = set()
@@ -321,6 +275,7 @@ class FlipGenerator:
             self.llm,
             [(lambda r=r, c=c: self.render(r, c)) for r, c in zip(responses, contexts, strict=True)],
             self.params,
+            share_prompt=True,
         )
 
 
@@ -353,17 +308,27 @@ def render_rows(renders: list[Callable[[], tuple]], fail: Callable) -> tuple[lis
     return results, rendered
 
 
-def render_and_run(llm, renders: list[Callable[[], tuple]], params, make: Callable, fail: Callable) -> list:
-    """Renders each row (`render_rows`) and runs the engine on the rows that rendered, in one call.
+def render_and_run(
+    llm,
+    renders: list[Callable[[], tuple]],
+    params,
+    make: Callable,
+    fail: Callable,
+    shared_prefix: Callable[[list[int], Any], int | None] | None = None,
+) -> list:
+    """Renders each row (`render_rows`) and runs the rows that rendered on the engine's queue.
 
-    `make(output, truncated, state)` builds a row's result, `fail(message, truncated)` a failed one.
+    `make(output, truncated, state)` builds a row's result, `fail(message, truncated)` a failed one;
+    `shared_prefix(ids, state)`: how many first tokens of a row's prompt other requests share (the
+    FLIP prompt of a row's generation and of its likelihood), or None.
     """
     from vllm.inputs import TokensPrompt
 
     results, rendered = render_rows(renders, fail)
     prompts = [TokensPrompt(prompt_token_ids=ids) for _, ids, _, _ in rendered]
+    prefix = [shared_prefix(ids, state) for _, ids, _, state in rendered] if shared_prefix else None
     slots = [(i, truncated, state) for i, _, truncated, state in rendered]
-    for (i, truncated, state), out in zip(slots, generate_isolated(llm, prompts, params), strict=True):
+    for (i, truncated, state), out in zip(slots, generate_isolated(llm, prompts, params, prefix), strict=True):
         if isinstance(out, Exception):
             results[i] = fail(f"engine error: {type(out).__name__}: {out}", truncated)
         else:
@@ -379,15 +344,20 @@ def _generation(out, truncated: bool, _state=None) -> Generation:
         n_prompt_tokens=len(out.prompt_token_ids),
         n_output_tokens=sum(len(c.token_ids) for c in out.outputs),
         truncated=truncated,
+        cached_tokens=out.num_cached_tokens or 0,
     )
 
 
-def render_and_generate(llm, renders: list[Callable[[], tuple[list[int], bool]]], params) -> list[Generation]:
-    """Renders each row (a row that cannot be rendered fails alone) and generates for the rest."""
+def render_and_generate(
+    llm, renders: list[Callable[[], tuple[list[int], bool]]], params, share_prompt: bool = False
+) -> list[Generation]:
+    """Renders each row (a row that cannot be rendered fails alone) and generates for the rest.
+    `share_prompt`: other requests (likelihoods) may start with a row's whole prompt."""
     return render_and_run(
         llm,
         [lambda render=render: (*render(), None) for render in renders],
         params,
         _generation,
         lambda message, truncated: Generation(texts=[], truncated=truncated, error=message),
+        (lambda ids, _state: len(ids)) if share_prompt else None,
     )

@@ -67,6 +67,7 @@ class FlipLikelihood:
         self.prompt = prompt or PromptSpec()
         self.llm = llm
         self.distractors = distractors
+        self.reuse_prefix = reuse_prefix
         self.tokenizer = llm.get_tokenizer()
         self.fitter = PromptFitter(self.tokenizer, self.prompt.chat_template_kwargs)
         self.max_model_len = llm.llm_engine.model_config.max_model_len
@@ -134,7 +135,10 @@ class FlipLikelihood:
             return ids + target, truncated, target
 
         renders = [partial(render, *row) for row in zip(instructions, responses, contexts, strict=True)]
-        results = run_likelihoods(self.llm, renders, self.params)
+        # The FLIP prompt (before the answer's opening and the instruction) is the prompt of the row's
+        # generation, and of the other instructions scored after the same response.
+        flip_prompt = (lambda ids, target: len(ids) - len(target) - len(self.prefix_ids)) if self.reuse_prefix else None
+        results = run_likelihoods(self.llm, renders, self.params, flip_prompt)
         # A row whose instruction tokens were partly served from the prefix cache (a prompt seen
         # before, cache entries of an identical request) has no log-probability for them: that
         # row again, with a full prefill.
@@ -147,10 +151,10 @@ class FlipLikelihood:
         return results
 
 
-def run_likelihoods(llm, renders: list, params) -> list[Likelihood]:
+def run_likelihoods(llm, renders: list, params, shared_prefix=None) -> list[Likelihood]:
     """`engine.render_and_run` of prompt-log-probability requests: each rendered row's
     `target_likelihood`, or a `Likelihood` with the row's error."""
-    return render_and_run(llm, renders, params, target_likelihood, _failed)
+    return render_and_run(llm, renders, params, target_likelihood, _failed, shared_prefix)
 
 
 def _failed(message: str, truncated: bool) -> Likelihood:

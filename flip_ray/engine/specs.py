@@ -19,6 +19,50 @@ from flip_ray.text.prompts import DEFAULT_PROMPT_VARIANT
 
 _VLLM_ONLY = ("max_model_len",)  # passed to vLLM only when set
 
+# `model.engine_kwargs` that set only how much the engine runs at once, not what a request computes:
+# left out of the output's fingerprint (a rerun may change them).
+THROUGHPUT_ONLY = frozenset(
+    {
+        "max_num_seqs",
+        "max_num_batched_tokens",
+        "max_num_partial_prefills",
+        "max_long_partial_prefills",
+        "long_prefill_token_threshold",
+        "enable_chunked_prefill",
+        "swap_space",
+        "cpu_offload_gb",
+        "block_size",
+        "num_gpu_blocks_override",
+        "disable_log_stats",
+        "scheduling_policy",
+        "stream_interval",
+    }
+)
+
+
+def check_engine_kwargs(kwargs: dict) -> str | None:
+    """What is wrong with `model.engine_kwargs` (a sentence), or None. A name must be a field of
+    vLLM's own `EngineArgs` (vLLM is imported only when there are any) and not one flip_ray sets
+    from its own key (`model.<name>`)."""
+    if not kwargs:
+        return None
+    own = {f.name for f in fields(EngineSpec)} - {"engine_kwargs"}
+    mine = sorted(set(kwargs) & own)
+    if mine:
+        return f"`model.engine_kwargs.{mine[0]}`: set it as `model.{mine[0]}` (flip_ray's own key for it)"
+    import difflib
+    from dataclasses import fields as dc_fields
+
+    from vllm.engine.arg_utils import EngineArgs
+
+    known = {f.name for f in dc_fields(EngineArgs)}
+    unknown = sorted(set(kwargs) - known)
+    if unknown:
+        close = difflib.get_close_matches(unknown[0], sorted(known), n=3)
+        hint = f" (did you mean {', '.join(close)}?)" if close else ""
+        return f"`model.engine_kwargs.{unknown[0]}` is not an argument of vLLM's engine (vllm EngineArgs){hint}"
+    return None
+
 
 @dataclass(frozen=True)
 class EngineSpec:
@@ -46,15 +90,19 @@ class EngineSpec:
     multiprocessing: bool = False
     cpu_threads: int | None = None
     cpu_kvcache_space_gib: int = 1
+    # Any other vLLM engine argument, passed through (`check_engine_kwargs`).
+    engine_kwargs: dict = field(default_factory=dict)
 
     # Fields that are not `vllm.LLM` arguments: they set the device and the process environment.
-    _PROCESS = ("device", "multiprocessing", "cpu_threads", "cpu_kvcache_space_gib")
+    _PROCESS = ("device", "multiprocessing", "cpu_threads", "cpu_kvcache_space_gib", "engine_kwargs")
 
     @classmethod
     def from_config(cls, model_cfg: DictConfig, *, device: str, seed: int) -> EngineSpec:
         """The engine of `cfg.model` (`model.path`) on `device` ("cpu" or "gpu")."""
         own = ("model", "device", "seed", "multiprocessing")  # not copied by name
         values = {f.name: model_cfg[f.name] for f in fields(cls) if f.name in model_cfg and f.name not in own}
+        if "engine_kwargs" in values:
+            values["engine_kwargs"] = OmegaConf.to_container(model_cfg.engine_kwargs, resolve=True) or {}
         values["dtype"] = values["dtype"] if values["dtype"] != "auto" or device == "gpu" else "float32"
         if values.get("enforce_eager") is None:
             values["enforce_eager"] = device == "cpu"  # torch.compile costs minutes on CPU for no gain
@@ -68,7 +116,7 @@ class EngineSpec:
         for name in _VLLM_ONLY:
             if kwargs[name] is None:
                 del kwargs[name]
-        return kwargs
+        return {**kwargs, **self.engine_kwargs}
 
     def env(self) -> dict[str, str]:
         """Environment of the engine's process (through Ray's runtime_env; never set at import)."""

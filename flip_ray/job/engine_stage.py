@@ -12,7 +12,9 @@ Rows with `error` set, and shard markers, pass through untouched and never reach
 from __future__ import annotations
 
 import json
+import threading
 from collections.abc import Mapping, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import replace
 from typing import Any
 
@@ -21,7 +23,9 @@ import pyarrow as pa
 from flip_ray import rewards, schema
 from flip_ray.engine.embedded import check_model_path, prepare_default_model
 from flip_ray.engine.generation import EngineWatchdog, exit_for_restart, is_fatal_engine_error
+from flip_ray.engine.queue import EngineQueue
 from flip_ray.engine.specs import EngineSpec, PromptSpec, SamplingSpec
+from flip_ray.job.occupancy import Reporter
 from flip_ray.job.stages import require_columns, row_error, work_rows
 
 
@@ -61,9 +65,31 @@ def merge_results(
     return cols
 
 
+def score_together(parts: Sequence[tuple[rewards.RewardMethod, Any]], rows: rewards.EngineRows) -> dict[str, list]:
+    """Each reward's engine part on `rows`, all at the same time, one thread each: their requests meet
+    in the engine's queue (`engine.queue.EngineQueue`), so a likelihood prefill runs beside the
+    decodes instead of after the slowest. A reward that `uses` another starts when that one is done.
+    Returns each reward's `RowScore`s by name; the first error of a part is raised."""
+    if len(parts) == 1:
+        method, part = parts[0]
+        return {method.name: part.score(rows, {})}
+    futures: dict[str, Future] = {}
+
+    def run(method: rewards.RewardMethod, part) -> list[rewards.RowScore]:
+        earlier = {name: futures[name].result() for name in method.uses if name in futures}
+        return part.score(rows, earlier)
+
+    with ThreadPoolExecutor(max_workers=len(parts), thread_name_prefix="flip-ray-reward") as pool:
+        for method, part in parts:  # the registry's order: what a reward uses comes before it
+            futures[method.name] = pool.submit(run, method, part)
+        return {name: f.result() for name, f in futures.items()}
+
+
 class BackwardInferenceStage:
     """Engine actor: one `vllm.LLM` per actor, built once; each reward's engine part is built on it
-    once, and every block goes through them in the registry's order.
+    once. The rewards of a block run at the same time (`score_together`), and Ray Data may call the
+    actor with several blocks at once (`resources.max_concurrent_batches` threads): every request
+    goes to the one engine queue.
 
     Args:
         engine: The engine (model, dtype, window, ...), built in this actor.
@@ -74,6 +100,8 @@ class BackwardInferenceStage:
         settings: The `reward` config section as plain values (each reward reads its own keys).
         dedup_cache_size: `flip` answers remembered per actor for identical (response, history)
             rows; 0 turns deduplication off.
+        occupancy_board: The name of the run's `job.occupancy.OccupancyBoard`, where the engine
+            queue's counts go after each block; None: not reported.
     """
 
     def __init__(
@@ -85,6 +113,7 @@ class BackwardInferenceStage:
         methods: Sequence[rewards.RewardMethod],
         settings: Mapping[str, Any],
         dedup_cache_size: int = 0,
+        occupancy_board: str | None = None,
     ):
         if engine.model is None:  # the embedded model, converted once per node
             engine = replace(engine, model=str(prepare_default_model()))
@@ -95,14 +124,24 @@ class BackwardInferenceStage:
         self.methods = tuple(methods)
         setup = rewards.EngineSetup(prompt, sampling, dict(settings), dedup_cache_size)
         self.parts = [(m, m.engine(llm, setup)) for m in self.methods if m.engine is not None]
+        self.queue = EngineQueue.of(llm)
+        self.reporter = Reporter(occupancy_board)
+        self.in_flight, self.max_in_flight = 0, 0  # blocks this actor works on at once
+        self.lock = threading.Lock()
 
     def __call__(self, batch: pa.Table) -> pa.Table:
+        with self.lock:
+            self.in_flight += 1
+            self.max_in_flight = max(self.max_in_flight, self.in_flight)
         try:
             return self._score(batch)
         except Exception as e:
             if is_fatal_engine_error(e):  # a dead engine: never error rows, a restarted actor instead
                 exit_for_restart(f"{type(e).__name__}: {e}")
             raise
+        finally:
+            with self.lock:
+                self.in_flight -= 1
 
     def _score(self, batch: pa.Table) -> pa.Table:
         require_columns(
@@ -118,13 +157,12 @@ class BackwardInferenceStage:
         rows = rewards.EngineRows(
             instructions, responses, [json.loads(c) if c else None for c in raw_contexts], raw_contexts
         )
-        results: dict[str, list[rewards.RowScore]] = {}
-        for method, part in self.parts:
-            results[method.name] = part.score(rows, results)
+        results = score_together(self.parts, rows)
         cols = merge_results(batch.num_rows, todo, self.methods, batch.column("error").to_pylist(), results)
         batch = schema.put_column(
             batch, schema.CONTROL_COLUMNS.field(schema.DEDUP), pa.array(cols.pop(schema.DEDUP), pa.bool_())
         )
         for f in schema.engine_fields(self.methods):
             batch = schema.put_column(batch, f, pa.array(cols[f.name], f.type))
+        self.reporter.put({**self.queue.occupancy.counts(), "max_blocks_in_flight": self.max_in_flight})
         return batch

@@ -20,7 +20,7 @@ from flip_ray import rewards, schema
 from flip_ray.engine.embedded import ModelError
 from flip_ray.engine.specs import EngineSpec, PromptSpec, SamplingSpec
 from flip_ray.input.readers import ColumnMapping
-from flip_ray.job import console, engine_stage
+from flip_ray.job import console, engine_stage, occupancy
 from flip_ray.job.lock import LockLost
 from flip_ray.job.plan import RunPlan
 from flip_ray.job.progress import Progress
@@ -42,9 +42,10 @@ class RunInterrupted(RuntimeError):
     """The pipeline stopped on an infrastructure error (storage, cluster); finished shards are kept."""
 
 
-def engine_stage_args(cfg: DictConfig, engine: EngineSpec) -> dict:
+def engine_stage_args(cfg: DictConfig, engine: EngineSpec, occupancy_board: str | None = None) -> dict:
     """Constructor arguments of `BackwardInferenceStage`."""
     return dict(
+        occupancy_board=occupancy_board,
         engine=engine,
         prompt=PromptSpec.from_config(cfg.model, cfg.reward),
         sampling=SamplingSpec.from_config(cfg.sampling),
@@ -71,9 +72,10 @@ def reward_settings(cfg: DictConfig) -> dict:
     return OmegaConf.to_container(cfg.reward, resolve=True)
 
 
-def build_dataset(plan: RunPlan, cfg: DictConfig, engine: EngineSpec):
+def build_dataset(plan: RunPlan, cfg: DictConfig, engine: EngineSpec, occupancy_board: str | None = None):
     """The lazy Ray Dataset of per-part records (nothing runs until it is consumed): the builder
-    that turns the config into each stage's constructor arguments and resources."""
+    that turns the config into each stage's constructor arguments and resources. The engine actors
+    report their occupancy to the board named `occupancy_board` (`job.occupancy`)."""
     import ray
 
     # A failing stage raises its own exception (not Ray Data's UserCodeException wrapper), so that the
@@ -103,7 +105,7 @@ def build_dataset(plan: RunPlan, cfg: DictConfig, engine: EngineSpec):
     rows = rows.repartition(target_num_rows_per_block=batch_rows)
     inferred = rows.map_batches(
         engine_stage.BackwardInferenceStage,  # looked up at call time: benchmarks put a stand-in there
-        fn_constructor_kwargs=engine_stage_args(cfg, engine),
+        fn_constructor_kwargs=engine_stage_args(cfg, engine, occupancy_board),
         **engine_actor_options(engine, cfg.resources),
     )
     scored = inferred.map_batches(
@@ -219,7 +221,9 @@ def execute(
     logger.info("scoring %d pending shard(s) on %s", len(plan.pending), engine.device, extra={"quiet": True})
     progress = start_progress(plan, cfg.input.limit_per_shard, label)
     unknown = {shard_id(s.key) for s in plan.pending if s.rows is None}
-    batches = build_dataset(plan, cfg, engine).iter_batches(batch_size=None, batch_format="pyarrow")
+    board = occupancy.start_board(attempt)
+    dataset = build_dataset(plan, cfg, engine, occupancy.board_name(attempt))
+    batches = dataset.iter_batches(batch_size=None, batch_format="pyarrow")
     try:
         for meta in batches:
             tracker.add(meta)
@@ -248,6 +252,7 @@ def execute(
         if close is not None:
             close()
     progress.close()
+    tracker.occupancy = occupancy.collect(board)
     for sid, entry in tracker.open.items():
         if sid not in tracker.failed:
             tracker.failed[sid] = (

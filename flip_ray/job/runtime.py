@@ -12,6 +12,7 @@ from functools import partial
 import fsspec
 from omegaconf import DictConfig
 
+from flip_ray.config.base import engine_pool
 from flip_ray.engine.specs import EngineSpec
 from flip_ray.input.files import is_local
 from flip_ray.job import console
@@ -86,15 +87,27 @@ def resolve_device(requested: str, cluster_gpus: float) -> str:
 
 
 def engine_actor_options(engine: EngineSpec, resources: DictConfig) -> dict:
-    """`map_batches` options of an engine stage: batch size, actor count, GPUs and CPUs per actor,
-    and the engine's environment (plus the storage settings)."""
+    """`map_batches` options of an engine stage: batch size, the actor pool (its size, or min and max
+    to autoscale, and the blocks each actor works on at once), GPUs and CPUs per actor, and the
+    engine's environment (plus the storage settings)."""
+    import ray
+
     num_gpus = resources.num_gpus
     if num_gpus is None:
         num_gpus = engine.tensor_parallel_size if engine.device == "gpu" else 0
+    pool = engine_pool(resources.concurrency)
+    size = {"size": pool} if isinstance(pool, int) else {"min_size": pool[0], "max_size": pool[1]}
     return dict(
         batch_size=resources.batch_size,
         batch_format="pyarrow",
-        concurrency=resources.concurrency,
+        # Blocks in flight per engine actor: Ray Data calls it from this many threads at once (its
+        # UDF really runs concurrently only with enable_true_multi_threading), and their requests
+        # share the actor's one engine queue (`engine.queue`).
+        compute=ray.data.ActorPoolStrategy(
+            **size,
+            max_concurrent_calls_per_actor=resources.max_concurrent_batches,
+            enable_true_multi_threading=True,
+        ),
         num_gpus=num_gpus,
         num_cpus=resources.num_cpus,
         runtime_env={"env_vars": {**engine.env(), **storage_env()}},

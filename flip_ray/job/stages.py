@@ -243,10 +243,13 @@ def _counts(values: list) -> str:
     return json.dumps(out, sort_keys=True)
 
 
-def part_stats(table: pa.Table, methods: Sequence[rewards.RewardMethod] | None = None) -> dict:
+def part_stats(
+    table: pa.Table, methods: Sequence[rewards.RewardMethod] | None = None, reused: list[bool] | None = None
+) -> dict:
     """Counts of one part file, summed by the driver into done records and the manifest. Per reward
     that ran (`methods`; None: the registered ones whose error column the table has): rows it scored,
-    its errors, the sum and count of the column it ranks by, and its status column's values."""
+    its errors, the sum and count of the column it ranks by, and its status column's values. The
+    output tokens count the rows whose answer was generated, not `reused` from an identical row."""
     errors = table.column("error").to_pylist()
     d = table.select(["n_output_tokens", "truncated"]).to_pydict()
     flagged = {f: sum(bool(v) for v in table.column(f).to_pylist()) for f in schema.FLAG_NAMES}
@@ -265,7 +268,9 @@ def part_stats(table: pa.Table, methods: Sequence[rewards.RewardMethod] | None =
         "rows": table.num_rows,
         "scored": sum(e is None for e in errors),
         "errors": sum(e is not None for e in errors),
-        "output_tokens": sum(t or 0 for t in d["n_output_tokens"]),
+        "output_tokens": sum(
+            t or 0 for t, r in zip(d["n_output_tokens"], reused or [False] * table.num_rows, strict=True) if not r
+        ),
         "truncated": sum(bool(t) for t in d["truncated"]),
         "flagged": json.dumps(flagged, sort_keys=True),
         "statuses": _counts(statuses),
@@ -315,6 +320,6 @@ def write_parts(
         part = batch.take(pa.array(idx)).select(output_schema.names).cast(output_schema)
         name = f"part-{uuid.uuid4().hex}.parquet"
         write_bytes_durably(fs, f"{root.rstrip('/')}/{DATA}/{sid}/{name}", parquet_bytes(part))
-        saved = sum(bool(batch.column(schema.DEDUP)[i].as_py()) for i in idx)
-        meta.append({"shard_id": sid, "file": name, "dedup_saved": saved, **part_stats(part, methods)})
+        reused = [bool(batch.column(schema.DEDUP)[i].as_py()) for i in idx]
+        meta.append({"shard_id": sid, "file": name, "dedup_saved": sum(reused), **part_stats(part, methods, reused)})
     return pa.Table.from_pylist(meta, schema=schema.PART_META)

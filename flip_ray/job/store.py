@@ -39,6 +39,7 @@ import fsspec
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from flip_ray.engine.specs import THROUGHPUT_ONLY
 from flip_ray.input.files import InputError, is_local
 
 logger = logging.getLogger(__name__)
@@ -103,7 +104,8 @@ def _flatten(value, prefix: str = "") -> dict:
 
 def scoring_settings(config: dict, extra: dict | None = None) -> dict:
     """Everything that decides a row's scores, as flat `section.key` -> value: the resolved config
-    without paths, resources and other keys that cannot change a score, plus `extra` (prompt
+    without paths, resources and other keys that cannot change a score (the throughput-only
+    `model.engine_kwargs` among them), plus `extra` (prompt
     template versions, the weights' hash, the engine's version)."""
     trimmed: dict = {}
     for section, values in config.items():
@@ -113,6 +115,11 @@ def scoring_settings(config: dict, extra: dict | None = None) -> dict:
         trimmed[section] = (
             {k: v for k, v in values.items() if k not in excluded} if isinstance(values, dict) else values
         )
+    model = trimmed.get("model")
+    if isinstance(model, dict) and "engine_kwargs" in model:  # only what can change what a request computes
+        scoring = {k: v for k, v in (model.pop("engine_kwargs") or {}).items() if k not in THROUGHPUT_ONLY}
+        if scoring:  # none: the fingerprint of a run without engine_kwargs
+            model["engine_kwargs"] = scoring
     return {**_flatten(trimmed), **(extra or {})}
 
 

@@ -56,6 +56,7 @@ class ShardTracker:
         self.failed: dict[str, str] = {}
         self.completed = 0
         self.rows = self.errors = self.output_tokens = 0
+        self.occupancy: dict | None = None  # the engines' occupancy over the run (`job.occupancy`)
         self.error_kinds: dict[str, int] = {}
 
     def _entry(self, sid: str) -> dict:

@@ -7,6 +7,7 @@ Identical (history, response) rows share one generation per engine actor (`dedup
 from __future__ import annotations
 
 import hashlib
+import threading
 from collections import OrderedDict
 from collections.abc import Mapping
 from typing import Any
@@ -36,6 +37,7 @@ class AnswerCache:
     def __init__(self, size: int):
         self.size = size
         self.answers: OrderedDict[str, object] = OrderedDict()
+        self.lock = threading.Lock()  # blocks in flight share the actor's cache
 
     @staticmethod
     def key(response: str, context: str | None) -> str:
@@ -44,6 +46,10 @@ class AnswerCache:
     def plan(self, keys: list[str]) -> tuple[list[int], dict[int, int | object]]:
         """Which of `keys` go to the engine (`fresh`, positions in `keys`) and where each other one
         takes its answer from: the position of an earlier identical key, or a cached answer."""
+        with self.lock:
+            return self._plan(keys)
+
+    def _plan(self, keys: list[str]) -> tuple[list[int], dict[int, int | object]]:
         fresh, reuse, first = [], {}, {}
         for pos, k in enumerate(keys):
             if not self.size:
@@ -61,9 +67,10 @@ class AnswerCache:
     def put(self, key: str, answer) -> None:
         if not self.size:
             return
-        self.answers[key] = answer
-        if len(self.answers) > self.size:
-            self.answers.popitem(last=False)
+        with self.lock:
+            self.answers[key] = answer
+            if len(self.answers) > self.size:
+                self.answers.popitem(last=False)
 
 
 def deduplicated(keys: list[str], cache: AnswerCache, generate) -> tuple[list, list[bool]]:
@@ -81,12 +88,10 @@ def deduplicated(keys: list[str], cache: AnswerCache, generate) -> tuple[list, l
 
 
 def row_score(g, reused: bool) -> RowScore:
-    """A `engine.Generation` as flip's engine result; a reused answer cost no output token."""
-    values = {
-        GENERATIONS: g.texts,
-        "finish_reason": g.finish_reason,
-        "n_output_tokens": 0 if reused else g.n_output_tokens,
-    }
+    """A `engine.Generation` as flip's engine result. A reused answer holds the tokens of the answer it
+    shares, so that a row's values do not depend on which of two identical rows the engine saw first
+    (the run's output-token count leaves reused rows out: `job.stages.part_stats`)."""
+    values = {GENERATIONS: g.texts, "finish_reason": g.finish_reason, "n_output_tokens": g.n_output_tokens}
     error = g.error or (None if g.texts else "engine returned no output")
     return RowScore(values, error, g.truncated, g.n_prompt_tokens, reused, g)
 
