@@ -186,11 +186,13 @@ def main() -> None:
     args = ap.parse_args()
     rows = workload(args.rows, args.max_tokens, args.seed)
     a_rate, a_occ = sync_per_block(rows, args.block)
+    one_rate, one_occ = in_flight(rows, args.block, 1)
     b_rate, b_occ = in_flight(rows, args.block, args.in_flight)
     print(f"SIMULATION: {args.rows} rows, blocks of {args.block}, max_tokens {args.max_tokens}, 8B model on one H100")
-    print(f"one call per reward per block : {a_rate:7.1f} rows/s, {a_occ:6.1f} sequences per step")
-    print(f"{args.in_flight} blocks in flight, one queue : {b_rate:7.1f} rows/s, {b_occ:6.1f} sequences per step")
-    print(f"ratio: {b_rate / a_rate:.2f}x")
+    print(f"one call per reward per block   : {a_rate:7.1f} rows/s, {a_occ:6.1f} sequences per step")
+    print(f"1 block at a time, one queue    : {one_rate:7.1f} rows/s, {one_occ:6.1f} sequences per step")
+    print(f"{args.in_flight} blocks in flight, one queue   : {b_rate:7.1f} rows/s, {b_occ:6.1f} sequences per step")
+    print(f"ratio, in flight / one call per reward per block: {b_rate / a_rate:.2f}x")
 
 
 if __name__ == "__main__":

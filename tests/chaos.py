@@ -87,6 +87,10 @@ ENGINE = [
     "sampling.max_tokens=16",
     "resources.concurrency=2",
     "resources.batch_size=16",
+    # One block at a time, its rewards one after another: every answer is computed in the same
+    # batches in every attempt, so the texts can be compared with the fault-free run's bit for bit.
+    # (With blocks in flight the batches vary with timing, and a near-tie may decode differently.)
+    "resources.max_concurrent_batches=1",
     "input.id_column=id",
 ]
 # Columns computed from a log-probability of the engine: the forward pass in fp32 on CPU may differ in

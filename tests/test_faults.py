@@ -225,10 +225,14 @@ def test_error_budget_stops_and_keeps_finished_shards(tmp_path, ray_local, embed
     (tmp_path / "in" / "a.jsonl").write_text("".join(json.dumps(r) + "\n" for r in good))
     (tmp_path / "in" / "b.jsonl").write_text("".join(json.dumps(r) + "\n" for r in bad))
     out = tmp_path / "out"
+    # One block at a time, so that the good file's rows finish first: with blocks in flight the error
+    # rows (never sent to the engine) pass while the good ones still decode, and the budget can stop
+    # the run before any shard has finished.
+    budget = ["limits.max_error_fraction=0.3", "resources.max_concurrent_batches=1"]
     with pytest.raises(ErrorBudgetExceeded, match=r"rows \(\d+%\) have errors.*'response is empty'.*rerun"):
-        score(tmp_path / "in", out, "limits.max_error_fraction=0.3", "limits.min_rows_for_error_check=4")
+        score(tmp_path / "in", out, *budget, "limits.min_rows_for_error_check=4")
     # The command line says the same with exit 3 (rerun resumes).
-    args = [f"input.path={tmp_path / 'in'}", f"output.path={out}", *ENGINE, "limits.max_error_fraction=0.3"]
+    args = [f"input.path={tmp_path / 'in'}", f"output.path={out}", *ENGINE, *budget]
     assert cli_main(["score", *args, "limits.min_rows_for_error_check=4"]) == 3
     assert "max_error_fraction=0.3" in capsys.readouterr().err
     kept = done_files(out)

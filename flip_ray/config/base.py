@@ -168,7 +168,10 @@ class ResourcesConfig:
     concurrency: Any = 1
     # Blocks each engine actor works on at once (Ray Data calls it from this many threads); every
     # request of every block in flight goes to the actor's one engine queue, so the engine never
-    # drains between blocks. 8 like ray.data.llm's max_concurrent_batches; 1: one block at a time.
+    # drains between blocks. 8 like ray.data.llm's max_concurrent_batches. 1: one block at a time, its
+    # rewards one after another: every answer is then computed in the same batches run to run (greedy
+    # output repeatable bit for bit; with blocks in flight a near-tie may decode differently, as on
+    # any engine whose batches vary).
     max_concurrent_batches: int = 8
     # Rows per engine call (and, by default, per read block and per part file).
     batch_size: int = 64

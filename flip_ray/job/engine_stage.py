@@ -102,6 +102,9 @@ class BackwardInferenceStage:
             rows; 0 turns deduplication off.
         occupancy_board: The name of the run's `job.occupancy.OccupancyBoard`, where the engine
             queue's counts go after each block; None: not reported.
+        rewards_together: Run the rewards of a block at the same time (their requests batched
+            together as they come); False: one after another, so that the batches every answer is
+            computed in are the same run to run (`resources.max_concurrent_batches=1`).
     """
 
     def __init__(
@@ -114,6 +117,7 @@ class BackwardInferenceStage:
         settings: Mapping[str, Any],
         dedup_cache_size: int = 0,
         occupancy_board: str | None = None,
+        rewards_together: bool = True,
     ):
         if engine.model is None:  # the embedded model, converted once per node
             engine = replace(engine, model=str(prepare_default_model()))
@@ -124,6 +128,7 @@ class BackwardInferenceStage:
         self.methods = tuple(methods)
         setup = rewards.EngineSetup(prompt, sampling, dict(settings), dedup_cache_size)
         self.parts = [(m, m.engine(llm, setup)) for m in self.methods if m.engine is not None]
+        self.rewards_together = rewards_together
         self.queue = EngineQueue.of(llm)
         self.reporter = Reporter(occupancy_board)
         self.in_flight, self.max_in_flight = 0, 0  # blocks this actor works on at once
@@ -157,7 +162,12 @@ class BackwardInferenceStage:
         rows = rewards.EngineRows(
             instructions, responses, [json.loads(c) if c else None for c in raw_contexts], raw_contexts
         )
-        results = score_together(self.parts, rows)
+        if self.rewards_together:
+            results = score_together(self.parts, rows)
+        else:
+            results = {}
+            for method, part in self.parts:
+                results[method.name] = part.score(rows, {u: results[u] for u in method.uses if u in results})
         cols = merge_results(batch.num_rows, todo, self.methods, batch.column("error").to_pylist(), results)
         batch = schema.put_column(
             batch, schema.CONTROL_COLUMNS.field(schema.DEDUP), pa.array(cols.pop(schema.DEDUP), pa.bool_())

@@ -46,6 +46,9 @@ def engine_stage_args(cfg: DictConfig, engine: EngineSpec, occupancy_board: str 
     """Constructor arguments of `BackwardInferenceStage`."""
     return dict(
         occupancy_board=occupancy_board,
+        # One block at a time: its rewards one after another too, so that every answer is computed
+        # in the same batches run to run (bitwise-repeatable greedy output on CPU).
+        rewards_together=cfg.resources.max_concurrent_batches > 1,
         engine=engine,
         prompt=PromptSpec.from_config(cfg.model, cfg.reward),
         sampling=SamplingSpec.from_config(cfg.sampling),
