@@ -95,6 +95,7 @@ def test_wrong_types_are_refused(override, key):
         (["input.path=x", "output.path=y", "resources.concurrency=[3,1]"], r"resources\.concurrency.*\[3, 1\]"),
         (["input.path=x", "output.path=y", "resources.concurrency=[1,2,3]"], r"resources\.concurrency"),
         (["input.path=x", "output.path=y", "resources.max_concurrent_batches=0"], "max_concurrent_batches"),
+        (["input.path=x", "output.path=y", "resources.max_concurrent_batches=many"], "max_concurrent_batches"),
         (["input.path=x", "output.path=y", "model.engine_kwargs.dtype=half"], r"set it as `model\.dtype`"),
     ],
 )
@@ -172,9 +173,11 @@ def test_engine_pool_is_n_or_min_max(value, pool):
     cfg = load_config(None, ["input.path=x", "output.path=y", f"resources.concurrency={value}"])
     validate_score_config(cfg)
     assert engine_pool(cfg.resources.concurrency) == pool
-    compute = engine_actor_options(EngineSpec(None), cfg.resources)["compute"]
+    compute = engine_actor_options(EngineSpec(None, device="gpu"), cfg.resources)["compute"]
     assert (compute.min_size, compute.max_size) == ((pool, pool) if isinstance(pool, int) else pool)
     assert compute.max_concurrent_calls_per_actor == 8 and compute.enable_true_multi_threading
+    # auto: one block at a time on CPU, where blocks in flight were slower (docs/BENCHMARKS.md)
+    assert engine_actor_options(EngineSpec(None), cfg.resources)["compute"].max_concurrent_calls_per_actor == 1
 
 
 def test_engine_kwargs_pass_through_and_only_scoring_ones_are_fingerprinted():

@@ -168,11 +168,12 @@ class ResourcesConfig:
     concurrency: Any = 1
     # Blocks each engine actor works on at once (Ray Data calls it from this many threads); every
     # request of every block in flight goes to the actor's one engine queue, so the engine never
-    # drains between blocks. 8 like ray.data.llm's max_concurrent_batches. 1: one block at a time, its
-    # rewards one after another: every answer is then computed in the same batches run to run (greedy
-    # output repeatable bit for bit; with blocks in flight a near-tie may decode differently, as on
-    # any engine whose batches vary).
-    max_concurrent_batches: int = 8
+    # drains between blocks. auto: 8 on GPU (like ray.data.llm's max_concurrent_batches), 1 on CPU
+    # (a CPU engine's step grows with its sequences: blocks in flight were slower there). 1: one
+    # block at a time, its rewards one after another: every answer is then computed in the same
+    # batches run to run (greedy output repeatable bit for bit; with blocks in flight a near-tie may
+    # decode differently, as on any engine whose batches vary).
+    max_concurrent_batches: Any = "auto"
     # Rows per engine call (and, by default, per read block and per part file).
     batch_size: int = 64
     similarity_concurrency: int = 1
@@ -320,6 +321,13 @@ def engine_pool(concurrency) -> int | tuple[int, int] | None:
     return None
 
 
+def blocks_in_flight(max_concurrent_batches, device: str) -> int:
+    """`resources.max_concurrent_batches` with `auto` resolved: 8 on GPU, 1 on CPU."""
+    if max_concurrent_batches == "auto":
+        return 8 if device == "gpu" else 1
+    return int(max_concurrent_batches)
+
+
 def require(cond: bool, message: str) -> None:
     if not cond:
         raise ConfigError(message)
@@ -365,7 +373,15 @@ def validate_score_config(cfg: DictConfig) -> None:
         engine_pool(r.concurrency) is not None,
         f"`resources.concurrency` must be n >= 1 or [min, max] with 1 <= min <= max, got {r.concurrency}",
     )
-    require(r.max_concurrent_batches >= 1, "`resources.max_concurrent_batches` must be >= 1")
+    require(
+        r.max_concurrent_batches == "auto"
+        or (
+            isinstance(r.max_concurrent_batches, int)
+            and not isinstance(r.max_concurrent_batches, bool)
+            and r.max_concurrent_batches >= 1
+        ),
+        f"`resources.max_concurrent_batches` must be auto or an integer >= 1, got {r.max_concurrent_batches!r}",
+    )
     require(r.batch_size >= 1, "`resources.batch_size` must be >= 1")
     require(r.similarity_concurrency >= 1, "`resources.similarity_concurrency` must be >= 1")
     require(

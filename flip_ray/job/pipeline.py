@@ -17,6 +17,7 @@ import pyarrow as pa
 from omegaconf import DictConfig, OmegaConf
 
 from flip_ray import rewards, schema
+from flip_ray.config.base import blocks_in_flight
 from flip_ray.engine.embedded import ModelError
 from flip_ray.engine.specs import EngineSpec, PromptSpec, SamplingSpec
 from flip_ray.input.readers import ColumnMapping
@@ -48,7 +49,7 @@ def engine_stage_args(cfg: DictConfig, engine: EngineSpec, occupancy_board: str 
         occupancy_board=occupancy_board,
         # One block at a time: its rewards one after another too, so that every answer is computed
         # in the same batches run to run (bitwise-repeatable greedy output on CPU).
-        rewards_together=cfg.resources.max_concurrent_batches > 1,
+        rewards_together=blocks_in_flight(cfg.resources.max_concurrent_batches, engine.device) > 1,
         engine=engine,
         prompt=PromptSpec.from_config(cfg.model, cfg.reward),
         sampling=SamplingSpec.from_config(cfg.sampling),

@@ -12,7 +12,7 @@ from functools import partial
 import fsspec
 from omegaconf import DictConfig
 
-from flip_ray.config.base import engine_pool
+from flip_ray.config.base import blocks_in_flight, engine_pool
 from flip_ray.engine.specs import EngineSpec
 from flip_ray.input.files import is_local
 from flip_ray.job import console
@@ -105,7 +105,7 @@ def engine_actor_options(engine: EngineSpec, resources: DictConfig) -> dict:
         # share the actor's one engine queue (`engine.queue`).
         compute=ray.data.ActorPoolStrategy(
             **size,
-            max_concurrent_calls_per_actor=resources.max_concurrent_batches,
+            max_concurrent_calls_per_actor=blocks_in_flight(resources.max_concurrent_batches, engine.device),
             enable_true_multi_threading=True,
         ),
         num_gpus=num_gpus,
