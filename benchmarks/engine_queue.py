@@ -22,7 +22,6 @@ lengths vary.
 from __future__ import annotations
 
 import argparse
-import gzip
 import json
 import os
 import subprocess
@@ -31,19 +30,10 @@ import tempfile
 import time
 from pathlib import Path
 
-from datadir import DATA  # benchmarks/datadir.py: $FLIP_RAY_DATA or ../shared/data
+from scaling import write_input  # the same AlpacaEval rows, cut to a length
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
-
-
-def write_input(path: Path, rows: int, cut: int) -> None:
-    with gzip.open(DATA / "alpacaeval_outputs" / "data.jsonl.gz", "rt") as f:
-        base = [json.loads(line) for line in f]
-    with open(path, "w") as f:
-        for i in range(rows):
-            r = base[(i * 7) % len(base)]
-            f.write(json.dumps({"id": f"r{i}", "prompt": r["prompt"], "response": r["response"][:cut]}) + "\n")
 
 
 def score(code: Path, input_path: Path, out: Path, overrides: list[str]) -> dict:
