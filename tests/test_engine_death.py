@@ -13,7 +13,7 @@ from invariant import assert_output_matches_input
 from test_faults import ENGINE, done_files, make_shards, wait_for
 
 from flip_ray.config.base import load_config
-from flip_ray.engine.generation import is_fatal_engine_error
+from flip_ray.engine.queue import is_fatal_engine_error
 from flip_ray.recipe import run_score
 
 pytestmark = pytest.mark.slow

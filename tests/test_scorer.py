@@ -334,6 +334,7 @@ def test_rewards_and_blocks_share_one_engine_queue_with_identical_scores(llm):
     from flip_ray.engine.queue import EngineQueue
     from flip_ray.engine.specs import PromptSpec, SamplingSpec
     from flip_ray.job.engine_stage import score_together
+    from flip_ray.job.occupancy import summarize
     from flip_ray.rewards import EngineRows, EngineSetup, get
 
     prompts, responses = _sample_rows(24)
@@ -345,10 +346,10 @@ def test_rewards_and_blocks_share_one_engine_queue_with_identical_scores(llm):
     one_by_one = [{m.name: part.score(rows, {}) for m, part in parts} for rows in blocks]
     llm.reset_prefix_cache()
     queue = EngineQueue.of(llm)
-    before = queue.occupancy.as_dict()
+    before = summarize({"actor": queue.occupancy.counts()})
     with ThreadPoolExecutor(4) as pool:
         together = list(pool.map(lambda rows: score_together(parts, rows), blocks))
-    after = queue.occupancy.as_dict()
+    after = summarize({"actor": queue.occupancy.counts()})
 
     # The answers are computed in other batches (fp32 on CPU may round a logit differently there): a
     # near-tie may decode otherwise, so one row in 24 may differ; the rest are equal.

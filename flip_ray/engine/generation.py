@@ -15,7 +15,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from flip_ray.engine.queue import EngineQueue, is_fatal_engine_error  # noqa: F401 - its callers import it here
+from flip_ray.engine.queue import EngineQueue
 from flip_ray.engine.specs import PromptSpec, SamplingSpec
 from flip_ray.text.prompts import build_flip_messages
 from flip_ray.text.rows import RowError

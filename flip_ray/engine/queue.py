@@ -97,17 +97,6 @@ class Occupancy:
             "prefix_held": self.prefix_held,
         }
 
-    def as_dict(self) -> dict:
-        total = self.busy_s + self.idle_s
-        return {
-            "steps": self.steps,
-            "requests": self.requests,
-            "mean_requests_in_engine": self.request_seconds / self.busy_s if self.busy_s else 0.0,
-            "max_requests_in_engine": self.max_requests,
-            "idle_fraction": self.idle_s / total if total else 0.0,
-            "prefix_held": self.prefix_held,
-        }
-
 
 class EngineQueue:
     """Submits requests to one `vllm.LLM`'s engine from any thread; one thread steps the engine.

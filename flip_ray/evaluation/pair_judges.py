@@ -13,8 +13,9 @@ import pyarrow as pa
 from omegaconf import DictConfig
 
 from flip_ray.engine.embedded import prepare_default_model
-from flip_ray.engine.generation import EngineWatchdog, exit_for_restart, is_fatal_engine_error
+from flip_ray.engine.generation import EngineWatchdog, exit_for_restart
 from flip_ray.engine.judge import Judge
+from flip_ray.engine.queue import is_fatal_engine_error
 from flip_ray.engine.specs import EngineSpec, PromptSpec
 from flip_ray.engine.verdicts import parse_listwise, parse_pairwise
 from flip_ray.evaluation.pairs_input import Item

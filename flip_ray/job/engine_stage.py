@@ -22,8 +22,8 @@ import pyarrow as pa
 
 from flip_ray import rewards, schema
 from flip_ray.engine.embedded import check_model_path, prepare_default_model
-from flip_ray.engine.generation import EngineWatchdog, exit_for_restart, is_fatal_engine_error
-from flip_ray.engine.queue import EngineQueue
+from flip_ray.engine.generation import EngineWatchdog, exit_for_restart
+from flip_ray.engine.queue import EngineQueue, is_fatal_engine_error
 from flip_ray.engine.specs import EngineSpec, PromptSpec, SamplingSpec
 from flip_ray.job.occupancy import Reporter
 from flip_ray.job.stages import require_columns, row_error, work_rows
