@@ -48,7 +48,18 @@ def _quiet_telemetry() -> None:
 def _reward_line(method: str, entry: dict) -> str:
     mean = "n/a" if entry["mean"] is None else f"{entry['mean']:.4f}"
     line = f"  {method}: mean {entry['column']} {mean} over {entry['scored']} rows"
-    return line + (f"   status {entry['status']}" if "status" in entry else "")
+    line += f"   status {entry['status']}" if "status" in entry else ""
+    if entry.get("flags"):
+        n = max(entry["scored"], 1)
+        shares = ", ".join(f"{f.removeprefix('flag_')} {k} ({k / n:.0%})" for f, k in entry["flags"].items())
+        line += f"\n    {method} answers flagged: {shares}"
+    return line
+
+
+def _row_flags(counts: dict) -> dict:
+    """The row flags' counts; the rewards' own flags are on their reward's line."""
+    own = {f for entry in counts.get("rewards", {}).values() for f in entry.get("flags", {})}
+    return {f: n for f, n in counts["flagged"].items() if f not in own}
 
 
 def format_summary(manifest: dict) -> str:
@@ -64,7 +75,7 @@ def format_summary(manifest: dict) -> str:
             else "<file>:<row> (derived: no id column)"
         ),
         *(_reward_line(method, entry) for method, entry in c.get("rewards", {}).items()),
-        f"  flagged {c['flagged']}   engine calls saved by dedup: {c['dedup_saved']}",
+        f"  flagged {_row_flags(c)}   engine calls saved by dedup: {c['dedup_saved']}",
         f"  this run: {t['rows_this_run']} rows, {t['rows_per_s']} rows/s, {t['output_tokens_per_s']} output tokens/s "
         f"({t['pipeline_s']} s pipeline, {t['total_s']} s total)",
         f"  output: {manifest['output']['data']}  manifest: {manifest['output']['path']}/manifest.json",

@@ -32,7 +32,7 @@ from flip_ray.downstream.report import build_report
 from flip_ray.engine import embedded as model_lib
 from flip_ray.engine.embedded import weights_fingerprint
 from flip_ray.engine.judge import JUDGE_PROMPT_VERSION
-from flip_ray.engine.specs import EngineSpec
+from flip_ray.engine.specs import EngineSpec, logits_processors
 from flip_ray.job import console
 from flip_ray.job.lock import LockLost, RunLock
 from flip_ray.job.pipeline import RunInterrupted, execute, find_duplicate_ids
@@ -111,7 +111,9 @@ def start_cluster(plan: RunPlan, cfg: DictConfig) -> EngineSpec:
     device = resolve_device(cfg.model.device, ray.cluster_resources().get("GPU", 0))
     if cfg.model.path is None:
         _embedded_model()
-    return EngineSpec.from_config(cfg.model, device=device, seed=cfg.sampling.seed)
+    return EngineSpec.from_config(
+        cfg.model, device=device, seed=cfg.sampling.seed, logits_processors=logits_processors(cfg.reward)
+    )
 
 
 def _embedded_model():

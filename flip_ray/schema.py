@@ -17,8 +17,9 @@ from flip_ray.text.rows import InputError
 
 ID = "id"
 # How scored outputs are laid out; part of the output fingerprint, so that a rerun never mixes parts of
-# two layouts. 2: only the columns of the rewards that ran (1 held every reward's columns).
-OUTPUT_LAYOUT = 2
+# two layouts. 2: only the columns of the rewards that ran (1 held every reward's columns); 3: flip's
+# copy and echo measures (copy_span, copy_fraction, flag_copied_response, flag_echoed_template).
+OUTPUT_LAYOUT = 3
 
 # Internal columns, set by the reader and the engine stage, removed before writing.
 INSTRUCTION = "_flip_instruction"  # the real instruction (prompt, or the last user turn)
@@ -89,6 +90,11 @@ def engine_fields(methods: Iterable[str | rewards.RewardMethod]) -> pa.Schema:
         + [pa.field(m.error_column, pa.string()) for m in ms]
         + [ERROR]
     )
+
+
+def known_flags() -> tuple[str, ...]:
+    """Every flag column an output can hold: the row flags, then the registered rewards' own."""
+    return (*FLAG_NAMES, *(f for m in rewards.every() for f in m.flags))
 
 
 def reserved() -> set[str]:

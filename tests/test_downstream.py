@@ -73,11 +73,12 @@ def test_flags_fire_on_hacks_and_not_on_ordinary_rows(scored):
     ordinary = [r for r in by_id.values() if not r["id"].startswith("hack-")]
     flags = ("flag_restates_prompt", "flag_too_short", "flag_language_mismatch")
     assert not [r["id"] for r in ordinary if any(r[f] for f in flags)]
-    assert manifest["counts"]["flagged"] == {
-        "flag_language_mismatch": 1,
-        "flag_restates_prompt": 2,
-        "flag_too_short": 1,
-    }
+    row_flags = {f: n for f, n in manifest["counts"]["flagged"].items() if f in flags}
+    assert row_flags == {"flag_language_mismatch": 1, "flag_restates_prompt": 2, "flag_too_short": 1}
+    # flip's own flags are counted too, from the rows, and on its reward's line of the summary
+    for flag in ("flag_copied_response", "flag_echoed_template"):
+        assert manifest["counts"]["flagged"][flag] == sum(bool(r[flag]) for r in by_id.values())
+        assert manifest["counts"]["rewards"]["flip"]["flags"][flag] == manifest["counts"]["flagged"][flag]
 
 
 def test_identical_rows_go_to_the_engine_once(scored):

@@ -198,6 +198,7 @@ def test_evaluation_never_writes_into_a_directory_of_someone_elses_files(tmp_pat
 def test_evaluation_end_to_end_on_real_pairs(tmp_path, caplog):
     """20 human-labelled items (2 best-of-N) through the real engine: summary.json holds every method
     with consistent counts, and the per-response scores are where the summary says."""
+    import pyarrow.dataset as pads
     from PIL import Image
 
     from flip_ray.evaluation.run import run_evaluate
@@ -238,12 +239,22 @@ def test_evaluation_end_to_end_on_real_pairs(tmp_path, caplog):
     assert summary["flip_logprob"]["missing"] == 0 and summary["flip_logprob"]["ties"] == 0
     assert summary["flip_logprob"]["rows_per_s"] > 0 and summary["flip"]["rows_per_s"] > 0
     assert "flip_logprob" in (out / "summary.md").read_text()
+    # How often flip's answers copy the response or echo the prompt, overall and per set, from its
+    # stored rows; the other methods have no such flags.
+    flip_rows = pads.dataset(str(out / "scores" / "flip" / "data"), format="parquet").to_table().to_pylist()
+    flags = summary["flip"]["flags"]
+    assert set(flags) == {"flag_copied_response", "flag_echoed_template"}
+    for flag, rates in flags.items():
+        scored_rows = [r for r in flip_rows if r[flag] is not None]
+        assert rates["n"] == len(scored_rows) == 43
+        assert rates["rate"] == round(sum(r[flag] for r in scored_rows) / len(scored_rows), 4)
+        assert set(rates["per_subset"]) == set(summary["flip"]["per_subset"])
+    assert "flags" not in summary["flip_logprob"] and "flags" not in summary["longer"]
+    assert "| flip | copied_response |" in (out / "summary.md").read_text()
     assert (out / "errors.jsonl").read_text() == ""
     manifest = json.loads((out / "eval_manifest.json").read_text())
     assert manifest["pairs"] == 20 and manifest["best_of_n_items"] == 2 and manifest["responses"] == 43
     # The per-response scores are a normal scoring run, with the likelihood columns filled.
-    import pyarrow.dataset as pads
-
     scored = pads.dataset(str(out / "scores" / "flip_logprob" / "data"), format="parquet").to_table()
     assert scored.num_rows == 43
     assert scored.column("flip_logprob_mean").null_count == 0

@@ -15,9 +15,16 @@ def llm(embedded_model):
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
     os.environ.setdefault("VLLM_HOST_IP", "127.0.0.1")
     os.environ.setdefault("VLLM_LOOPBACK_IP", "127.0.0.1")
-    from flip_ray.engine.specs import EngineSpec
+    from flip_ray.engine.specs import BLOCK_COPY_PROCESSOR, EngineSpec
 
-    return EngineSpec(embedded_model, dtype="float32", max_model_len=512, enforce_eager=True).build()
+    # With reward.block_copy's logits processor loaded: requests that do not ask for it are untouched.
+    return EngineSpec(
+        embedded_model,
+        dtype="float32",
+        max_model_len=512,
+        enforce_eager=True,
+        logits_processors=(BLOCK_COPY_PROCESSOR,),
+    ).build()
 
 
 @pytest.fixture(scope="module")
@@ -371,3 +378,83 @@ def test_rewards_and_blocks_share_one_engine_queue_with_identical_scores(llm):
             assert g.raw.cached_tokens > 0 or lk.raw.cached_tokens > 0
     assert after["prefix_held"] > before["prefix_held"]
     assert after["max_requests_in_engine"] > 12  # more than one block's generations and likelihoods
+
+
+def copied_runs(ids: list[int], source: list[int], k: int) -> list[int]:
+    """Brute force: every position of `ids` that starts k tokens found in a row in `source`."""
+    return [
+        i
+        for i in range(len(ids) - k + 1)
+        if any(source[j : j + k] == ids[i : i + k] for j in range(len(source) - k + 1))
+    ]
+
+
+def test_block_copy_never_copies_k_tokens_of_the_response(llm):
+    """reward.block_copy's logits processor against a brute-force check of the generated tokens: with
+    it no generation holds k tokens of its response in a row; without it the same rows do copy (so the
+    check can fail), and a row that copied nothing decodes the same either way."""
+    from vllm.inputs import TokensPrompt
+
+    from flip_ray.engine.copy_block import request_params
+    from flip_ray.engine.generation import FlipGenerator, generate_isolated
+    from flip_ray.engine.specs import PromptSpec, SamplingSpec
+    from flip_ray.text.copying import measure_copying
+
+    rows = [json.loads(line) for line in Path("flip_ray/samples/alpacaeval_sample.jsonl").read_text().splitlines()]
+    responses = [r["response"] for r in rows[:12]]
+    generator = FlipGenerator(llm, PromptSpec(), SamplingSpec(max_tokens=48))
+    prompts = [TokensPrompt(prompt_token_ids=generator.render(r)[0]) for r in responses]
+    sources = [generator.fitter.encode(r) for r in responses]
+    k = 4
+    free = generate_isolated(llm, prompts, generator.params)
+    blocked = generate_isolated(llm, prompts, [request_params(generator.params, k, s) for s in sources])
+    copying = [copied_runs(list(o.outputs[0].token_ids), s, k) for o, s in zip(free, sources, strict=True)]
+    assert sum(map(bool, copying)) >= 3, "the model should copy its response on some of these rows"
+    for o, s in zip(blocked, sources, strict=True):
+        assert copied_runs(list(o.outputs[0].token_ids), s, k) == [], o.outputs[0].text
+    for f, b, c in zip(free, blocked, copying, strict=True):
+        if not c:
+            assert f.outputs[0].text == b.outputs[0].text
+    # The word-level copy measure falls with it.
+    before = sum(measure_copying(o.outputs[0].text, r).copy_fraction for o, r in zip(free, responses, strict=True))
+    after = sum(measure_copying(o.outputs[0].text, r).copy_fraction for o, r in zip(blocked, responses, strict=True))
+    assert after < before
+    # Repeats blocked (reward.no_repeat_ngram): no 4 tokens of an answer occur twice in it.
+    unrepeated = generate_isolated(llm, prompts, [request_params(generator.params, 0, [], 4) for _ in sources])
+    for o in unrepeated:
+        ids = list(o.outputs[0].token_ids)
+        grams = [tuple(ids[i : i + 4]) for i in range(len(ids) - 3)]
+        assert len(grams) == len(set(grams)), o.outputs[0].text
+    # Through the generator as the job calls it: the same answers.
+    assert [
+        g.texts[0]
+        for g in FlipGenerator(llm, PromptSpec(block_copy=k), SamplingSpec(max_tokens=48)).generate(responses)
+    ] == [o.outputs[0].text for o in blocked]
+
+
+def test_copy_blocker_state_against_brute_force():
+    """The per-request state alone, on random token streams: the banned tokens at each step are
+    exactly those that would complete a k-run of the source or repeat an n-gram of the output."""
+    import random
+
+    import torch
+
+    from flip_ray.engine.copy_block import CopyBlocker
+
+    rng = random.Random(0)
+    for _ in range(200):
+        vocab, k, n = rng.randint(2, 6), rng.choice([0, 2, 3, 4]), rng.choice([0, 2, 3])
+        source = [rng.randrange(vocab) for _ in range(rng.randint(0, 20))]
+        blocker, output = CopyBlocker(source, k, n), []
+        for _ in range(15):
+            logits = blocker(output, torch.zeros(vocab))
+            for t in range(vocab):
+                run = output[len(output) - k + 1 :] + [t] if k and len(output) >= k - 1 else None
+                copies = run is not None and any(source[j : j + k] == run for j in range(len(source) - k + 1))
+                gram = output[len(output) - n + 1 :] + [t] if n and len(output) >= n - 1 else None
+                repeats = gram is not None and any(output[j : j + n] == gram for j in range(len(output) - n + 1))
+                assert (logits[t] == float("-inf")) == (copies or repeats), (source, output, k, n, t)
+            allowed = [t for t in range(vocab) if logits[t] != float("-inf")]
+            if not allowed:
+                break
+            output.append(rng.choice(allowed))

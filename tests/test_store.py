@@ -101,7 +101,10 @@ def test_tracker_commits_only_complete_shards_and_prunes_orphans(tmp_path):
     assert pq.read_table(tmp_path / "out" / "data" / sa).num_rows == 5
     counts = summarize(done)
     assert counts["rows"] == 5 and counts["scored"] == 4
-    assert counts["rewards"] == {"flip": {"column": "flip_score", "scored": 4, "mean": 0.5, "status": {"raw_text": 4}}}
+    flags = {"flag_copied_response": 0, "flag_echoed_template": 0}  # the batch's flags are null
+    assert counts["rewards"] == {
+        "flip": {"column": "flip_score", "scored": 4, "mean": 0.5, "status": {"raw_text": 4}, "flags": flags}
+    }
     assert counts["error_kinds"] == {"response is empty": 1}
 
 

@@ -157,6 +157,14 @@ class RewardConfig:
     # instruction: the variant that stops tracking prompt overlap in docs/EVAL.md) or shuffle (its
     # words shuffled within each sentence, seeded by the text).
     lexical_control: str = "overlap"
+    # flip: copy-blocking decoding. k >= 2: while the instruction is generated, a token that would
+    # make a run of k tokens copied from the response is forbidden (a vLLM logits processor, per
+    # request); 0 = off. The copy and echo rates are in every output (copy_fraction,
+    # flag_copied_response, flag_echoed_template) whatever this is.
+    block_copy: int = 0
+    # flip: n >= 2: a token that would repeat an n-gram of the answer itself is forbidden (as
+    # transformers' no_repeat_ngram_size; against answers that loop until max_tokens); 0 = off.
+    no_repeat_ngram: int = 0
 
 
 @dataclass

@@ -25,7 +25,7 @@ from flip_ray.config.base import (
     require,
     validate_reward,
 )
-from flip_ray.schema import FLAG_NAMES
+from flip_ray.schema import FLAG_NAMES, known_flags
 
 
 @dataclass
@@ -59,7 +59,8 @@ class SelectionOutputConfig:
 class EligibilityConfig:
     # Rows with `error` set are left out unless this is true.
     include_errors: bool = False
-    # Rows with any of these flags set are left out.
+    # Rows with any of these flags set are left out. The rewards' own flags (flip's
+    # flag_copied_response, flag_echoed_template) can be added; they are not excluded by default.
     exclude_flags: list[str] = field(default_factory=lambda: list(FLAG_NAMES))
 
 
@@ -115,8 +116,9 @@ def _validate_selection(cfg: DictConfig) -> None:
     for key in ("input.path", "output.path"):
         require(bool(OmegaConf.select(cfg, key)), f"`{key}` is required: pass it as an override ({key}=...)")
     require(cfg.output.format in OUTPUT_FORMATS, f"`output.format` must be one of {OUTPUT_FORMATS}")
-    unknown = [f for f in cfg.eligibility.exclude_flags if f not in FLAG_NAMES]
-    require(not unknown, f"`eligibility.exclude_flags` has unknown flags {unknown}; known: {FLAG_NAMES}")
+    known = known_flags()
+    unknown = [f for f in cfg.eligibility.exclude_flags if f not in known]
+    require(not unknown, f"`eligibility.exclude_flags` has unknown flags {unknown}; known: {list(known)}")
 
 
 def validate_filter_config(cfg: DictConfig) -> None:

@@ -8,9 +8,10 @@ For every reward column the run computed (each reward's `RewardMethod.report_col
 length with the correlations printed (a length bias shows), the mean per `model` when that column
 exists, and the 5 highest- and 5 lowest-scored rows with the real instruction, a reward's explanation
 (`flip`'s inferred instruction) and the start of the response. Then the status (each reward's status
-column), error, per-method error and flag rates. Memory
-stays constant in the number of rows: counters, a fixed-size reservoir sample per reward, and heaps
-of five examples.
+column), error, per-method error and flag rates, and for each reward's own flags (`flip`: the
+inferred instruction copies the response, or echoes the prompt's scaffolding) their rate among the
+rows it scored and the first examples. Memory stays constant in the number of rows: counters, a
+fixed-size reservoir sample per reward, and a few examples each.
 """
 
 from __future__ import annotations
@@ -94,7 +95,10 @@ class ReportStats:
         self.error_columns = {m.name: m.error_column for m in ran}
         self.status_columns = {m.name: m.status_column for m in ran if m.status_column in present}
         self.example_column = next((m.example_column for m in ran if m.example_column in present), None)
-        self.flags = dict.fromkeys(FLAG_NAMES, 0)
+        # a reward's own flags: flag -> (reward, rows it scored are counted in its RewardStats)
+        self.reward_flags = {f: m.name for m in ran for f in m.flags if f in present}
+        self.flags = dict.fromkeys([*FLAG_NAMES, *self.reward_flags], 0)
+        self.flag_examples: dict[str, list[tuple]] = {f: [] for f in self.reward_flags}
         rng = random.Random(seed)
         self.labels = {c: label for m in ran for c, label in m.report_columns().items() if c in present}
         self.rewards = {name: RewardStats(rng) for name in self.labels}
@@ -121,9 +125,14 @@ class ReportStats:
             for method in self.method_errors:
                 if batch[self.error_columns[method]][i] is not None:
                     self.method_errors[method] += 1
-            for flag in FLAG_NAMES:
+            for flag in self.flags:
                 if batch.get(flag) and batch[flag][i]:
                     self.flags[flag] += 1
+                    examples = self.flag_examples.get(flag)
+                    if examples is not None and len(examples) < _EXAMPLES:
+                        prompt, response = self._texts(batch, i)
+                        explained = batch[self.example_column][i] if self.example_column else None
+                        examples.append((str(batch["id"][i]), _cut(prompt), _cut(explained), _cut(response)))
             for name, stats in self.rewards.items():
                 score = batch[name][i] if batch.get(name) else None
                 if score is None or not math.isfinite(score):
@@ -157,7 +166,7 @@ def collect(scored: ScoredOutput) -> ReportStats:
         *(stats.status_columns.values()),
         *([stats.example_column] if stats.example_column else []),
         *stats.rewards,
-        *FLAG_NAMES,
+        *stats.flags,
         *stats.error_columns.values(),
         *(c for c in columns.values() if c),
     ]
@@ -251,6 +260,33 @@ def _section(name: str, label: str, r: RewardStats, images: dict[str, str], expl
     return "\n".join(parts)
 
 
+def _flag_section(stats: ReportStats) -> str:
+    """Each reward's own flags: how many of the rows it scored, and the first examples."""
+    if not stats.reward_flags:
+        return ""
+    parts = ["<h2>Answers flagged</h2>"]
+    explanation = (stats.example_column or "").replace("_", " ")
+    for flag, method in stats.reward_flags.items():
+        scored = next((r.n for c, r in stats.rewards.items() if c in _columns_of(method)), 0)
+        share = f"{stats.flags[flag] / scored:.0%}" if scored else "n/a"
+        parts.append(
+            f"<h3>{html.escape(flag)}</h3><p>{stats.flags[flag]} of the {scored} rows {html.escape(method)} scored "
+            f"({share}).</p>"
+        )
+        rows = "".join(
+            "<tr>" + "".join(f"<td>{html.escape(c or '(not kept)')}</td>" for c in example) + "</tr>"
+            for example in stats.flag_examples[flag]
+        )
+        if rows:
+            head = "".join(f"<th>{h}</th>" for h in ("id", "real instruction", explanation, "response"))
+            parts.append(f'<table class="ex"><tr>{head}</tr>{rows}</table>')
+    return "\n".join(parts)
+
+
+def _columns_of(method: str) -> set[str]:
+    return {f.name for f in rewards.get(method).fields}
+
+
 def render_html(stats: ReportStats, manifest: dict | None, images: dict[str, str]) -> str:
     """The whole page, images inlined."""
     c = (manifest or {}).get("counts", {})
@@ -281,6 +317,7 @@ table.ex tr:nth-child(even){{background:#f4f4f4}}</style></head>
 <body><h1>flip_ray run report</h1>
 <table>{table}</table>
 {"".join(sections) or "<p>No reward was computed for any row.</p>"}
+{_flag_section(stats)}
 <h2>Status, errors and flags</h2>
 <img alt="rates" src="data:image/png;base64,{images["rates.png"]}">
 </body></html>

@@ -271,12 +271,33 @@ class FlipGenerator:
     def generate(self, responses: list[str], contexts: list[list[dict] | None] | None = None) -> list[Generation]:
         """Generates for each response; a row that fails is returned with `error` set."""
         contexts = contexts if contexts is not None else [None] * len(responses)
+        if self.prompt.block_copy or self.prompt.no_repeat_ngram:
+            # each row's own sampling parameters: the response whose runs it may not copy
+            return render_and_run(
+                self.llm,
+                [
+                    (lambda r=r, c=c: (*self.render(r, c), self.copy_blocked(r)))
+                    for r, c in zip(responses, contexts, strict=True)
+                ],
+                lambda row_params: row_params,
+                _generation,
+                lambda message, truncated: Generation(texts=[], truncated=truncated, error=message),
+                lambda ids, _state: len(ids),
+            )
         return render_and_generate(
             self.llm,
             [(lambda r=r, c=c: self.render(r, c)) for r, c in zip(responses, contexts, strict=True)],
             self.params,
             share_prompt=True,
         )
+
+    def copy_blocked(self, response: str):
+        """This row's sampling parameters under `reward.block_copy` and `reward.no_repeat_ngram`
+        (`copy_block`)."""
+        from flip_ray.engine.copy_block import request_params
+
+        k = self.prompt.block_copy
+        return request_params(self.params, k, self.fitter.encode(response) if k else [], self.prompt.no_repeat_ngram)
 
 
 def render_rows(renders: list[Callable[[], tuple]], fail: Callable) -> tuple[list, list[tuple]]:
@@ -320,7 +341,8 @@ def render_and_run(
 
     `make(output, truncated, state)` builds a row's result, `fail(message, truncated)` a failed one;
     `shared_prefix(ids, state)`: how many first tokens of a row's prompt other requests share (the
-    FLIP prompt of a row's generation and of its likelihood), or None.
+    FLIP prompt of a row's generation and of its likelihood), or None. `params` is one
+    SamplingParams for every row, or a function of a row's state that gives its own.
     """
     from vllm.inputs import TokensPrompt
 
@@ -328,6 +350,8 @@ def render_and_run(
     prompts = [TokensPrompt(prompt_token_ids=ids) for _, ids, _, _ in rendered]
     prefix = [shared_prefix(ids, state) for _, ids, _, state in rendered] if shared_prefix else None
     slots = [(i, truncated, state) for i, _, truncated, state in rendered]
+    if callable(params):
+        params = [params(state) for _, _, state in slots]
     for (i, truncated, state), out in zip(slots, generate_isolated(llm, prompts, params, prefix), strict=True):
         if isinstance(out, Exception):
             results[i] = fail(f"engine error: {type(out).__name__}: {out}", truncated)

@@ -92,13 +92,18 @@ class EngineSpec:
     cpu_kvcache_space_gib: int = 1
     # Any other vLLM engine argument, passed through (`check_engine_kwargs`).
     engine_kwargs: dict = field(default_factory=dict)
+    # Logits processors the engine loads (`logits_processors`), by fully qualified class name.
+    logits_processors: tuple[str, ...] = ()
 
     # Fields that are not `vllm.LLM` arguments: they set the device and the process environment.
     _PROCESS = ("device", "multiprocessing", "cpu_threads", "cpu_kvcache_space_gib", "engine_kwargs")
 
     @classmethod
-    def from_config(cls, model_cfg: DictConfig, *, device: str, seed: int) -> EngineSpec:
-        """The engine of `cfg.model` (`model.path`) on `device` ("cpu" or "gpu")."""
+    def from_config(
+        cls, model_cfg: DictConfig, *, device: str, seed: int, logits_processors: tuple[str, ...] = ()
+    ) -> EngineSpec:
+        """The engine of `cfg.model` (`model.path`) on `device` ("cpu" or "gpu"), loading
+        `logits_processors` (`logits_processors(cfg.reward)`)."""
         own = ("model", "device", "seed", "multiprocessing")  # not copied by name
         values = {f.name: model_cfg[f.name] for f in fields(cls) if f.name in model_cfg and f.name not in own}
         if "engine_kwargs" in values:
@@ -108,7 +113,7 @@ class EngineSpec:
             values["enforce_eager"] = device == "cpu"  # torch.compile costs minutes on CPU for no gain
         mp = str(model_cfg.get("engine_multiprocessing", "auto")).lower()
         values["multiprocessing"] = device == "gpu" if mp == "auto" else mp == "true"
-        return cls(model=model_cfg.path, device=device, seed=seed, **values)
+        return cls(model=model_cfg.path, device=device, seed=seed, logits_processors=logits_processors, **values)
 
     def llm_kwargs(self) -> dict:
         """Keyword arguments of `vllm.LLM`."""
@@ -116,6 +121,10 @@ class EngineSpec:
         for name in _VLLM_ONLY:
             if kwargs[name] is None:
                 del kwargs[name]
+        if kwargs["logits_processors"]:
+            kwargs["logits_processors"] = list(kwargs["logits_processors"])
+        else:
+            del kwargs["logits_processors"]
         return {**kwargs, **self.engine_kwargs}
 
     def env(self) -> dict[str, str]:
@@ -152,11 +161,32 @@ class PromptSpec:
     few_shot: int = 0
     chat_template_kwargs: dict = field(default_factory=dict)
     guided_json: bool = False
+    # k > 0: the answer may not copy k tokens of the response in a row; n > 0: nor repeat an n-gram
+    # of its own (`copy_block`; the engine needs its logits processor, `logits_processors`).
+    block_copy: int = 0
+    no_repeat_ngram: int = 0
 
     @classmethod
     def from_config(cls, model_cfg: DictConfig, reward_cfg: DictConfig) -> PromptSpec:
         kwargs = OmegaConf.to_container(model_cfg.chat_template_kwargs, resolve=True) or {}
-        return cls(reward_cfg.prompt, reward_cfg.few_shot, dict(kwargs), reward_cfg.guided_json)
+        return cls(
+            reward_cfg.prompt,
+            reward_cfg.few_shot,
+            dict(kwargs),
+            reward_cfg.guided_json,
+            reward_cfg.get("block_copy", 0),
+            reward_cfg.get("no_repeat_ngram", 0),
+        )
+
+
+# `reward.block_copy`'s logits processor, by the name vLLM loads it from (the driver never imports it).
+BLOCK_COPY_PROCESSOR = "flip_ray.engine.copy_block:BlockCopy"
+
+
+def logits_processors(reward_cfg: DictConfig) -> tuple[str, ...]:
+    """The logits processors an engine needs for the `reward` settings (by name: vLLM loads them)."""
+    wanted = reward_cfg.get("block_copy", 0) or reward_cfg.get("no_repeat_ngram", 0)
+    return (BLOCK_COPY_PROCESSOR,) if wanted else ()
 
 
 @dataclass(frozen=True)

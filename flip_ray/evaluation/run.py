@@ -85,6 +85,39 @@ def read_scores(uri: str, column: str, higher_is_better: bool = True) -> dict[st
     }
 
 
+def flag_rates(uri: str, flags: tuple[str, ...]) -> dict[str, dict]:
+    """Per flag of a reward (`RewardMethod.flags`): the share of the responses it scored that carry
+    the flag, over all of them and per subset. Rates are in [0, 1], rounded to 4 decimals."""
+    import pyarrow.dataset as pads
+
+    scored = open_scored(uri, key="scores of")
+    if not scored.paths or not flags:
+        return {}
+    dataset = pads.dataset(scored.paths, filesystem=scored.fs, format="parquet")
+    wanted = [c for c in ("subset", *flags) if c in dataset.schema.names]
+    table = dataset.to_table(columns=wanted).to_pydict()
+    subsets = table.get("subset") or [None] * len(table[wanted[-1]] if wanted else [])
+    out = {}
+    for flag in flags:
+        if flag not in table:
+            continue
+        counts: dict[str | None, list[int]] = {}
+        for subset, value in zip(subsets, table[flag], strict=True):
+            if value is None:  # not scored: an error row
+                continue
+            for key in (None, subset if subset is not None else "(none)"):
+                acc = counts.setdefault(key, [0, 0])
+                acc[0] += bool(value)
+                acc[1] += 1
+        n_flagged, n = counts.pop(None, [0, 0])
+        out[flag] = {
+            "rate": round(n_flagged / n, 4) if n else None,
+            "n": n,
+            "per_subset": {k: round(f / m, 4) for k, (f, m) in sorted(counts.items())},
+        }
+    return out
+
+
 def engine_outcomes(
     items: list[Item], scores: dict[str, tuple[float | None, str | None]]
 ) -> tuple[list[float | None], list[int | None]]:
@@ -196,7 +229,11 @@ def resummarize(output_path: str) -> dict:
             continue
         s = _method_summary(cfg, outcomes[method], picks[method], picks, subsets)
         s.update(
-            {k: v for k, v in entry.items() if k in ("rows_per_s", "pipeline_s", "parse_status", "no_value", "errors")}
+            {
+                k: v
+                for k, v in entry.items()
+                if k in ("rows_per_s", "pipeline_s", "parse_status", "no_value", "errors", "flags")
+            }
         )
         summary[method] = s
     write_bytes_durably(store.fs, store.path(SUMMARY), json.dumps(summary, indent=2).encode())
@@ -290,6 +327,8 @@ def score_responses(cfg: DictConfig, store: OutputStore, items: list[Item], outc
             "parse_status": reward.get("status"),
             "no_value": sum(1 for value, error in values.values() if value is None and error is None),
             "errors": manifest["counts"]["errors"],
+            # the share of its answers each of its flags marks (flip: copied the response, echoed the prompt)
+            "flags": flag_rates(store.uri_of(SCORES, method), rewards.get(method).flags) or None,
         }
     for combo, parts in COMBINATIONS.items():
         if combo in cfg.evaluation.methods:

@@ -207,7 +207,8 @@ def markdown_table(summary: dict[str, dict], *, title: str | None = None) -> str
     Returns:
         A table method | accuracy % [CI] (as "61.2 [55.0, 67.1]") | n | ties | missing; then, if any
         method has per_subset, a table of accuracy % per method and subset (subsets in order of first
-        appearance, "n/a" where a method has no result).
+        appearance, "n/a" where a method has no result); then, if any method has `flags` (a reward's
+        own flags, `run.flag_rates`), the share of its answers each flag marks, overall and per subset.
     """
     lines = [f"### {title}", ""] if title else []
     lines += ["| method | accuracy % [CI] | n | ties | missing |", "|---|---:|---:|---:|---:|"]
@@ -227,4 +228,14 @@ def markdown_table(summary: dict[str, dict], *, title: str | None = None) -> str
             per = s.get("per_subset", {})
             cells = [_pct(per[name]["accuracy"]) if name in per else "n/a" for name in subsets]
             lines.append(f"| {_cell(method)} | " + " | ".join(cells) + " |")
+
+    flagged = [(method, flag, rates) for method, s in summary.items() for flag, rates in (s.get("flags") or {}).items()]
+    if flagged:
+        names = list(subsets) or list(dict.fromkeys(k for _, _, r in flagged for k in r["per_subset"]))
+        lines += ["", "| method | answers flagged % | all | " + " | ".join(_cell(n) for n in names) + " |"]
+        lines.append("|---|---|---:|" + "---:|" * len(names))
+        for method, flag, rates in flagged:
+            per = rates["per_subset"]
+            cells = [_pct(rates["rate"])] + [_pct(per[n]) if n in per else "n/a" for n in names]
+            lines.append(f"| {_cell(method)} | {flag.removeprefix('flag_')} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"

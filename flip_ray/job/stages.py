@@ -252,8 +252,9 @@ def part_stats(
     output tokens count the rows whose answer was generated, not `reused` from an identical row."""
     errors = table.column("error").to_pylist()
     d = table.select(["n_output_tokens", "truncated"]).to_pydict()
-    flagged = {f: sum(bool(v) for v in table.column(f).to_pylist()) for f in schema.FLAG_NAMES}
     ran = [m for m in (rewards.every() if methods is None else methods) if m.error_column in table.column_names]
+    flag_columns = [*schema.FLAG_NAMES, *(f for m in ran for f in m.flags if f in table.column_names)]
+    flagged = {f: sum(bool(v) for v in table.column(f).to_pylist()) for f in flag_columns}
     method_errors = {m.name: table.column(m.error_column).to_pylist() for m in ran}
     sums, counts, statuses = {}, {}, []
     for m in ran:

@@ -189,13 +189,15 @@ def summarize(done: dict[str, dict]) -> dict:
         else None,
         "method_error_kinds": dict(sorted(counted["method_error_kinds"].items(), key=lambda kv: -kv[1])),
         "flagged": dict(sorted(counted["flagged"].items())),
-        "rewards": reward_summary(counted["reward_sums"], counted["reward_counts"], counted["statuses"]),
+        "rewards": reward_summary(
+            counted["reward_sums"], counted["reward_counts"], counted["statuses"], counted["flagged"]
+        ),
     }
 
 
-def reward_summary(sums: dict, counts: dict, statuses: dict) -> dict:
-    """Per reward that ran: rows with a value of the column it ranks by, their mean, and (for a reward
-    with a status column) how its answers were read."""
+def reward_summary(sums: dict, counts: dict, statuses: dict, flagged: dict | None = None) -> dict:
+    """Per reward that ran: rows with a value of the column it ranks by, their mean, (for a reward
+    with a status column) how its answers were read, and (for one with flags) the rows of each flag."""
     out: dict[str, dict] = {}
     for method in rewards.names():
         if method not in counts:
@@ -206,5 +208,7 @@ def reward_summary(sums: dict, counts: dict, statuses: dict) -> dict:
         status = {k[len(prefix) :]: v for k, v in statuses.items() if k.startswith(prefix)}
         if rewards.get(method).status_column is not None:
             entry["status"] = dict(sorted(status.items()))
+        if rewards.get(method).flags:
+            entry["flags"] = {f: (flagged or {}).get(f, 0) for f in rewards.get(method).flags}
         out[method] = entry
     return out

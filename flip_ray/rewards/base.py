@@ -107,6 +107,9 @@ class RewardMethod:
             with `about`).
         example_column: A column of its `fields` that explains a row's score, shown beside the real
             instruction in the report's examples (`flip`: the inferred instruction).
+        flags: Boolean columns of its `fields` that mark a row's answer as suspect (`flip`: the
+            inferred instruction copies the response, or echoes the prompt); counted beside the
+            row flags in the run summary, the report and the evaluation.
         uses: Rewards whose results it reuses when they run in the same block (computed first).
         settings: The `reward.*` config keys it reads.
         validate: Checks those settings; returns the problems found (each a sentence).
@@ -124,6 +127,7 @@ class RewardMethod:
     status_column: str | None = None
     report: Mapping[str, str] | None = None
     example_column: str | None = None
+    flags: tuple[str, ...] = ()
     uses: tuple[str, ...] = ()
     settings: tuple[str, ...] = ()
     validate: Callable[[Mapping[str, Any]], Sequence[str]] | None = None
@@ -134,6 +138,9 @@ class RewardMethod:
         names = [f.name for f in self.fields]
         if len(set(names)) != len(names):
             raise ValueError(f"reward {self.name!r} declares a column twice: {names}")
+        types = {f.name: f.type for f in self.fields}
+        if bad := [f for f in self.flags if types.get(f) != pa.bool_()]:
+            raise ValueError(f"reward {self.name!r}: flags {bad} are not boolean columns of its fields")
 
     @property
     def error_column(self) -> str:

@@ -16,6 +16,7 @@ import pyarrow as pa
 
 from flip_ray.rewards.base import EngineRows, EngineSetup, FinishSetup, RewardMethod, RowScore
 from flip_ray.rewards.flip_f1 import score_batch
+from flip_ray.text.copying import COPY_FLAGS, measure_copying
 from flip_ray.text.similarity import METRICS
 
 # Internal column: the raw answers of the engine, one per sample; the similarity stage reads them.
@@ -27,6 +28,11 @@ FIELDS = (
     pa.field("flip_precision", pa.float64()),
     pa.field("flip_recall", pa.float64()),
     pa.field("parse_status", pa.string()),
+    # how much of the inferred instruction is the response copied, and whether it echoes the prompt
+    # (`text.copying`): measured on the reported answer
+    pa.field("copy_span", pa.int64()),
+    pa.field("copy_fraction", pa.float64()),
+    *(pa.field(name, pa.bool_()) for name in COPY_FLAGS),
 )
 
 
@@ -116,7 +122,8 @@ class FlipEngine:
 
 
 class FlipFinish:
-    """Parses each answer and measures it against the real instruction (`flip_f1.score_batch`)."""
+    """Parses each answer, measures it against the real instruction (`flip_f1.score_batch`) and
+    against the response it was read from (`copying.measure_copying`)."""
 
     def __init__(self, setup: FinishSetup):
         from flip_ray.text.similarity import EmbeddingSimilarity
@@ -136,14 +143,24 @@ class FlipFinish:
             self.embedder,
         )
         for i, s in zip(rows, scores, strict=True):
-            for f, value in zip(FIELDS, s, strict=True):
+            for f, value in zip(FIELDS, (*s, *measure_copying(s.inferred_instruction, responses[i])), strict=True):
                 cols[f.name][i] = value
         return cols
 
 
 def validate(settings: Mapping[str, Any]) -> list[str]:
+    problems = []
     similarity = settings.get("similarity", "f1")
-    return [] if similarity in METRICS else [f"`reward.similarity` must be one of {METRICS}, got {similarity!r}"]
+    if similarity not in METRICS:
+        problems.append(f"`reward.similarity` must be one of {METRICS}, got {similarity!r}")
+    for key, example in (
+        ("block_copy", "reward.block_copy=4: no 4 tokens of the response copied in a row"),
+        ("no_repeat_ngram", "reward.no_repeat_ngram=4: no 4 tokens of the answer repeated"),
+    ):
+        k = settings.get(key, 0)
+        if isinstance(k, bool) or not isinstance(k, int) or k < 0 or k == 1:
+            problems.append(f"`reward.{key}` must be 0 (off) or a run of at least 2 tokens, got {k!r} (e.g. {example})")
+    return problems
 
 
 FLIP = RewardMethod(
@@ -156,6 +173,7 @@ FLIP = RewardMethod(
     finish=FlipFinish,
     status_column="parse_status",
     example_column="inferred_instruction",
-    settings=("prompt", "few_shot", "guided_json", "similarity"),
+    flags=COPY_FLAGS,
+    settings=("prompt", "few_shot", "guided_json", "similarity", "block_copy", "no_repeat_ngram"),
     validate=validate,
 )

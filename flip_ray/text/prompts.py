@@ -48,11 +48,38 @@ NO_REASONING_SYSTEM_PROMPT = (
     '- Please respond in the following JSON format: {"INFERRED INSTRUCTION": "<instruction>"}'
 )
 NO_REASONING_USER_TEMPLATE = _USER_HEAD + 'Respond in JSON format. {{"INFERRED INSTRUCTION": "<instruction>"}}'
-PROMPT_VARIANTS = ("flip", "no_reasoning")
+# Two variants against copying and echoing (issue 25's levers, docs/EVAL.md): the answer's format said
+# in words, with no literal placeholder or answer header for a small model to repeat (`no_placeholder`),
+# and that plus a request for the user's own words, never quoting the response (`own_words`).
+_ANSWER_IN_WORDS = (
+    '- Respond in JSON with exactly one key, "INFERRED INSTRUCTION", whose value is the instruction '
+    "as the user would have typed it.\n"
+)
+NO_PLACEHOLDER_SYSTEM_PROMPT = _TASK + _NOTES + "- Do not explain your answer.\n" + _ANSWER_IN_WORDS
+OWN_WORDS_SYSTEM_PROMPT = (
+    _TASK + _NOTES + "- Write the request in the user's own words: never quote or copy sentences from the response, "
+    "and do not start the way the response starts.\n"
+    "- Do not explain your answer.\n" + _ANSWER_IN_WORDS
+)
+_IN_WORDS_USER_TEMPLATE = (
+    "[Response]\n{response}\n\nWhat instruction did the user give to get this response? "
+    'Answer with the JSON object only, its one key "INFERRED INSTRUCTION".'
+)
+PROMPT_VARIANTS = ("flip", "no_reasoning", "no_placeholder", "own_words")
 # The job's default and every class's (docs/EVAL.md: best for both FLIP forms with the embedded model).
 DEFAULT_PROMPT_VARIANT = "no_reasoning"
-_SYSTEM_PROMPTS = {"flip": FLIP_SYSTEM_PROMPT, "no_reasoning": NO_REASONING_SYSTEM_PROMPT}
-_USER_TEMPLATES = {"flip": FLIP_USER_TEMPLATE, "no_reasoning": NO_REASONING_USER_TEMPLATE}
+_SYSTEM_PROMPTS = {
+    "flip": FLIP_SYSTEM_PROMPT,
+    "no_reasoning": NO_REASONING_SYSTEM_PROMPT,
+    "no_placeholder": NO_PLACEHOLDER_SYSTEM_PROMPT,
+    "own_words": OWN_WORDS_SYSTEM_PROMPT,
+}
+_USER_TEMPLATES = {
+    "flip": FLIP_USER_TEMPLATE,
+    "no_reasoning": NO_REASONING_USER_TEMPLATE,
+    "no_placeholder": _IN_WORDS_USER_TEMPLATE,
+    "own_words": _IN_WORDS_USER_TEMPLATE,
+}
 
 # Worked examples for few-shot prompting, written for flip_ray (not taken from any evaluation set).
 FEW_SHOT_EXAMPLES = (
@@ -118,8 +145,10 @@ def build_flip_messages(
     Args:
         response: The model response to read backwards.
         context: Earlier turns of a multi-turn conversation (`{role, content}` dicts), or None.
-        variant: `flip` (the authors' prompt: reasoning, then the instruction, as JSON) or
-            `no_reasoning` (the instruction alone, as JSON with one key).
+        variant: `flip` (the authors' prompt: reasoning, then the instruction, as JSON),
+            `no_reasoning` (the instruction alone, as JSON with one key), `no_placeholder` (the same,
+            its format said in words: no placeholder to repeat) or `own_words` (that, asking for the
+            user's own words and no quoting).
         few_shot: Worked examples (from `FEW_SHOT_EXAMPLES`) given as earlier turns, 0 to 3.
 
     Returns:
