@@ -232,3 +232,43 @@ def test_block_copy_loads_its_logits_processor_on_the_engine():
     assert logits_processors(repeat.reward) == (BLOCK_COPY_PROCESSOR,)
     module, name = BLOCK_COPY_PROCESSOR.split(":")
     assert (Path(__file__).parents[1] / (module.replace(".", "/") + ".py")).read_text().count(f"class {name}(") == 1
+
+
+# Qwen3's chat template, reduced to what decides a generation prompt (its guard is verbatim).
+QWEN3_STYLE_TEMPLATE = (
+    "{%- for message in messages %}"
+    "{{- '<|im_start|>' + message.role + '\\n' + message.content + '<|im_end|>\\n' }}"
+    "{%- endfor %}"
+    "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}"
+    "{%- if enable_thinking is defined and enable_thinking is false %}"
+    "{{- '<think>\\n\\n</think>\\n\\n' }}{%- endif %}{%- endif %}"
+)
+
+
+@pytest.mark.slow
+def test_the_gpu_example_config_turns_qwen3_thinking_off(embedded_model):
+    """configs/gpu.yaml (Qwen3 on GPUs): its chat-template arguments reach the template that renders
+    the FLIP prompt, so the answer starts after an empty think block, which the parser drops."""
+    from transformers import AutoTokenizer
+
+    from flip_ray.config.base import load_config, validate_score_config
+    from flip_ray.engine.generation import PromptFitter
+    from flip_ray.engine.specs import PromptSpec
+    from flip_ray.text.parsing import parse_inferred_instruction
+    from flip_ray.text.prompts import build_flip_messages
+
+    cfg = load_config("configs/gpu.yaml", ["model.path=/models/Qwen3-0.6B", "input.path=x", "output.path=y"])
+    validate_score_config(cfg)
+    spec = PromptSpec.from_config(cfg.model, cfg.reward)
+    assert spec.chat_template_kwargs == {"enable_thinking": False}
+    tokenizer = AutoTokenizer.from_pretrained(embedded_model)
+    tokenizer.chat_template = QWEN3_STYLE_TEMPLATE
+    messages = build_flip_messages("Paris is the capital of France.")
+    rendered = tokenizer.decode(PromptFitter(tokenizer, spec.chat_template_kwargs).ids(messages))
+    assert rendered.endswith("<|im_start|>assistant\n<think>\n\n</think>\n\n")
+    thinking = tokenizer.decode(PromptFitter(tokenizer, {}).ids(messages))
+    assert thinking.endswith("<|im_start|>assistant\n")
+    answer = parse_inferred_instruction(
+        '<think>\n\n</think>\n\n{"INFERRED INSTRUCTION": "Name the capital of France."}'
+    )
+    assert answer.instruction == "Name the capital of France."

@@ -28,6 +28,7 @@ import pyarrow.dataset as pads
 
 from flip_ray import rewards
 from flip_ray.downstream.selection import as_messages, ranks
+from flip_ray.engine.embedded import PURPOSE as EMBEDDED_PURPOSE
 from flip_ray.job.store import NotAScoredOutput, ScoredOutput, open_scored
 from flip_ray.schema import FLAG_NAMES, output_column_name
 
@@ -306,6 +307,8 @@ def render_html(stats: ReportStats, manifest: dict | None, images: dict[str, str
             ("complete", manifest["complete"]),
         ]
     table = "".join(f"<tr><th>{html.escape(str(k))}</th><td>{html.escape(_fmt(v))}</td></tr>" for k, v in facts)
+    if ((manifest or {}).get("model") or {}).get("embedded_default"):
+        table += f'<tr><td colspan="2"><em>{html.escape(EMBEDDED_PURPOSE)}</em></td></tr>'
     sections = [
         _section(name, stats.labels[name], r, images, stats.example_column) for name, r in stats.rewards.items() if r.n
     ]

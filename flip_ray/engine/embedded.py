@@ -25,6 +25,14 @@ GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 # Bump when the conversion changes, so that stale checkpoints are rebuilt.
 CONVERSION_VERSION = 1
 _MARKER = "flip_ray_conversion.json"
+# What the embedded model is for, said by the report (and the README's first screen): the figures are
+# docs/EVAL.md's main table (pooled accuracy over six human-labelled preference sets).
+PURPOSE = (
+    "The embedded SmolLM2-135M is a small default for trying the job on any machine, not a reward to "
+    "train on: on human-labelled preference pairs flip ranks at chance (45.7%) and flip_logprob at "
+    "52.9% (docs/EVAL.md). For real scoring point model.path at a larger instruct model on GPUs "
+    "(configs/gpu.yaml: Qwen3, thinking off)."
+)
 
 
 class ModelError(RuntimeError):
