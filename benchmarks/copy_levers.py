@@ -9,6 +9,9 @@ echoes the prompt's scaffolding or loops (`flag_echoed_template`), either; answe
 mean `flip_score` (all rows, and gpt4_1106_preview vs falcon-7b-instruct: the strongest and the
 weakest model of the sample); the job's rows/s and pipeline seconds (engine start excluded).
 
+`--recount` reads the outputs of an earlier call instead of scoring again, and measures copying and
+echoing with today's `text.copying` (what the job would write now for the same answers).
+
 `cut_opening` is tried on the input itself: each response without its first sentence (a copy of the
 sample under the output directory), the rest as the base.
 """
@@ -41,6 +44,8 @@ LEVERS = {
         "reward.no_repeat_ngram=4",
     ],
     "block_copy4+no_repeat4": ["reward.block_copy=4", "reward.no_repeat_ngram=4"],
+    "few_shot3": ["reward.few_shot=3"],
+    "few_shot3+block_copy4+no_repeat4": ["reward.few_shot=3", "reward.block_copy=4", "reward.no_repeat_ngram=4"],
 }
 _FIRST_SENTENCE = re.compile(r"^.*?(?:[.!?:](?:\s+|$)|\n+)", re.DOTALL)
 
@@ -56,9 +61,22 @@ def cut_sample(path: Path) -> Path:
     return path
 
 
-def run(name: str, overrides: list[str], out: Path) -> dict:
+def run(name: str, overrides: list[str], out: Path, recount: bool = False) -> dict:
     source = cut_sample(out / "inputs" / "cut_opening.jsonl") if name == "cut_opening" else SAMPLE
     target = out / name
+    if not recount:
+        score(name, source, target, overrides)
+    rows = pq.read_table(target / "data").to_pylist()
+    if recount:
+        from flip_ray.text.copying import measure_copying
+
+        for r in rows:
+            if r.get("flip_score") is not None:
+                r.update(measure_copying(r["inferred_instruction"], r["response"])._asdict())
+    return summary(name, rows, json.loads((target / "manifest.json").read_text()))
+
+
+def score(name: str, source: Path, target: Path, overrides: list[str]) -> None:
     cmd = [
         str(ROOT / ".venv" / "bin" / "flip-ray"),
         "score",
@@ -71,8 +89,9 @@ def run(name: str, overrides: list[str], out: Path) -> dict:
     done = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
     if done.returncode != 0:
         raise SystemExit(f"{name}: exit {done.returncode}\n{done.stderr[-2000:]}")
-    rows = pq.read_table(target / "data").to_pylist()
-    manifest = json.loads((target / "manifest.json").read_text())
+
+
+def summary(name: str, rows: list[dict], manifest: dict) -> dict:
     scored = [r for r in rows if r.get("flip_score") is not None]
 
     def mean(values):
@@ -101,6 +120,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", default="outputs/copy_levers")
     parser.add_argument("--only", default=None, help="comma-separated lever names")
+    parser.add_argument("--recount", action="store_true", help="measure the outputs of an earlier call again")
     args = parser.parse_args()
     out = Path(args.out).resolve()
     names = args.only.split(",") if args.only else list(LEVERS)
@@ -108,7 +128,7 @@ def main() -> None:
     print("| lever | copied | echoed | either | raw_text | mean flip_score | gpt4 | falcon | rows/s | pipeline s |")
     print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for name in names:
-        r = run(name, LEVERS[name], out)
+        r = run(name, LEVERS[name], out, args.recount)
         results.append(r)
         print(
             f"| {name} | {r['copied']}/{r['rows']} | {r['echoed']}/{r['rows']} | {r['either']}/{r['rows']} | "
@@ -116,7 +136,7 @@ def main() -> None:
             f"{r['pipeline_s']} |",
             flush=True,
         )
-    (out / "results.json").write_text(json.dumps(results, indent=2))
+    (out / ("recount.json" if args.recount else "results.json")).write_text(json.dumps(results, indent=2))
 
 
 if __name__ == "__main__":

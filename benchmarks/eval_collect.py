@@ -12,7 +12,9 @@ Prints, as markdown:
 4. the likelihood variants (runs variants_*): accuracy per set and pooled, the
    agreement with the length and overlap rules, and each method's paired difference from the
    trivial baselines with a 95% paired-bootstrap interval over items, and the accuracy on the items
-   where prompt overlap picks the wrong response (the restating hack) and where it picks the right one.
+   where prompt overlap picks the wrong response (the restating hack) and where it picks the right one;
+5. copying and echoing (runs copy_*): flip with and without copy-blocking decoding, its copy and echo
+   rates, and its paired difference from the run without blocking.
 """
 
 from __future__ import annotations
@@ -280,6 +282,44 @@ def variants_tables(out: Path) -> str:
     return "\n\n".join(parts)
 
 
+def copy_tables(out: Path) -> str:
+    """Issue 25's runs (copy_*): per set group, flip's pooled accuracy with and without copy-blocking
+    decoding, its copy and echo rates, how its answers parsed, its paired difference from the run
+    without blocking (same items), and the baselines of that run."""
+    parts = []
+    for sets in ("human", "bon"):
+        base = out / f"copy_base_{sets}"
+        if not (base / "summary.json").exists():
+            continue
+        base_outcomes, _ = item_outcomes(base)
+        lines = [
+            f"### {sets}\n",
+            "| run | method | pooled [95% CI] | minus copy_base flip [95% CI] | copied % | echoed % | ties | "
+            "parse_status | rows/s |",
+            "|---|---|---:|---:|---:|---:|---:|---|---:|",
+        ]
+        for run in (base, out / f"copy_block_{sets}", out / f"copy_few_shot_block_{sets}"):
+            if not (run / "summary.json").exists():
+                continue
+            summary = json.loads((run / "summary.json").read_text())
+            outcomes, _ = item_outcomes(run)
+            for method, s in summary.items():
+                diff = ""
+                if method == "flip" and run != base:
+                    mean, low, high, _ = paired_difference(outcomes["flip"], base_outcomes["flip"])
+                    diff = f"{100 * mean:+.1f} [{100 * low:+.1f}, {100 * high:+.1f}]"
+                flags = s.get("flags") or {}
+                copied = pct((flags.get("flag_copied_response") or {}).get("rate")) if flags else ""
+                echoed = pct((flags.get("flag_echoed_template") or {}).get("rate")) if flags else ""
+                status = json.dumps(s.get("parse_status") or "")
+                lines.append(
+                    f"| {run.name} | {method} | {cell(s)} | {diff} | {copied} | {echoed} | {s['ties']} | {status} | "
+                    f"{s.get('rows_per_s', '')} |"
+                )
+        parts.append("\n".join(lines))
+    return "\n\n".join(parts)
+
+
 def main() -> None:
     out = Path(sys.argv[1] if len(sys.argv) > 1 else "outputs/eval_table")
     if "--resummarize" in sys.argv:  # recompute summaries from stored scores (after a fix in the summary step)
@@ -287,6 +327,9 @@ def main() -> None:
 
         for run in sorted(p.parent for p in out.glob("*/summary.json")):
             resummarize(str(run))
+    if list(out.glob("copy_*/summary.json")):
+        print("\n## Copying and echoing\n")
+        print(copy_tables(out))
     if (out / "main" / "summary.json").exists():
         print("## Main table\n")
         print(main_table(json.loads((out / "main" / "summary.json").read_text())))

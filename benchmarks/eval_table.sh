@@ -6,7 +6,8 @@
 #
 #   bash benchmarks/eval_table.sh [DATA_DIR=../shared/data] [OUT=outputs/eval_table] [RUNS="main levers"]
 #   (RUNS may also name "expensive": n > 1 and the pairwise/listwise judges, and "variants": the
-#   likelihood rewards that discount word overlap, on the human sets and the best-of-N set)
+#   likelihood rewards that discount word overlap, on the human sets and the best-of-N set; and "copy":
+#   flip with and without copy-blocking decoding)
 #   ONLY="run names" restricts a call to those runs, e.g. ONLY="lever_temperature lever_n4".
 set -euo pipefail
 DATA=${1:-../shared/data}
@@ -66,6 +67,18 @@ case " $RUNS " in *" expensive "*)
   run lever_n4 human "${S[@]}" sampling.n=4 sampling.temperature=0.7 'evaluation.methods=[flip]'
   run lever_judges human "${S[@]}" 'evaluation.methods=[judge_pairwise,judge_listwise]'
   run lever_judges_guided human "${S[@]}" reward.guided_json=true 'evaluation.methods=[judge_pairwise,judge_listwise]'
+;; esac
+case " $RUNS " in *" copy "*)
+  # Copying and echoing (issue 25): flip at the default prompt with and without copy-blocking
+  # decoding, and with worked examples, on the levers' 30 pairs per human-labelled set and 30 pairs of
+  # the RewardBench best-of-N set; copy and echo rates are in each summary.json (`flags`).
+  C=(input.sample_per_file=30 sampling.max_tokens=128)
+  B=(reward.block_copy=4 reward.no_repeat_ngram=4)
+  for sets in human bon; do
+    run copy_base_$sets $sets "${C[@]}" 'evaluation.methods=[flip,longer,shorter,prompt_overlap]'
+    run copy_block_$sets $sets "${C[@]}" "${B[@]}" 'evaluation.methods=[flip]'
+    run copy_few_shot_block_$sets $sets "${C[@]}" reward.few_shot=3 "${B[@]}" 'evaluation.methods=[flip]'
+  done
 ;; esac
 case " $RUNS " in *" variants "*)
   # The likelihood rewards of issue 15 beside flip, flip_logprob and the baselines, default prompt

@@ -272,3 +272,16 @@ def test_the_gpu_example_config_turns_qwen3_thinking_off(embedded_model):
         '<think>\n\n</think>\n\n{"INFERRED INSTRUCTION": "Name the capital of France."}'
     )
     assert answer.instruction == "Name the capital of France."
+
+
+def test_an_answer_about_the_prompts_format_is_an_echo():
+    """A small model asked for JSON may describe the request for JSON instead of inferring one."""
+    meta = "The user requested a JSON object with the requested instruction."
+    assert measure_copying(meta, RESPONSE).flag_echoed_template
+    assert measure_copying('The user asked for the key "Inferred Instruction".', RESPONSE).flag_echoed_template
+    # A response that is about JSON may well come from an instruction that asks for it.
+    json_response = 'Here is the data as JSON: {"name": "Ada", "born": 1815}'
+    assert not measure_copying(
+        "Give me Ada Lovelace's name and birth year as a JSON object.", json_response
+    ).flag_echoed_template
+    assert not echoes_template(meta)  # without the response, only the scaffolding itself counts

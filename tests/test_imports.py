@@ -4,10 +4,19 @@ import subprocess
 import sys
 from pathlib import Path
 
-# Every module of the package: vLLM, torch and transformers are imported inside functions only.
+# Modules that vLLM itself loads by name inside the engine (a logits processor must subclass vLLM's
+# class); flip_ray imports them only inside functions (`engine.generation.FlipGenerator.copy_blocked`).
+VLLM_PLUGINS = {"flip_ray.engine.copy_block"}
+# Every other module of the package: vLLM, torch and transformers are imported inside functions only.
 CPU_MODULES = sorted(
-    ".".join(p.relative_to(Path(__file__).resolve().parents[1]).with_suffix("").parts).removesuffix(".__init__")
+    m
     for p in (Path(__file__).resolve().parents[1] / "flip_ray").rglob("*.py")
+    if (
+        m := ".".join(p.relative_to(Path(__file__).resolve().parents[1]).with_suffix("").parts).removesuffix(
+            ".__init__"
+        )
+    )
+    not in VLLM_PLUGINS
 )
 
 

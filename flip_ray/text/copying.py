@@ -78,11 +78,17 @@ def _scaffolding() -> re.Pattern:
     alternatives = [rf"<\s*{re.escape(p)}\s*>" for p in sorted(placeholders)]
     alternatives += [rf"\[\s*(?:your\s+)?{re.escape(h)}\s*\]" for h in sorted(headers)]
     alternatives += [rf"###\s*{re.escape(h)}" for h in sorted(headers)]
-    alternatives += [rf"\b{re.escape(k)}\b\W*:" for k in sorted(keys)]
+    alternatives += [rf"\b{re.escape(k)}\b" for k in sorted(keys)]  # the answer's key, named anywhere
     return re.compile("|".join(alternatives), re.IGNORECASE)
 
 
 SCAFFOLDING = _scaffolding()
+
+
+# Words of the answer format every FLIP prompt asks for. An inferred instruction that names one the
+# response never uses describes the FLIP prompt ("The user requested a JSON object with the requested
+# instruction"), not the request behind the response.
+FORMAT_WORDS = frozenset({"json"})
 
 
 def looped(words: list[str]) -> bool:
@@ -93,9 +99,17 @@ def looped(words: list[str]) -> bool:
     return len(set(trigrams)) < LOOP_DISTINCT_SHARE * len(trigrams)
 
 
-def echoes_template(inferred: str, words: list[str] | None = None) -> bool:
-    """True when the inferred instruction holds the FLIP prompt's scaffolding or loops."""
-    return bool(SCAFFOLDING.search(inferred)) or looped(tokens(inferred) if words is None else words)
+def echoes_template(inferred: str, words: list[str] | None = None, response_words: list[str] | None = None) -> bool:
+    """True when the inferred instruction holds the FLIP prompt's scaffolding (its placeholders,
+    headers and answer key), names its answer format while the response does not (`FORMAT_WORDS`;
+    only checked when `response_words` are given), or loops."""
+    words = tokens(inferred) if words is None else words
+    if SCAFFOLDING.search(inferred) or looped(words):
+        return True
+    if response_words is None:
+        return False
+    format_words = FORMAT_WORDS.intersection(words)
+    return bool(format_words) and not format_words.intersection(response_words)
 
 
 def measure_copying(inferred: str, response: str) -> Copying:
@@ -107,5 +121,5 @@ def measure_copying(inferred: str, response: str) -> Copying:
         copy_span=span,
         copy_fraction=fraction,
         flag_copied_response=fraction >= COPY_FLAG_FRACTION,
-        flag_echoed_template=echoes_template(inferred, inferred_words),
+        flag_echoed_template=echoes_template(inferred, inferred_words, response_words),
     )
