@@ -16,6 +16,7 @@ from flip_ray.config.base import load_config
 from flip_ray.input.files import InputError
 from flip_ray.job.plan import OutputExistsError
 from flip_ray.recipe import run_score
+from flip_ray.text.copying import COPY_FLAGS, measure_copying
 
 pytestmark = pytest.mark.slow
 
@@ -129,7 +130,14 @@ def test_every_value_is_what_the_code_before_the_reward_registry_gave(runs):
     got = {r["id"]: r for r in read_output(runs["jsonl"][1]).to_pylist()}
     assert sorted(got) == [r["id"] for r in ref["rows"]]
     columns = [c for c in got[ref["rows"][0]["id"]] if c in ref["rows"][0]]
-    assert set(schema.scored_fields(["flip", "flip_logprob"]).names) <= set(columns)
+    # Columns added since the reference was stored: flip's copy and echo measures, a function of the
+    # inferred instruction (compared above with the reference) and the response.
+    added = {"copy_span", "copy_fraction", *COPY_FLAGS}
+    assert set(schema.scored_fields(["flip", "flip_logprob"]).names) - added <= set(columns)
+    for row in got.values():
+        if row["inferred_instruction"] is not None:
+            measured = measure_copying(row["inferred_instruction"], row["response"])._asdict()
+            assert {k: row[k] for k in measured} == measured, row["id"]
     differ = [
         (want["id"], c, got[want["id"]][c], want[c])
         for want in ref["rows"]
