@@ -298,7 +298,8 @@ def copy_tables(out: Path) -> str:
             "parse_status | rows/s |",
             "|---|---|---:|---:|---:|---:|---:|---|---:|",
         ]
-        for run in (base, out / f"copy_block_{sets}", out / f"copy_few_shot_block_{sets}"):
+        runs = ("copy_block", "copy_few_shot_block", "copy_logprob")
+        for run in (base, *(out / f"{name}_{sets}" for name in runs)):
             if not (run / "summary.json").exists():
                 continue
             summary = json.loads((run / "summary.json").read_text())

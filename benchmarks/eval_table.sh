@@ -78,6 +78,7 @@ case " $RUNS " in *" copy "*)
     run copy_base_$sets $sets "${C[@]}" 'evaluation.methods=[flip,longer,shorter,prompt_overlap]'
     run copy_block_$sets $sets "${C[@]}" "${B[@]}" 'evaluation.methods=[flip]'
     run copy_few_shot_block_$sets $sets "${C[@]}" reward.few_shot=3 "${B[@]}" 'evaluation.methods=[flip]'
+    run copy_logprob_$sets $sets "${C[@]}" 'evaluation.methods=[flip_logprob]'
   done
 ;; esac
 case " $RUNS " in *" variants "*)
