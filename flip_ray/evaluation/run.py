@@ -90,17 +90,17 @@ def flag_rates(uri: str, flags: tuple[str, ...]) -> dict[str, dict]:
     the flag, over all of them and per subset. Rates are in [0, 1], rounded to 4 decimals."""
     import pyarrow.dataset as pads
 
+    if not flags:  # most rewards have none: their output is not read again
+        return {}
     scored = open_scored(uri, key="scores of")
-    if not scored.paths or not flags:
+    if not scored.paths:
         return {}
     dataset = pads.dataset(scored.paths, filesystem=scored.fs, format="parquet")
-    wanted = [c for c in ("subset", *flags) if c in dataset.schema.names]
-    table = dataset.to_table(columns=wanted).to_pydict()
-    subsets = table.get("subset") or [None] * len(table[wanted[-1]] if wanted else [])
+    present = [f for f in flags if f in dataset.schema.names]
+    table = dataset.to_table(columns=[c for c in ("subset", *present) if c in dataset.schema.names]).to_pydict()
+    subsets = table.get("subset") or [None] * dataset.count_rows()
     out = {}
-    for flag in flags:
-        if flag not in table:
-            continue
+    for flag in present:
         counts: dict[str | None, list[int]] = {}
         for subset, value in zip(subsets, table[flag], strict=True):
             if value is None:  # not scored: an error row
