@@ -45,6 +45,22 @@ def _quiet_telemetry() -> None:
         os.environ.setdefault(key, value)
 
 
+def _occupancy_line(occ: dict) -> str:
+    """How full the engines were kept (`job.occupancy.summarize`), in one line."""
+    if occ.get("mean_running_requests") is not None:
+        hit = occ.get("prefix_cache_hit_rate")
+        return (
+            f"  engine: {occ['mean_running_requests']} requests running per step on average "
+            f"(most {occ['max_running_requests']}; {occ['mean_requests_in_engine']} in the engine), "
+            f"{occ['preempted_requests']} preempted, idle {occ['idle_fraction']:.0%} of its time"
+            + (f", prefix cache hit {hit:.0%}" if hit is not None else "")
+        )
+    return (
+        f"  engine: {occ['mean_requests_in_engine']} requests in the engine per step on average "
+        f"(most {occ['max_requests_in_engine']}), idle {occ['idle_fraction']:.0%} of its time"
+    )
+
+
 def _reward_line(method: str, entry: dict) -> str:
     mean = "n/a" if entry["mean"] is None else f"{entry['mean']:.4f}"
     line = f"  {method}: mean {entry['column']} {mean} over {entry['scored']} rows"
@@ -82,11 +98,7 @@ def format_summary(manifest: dict) -> str:
     ]
     occ = manifest.get("engine_occupancy")
     if occ:
-        lines.insert(
-            -1,
-            f"  engine: {occ['mean_requests_in_engine']} requests in the engine per step on average "
-            f"(most {occ['max_requests_in_engine']}), idle {occ['idle_fraction']:.0%} of its time",
-        )
+        lines.insert(-1, _occupancy_line(occ))
     if manifest.get("report"):
         lines.append(f"  report: {manifest['report']}")
     for method, count in c.get("method_errors", {}).items():

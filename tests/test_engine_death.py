@@ -4,7 +4,6 @@ engine actor works on several blocks at once (`resources.max_concurrent_batches`
 ends, Ray restarts it and retries its batches, and the run completes with every row."""
 
 import threading
-import time
 
 import psutil
 import pyarrow.parquet as pq
@@ -42,7 +41,6 @@ def test_killed_engine_core_is_restarted_not_recorded(tmp_path, ray_local, embed
 
     t = threading.Thread(target=killer, daemon=True)
     t.start()
-    started = time.time()
     args = [
         f"input.path={tmp_path / 'in'}",
         f"output.path={out}",
@@ -51,17 +49,18 @@ def test_killed_engine_core_is_restarted_not_recorded(tmp_path, ray_local, embed
         "resources.max_concurrent_batches=4",
     ]
     manifest = run_score(load_config(None, args))
-    elapsed = time.time() - started
     t.join(timeout=5)
     assert killed, "no EngineCore process was found to kill"
-    assert elapsed < 600, f"the run took {elapsed:.0f} s after the engine died"
     rows = pq.read_table(out / "data").to_pylist()
     assert not [r["id"] for r in rows if r["error"] is not None], "the kill must not become error rows"
     assert {r["id"] for r in rows} == ids and manifest["complete"]
     assert_output_matches_input(out, tmp_path / "in", id_column="id")
     # Blocks were in flight together: more requests in the engine at once than one block of 2 rows
     # has (a generation and a likelihood each).
-    assert manifest["engine_occupancy"]["max_requests_in_engine"] > 4, manifest["engine_occupancy"]
+    occ = manifest["engine_occupancy"]
+    assert occ["max_requests_in_engine"] > 4, occ
+    # vLLM's scheduler statistics come through from the engine's own process too.
+    assert occ["max_running_requests"] > 4 and occ["mean_running_requests"] > 0, occ
 
 
 def test_fatal_errors_are_told_from_row_errors():

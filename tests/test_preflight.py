@@ -4,7 +4,6 @@ one clear message, no traceback. Run through the real `flip-ray` command, as a u
 import json
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pyarrow as pa
@@ -56,10 +55,8 @@ def test_bad_model_path_is_refused_before_any_engine(tmp_path, corpus, model, ne
         model = str(tmp_path / "not-a-model")
         Path(model).mkdir()
         (Path(model) / "README.md").write_text("no weights here")
-    started = time.time()
     done = flip_ray("score", f"input.path={corpus}", f"output.path={tmp_path / 'out'}", f"model.path={model}")
-    assert_refused(done, needle)
-    assert time.time() - started < 60
+    assert_refused(done, needle)  # refused before Ray (and so any engine) started
     assert not (tmp_path / "out" / "run.json").exists()
 
 

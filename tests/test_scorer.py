@@ -353,10 +353,12 @@ def test_rewards_and_blocks_share_one_engine_queue_with_identical_scores(llm):
     one_by_one = [{m.name: part.score(rows, {}) for m, part in parts} for rows in blocks]
     llm.reset_prefix_cache()
     queue = EngineQueue.of(llm)
-    before = summarize({"actor": queue.occupancy.counts()})
+    counts_before = queue.occupancy.counts()
+    before = summarize({"actor": counts_before})
     with ThreadPoolExecutor(4) as pool:
         together = list(pool.map(lambda rows: score_together(parts, rows), blocks))
-    after = summarize({"actor": queue.occupancy.counts()})
+    counts_after = queue.occupancy.counts()
+    after = summarize({"actor": counts_after})
 
     # The answers are computed in other batches (fp32 on CPU may round a logit differently there): a
     # near-tie may decode otherwise, so one row in 24 may differ; the rest are equal.
@@ -378,6 +380,11 @@ def test_rewards_and_blocks_share_one_engine_queue_with_identical_scores(llm):
             assert g.raw.cached_tokens > 0 or lk.raw.cached_tokens > 0
     assert after["prefix_held"] > before["prefix_held"]
     assert after["max_requests_in_engine"] > 12  # more than one block's generations and likelihoods
+    # vLLM's own scheduler statistics: a synchronous call per 6-row block never averages more than 6
+    # running requests; with the blocks in flight it must (over this test's steps).
+    running_s, busy_s = (counts_after[k] - counts_before[k] for k in ("running_seconds", "busy_s"))
+    assert running_s / busy_s > 6 and after["max_running_requests"] > 12, (running_s / busy_s, after)
+    assert after["preempted_requests"] == 0 and after["prefix_cache_hit_rate"] > 0, after
 
 
 def copied_runs(ids: list[int], source: list[int], k: int) -> list[int]:

@@ -19,6 +19,12 @@ Two things `LLM.generate` gave that it keeps:
   its first token, when the prefix is in vLLM's prefix cache.
 
 A dead engine (`is_fatal_engine_error`) is raised to every waiting caller.
+
+**Occupancy.** Besides its own counts (requests in the engine per step), the queue reads vLLM's own
+scheduler statistics when the engine keeps them (`disable_log_stats=False`, as the engine actors build
+it): `SchedulerTap` takes the place of the engine's stat-logger manager and keeps, per step, the
+running and waiting requests, the preemptions and the prefix-cache queries and hits, instead of
+logging them.
 """
 
 from __future__ import annotations
@@ -72,10 +78,64 @@ class _Request:
         self.done.set()
 
 
+class SchedulerTap:
+    """Takes the place of a vLLM engine's stat-logger manager (`LLMEngine.logger_manager`, to which
+    its `step` hands each step's `SchedulerStats` and `IterationStats`): keeps the figures of the
+    latest step and sums the rest. What it is handed also goes on to the manager it replaced (so that
+    `LLM.get_metrics` still counts), but the periodic log lines do not: the run's summary says what
+    matters."""
+
+    def __init__(self, inner=None):
+        self.inner = inner
+        self.steps = 0  # steps that brought scheduler statistics
+        self.running = 0  # running requests after the latest step
+        self.waiting = 0
+        self.preempted = 0
+        self.prefix_queries = 0  # prompt tokens looked up in the prefix cache
+        self.prefix_hits = 0  # of which found there
+
+    @classmethod
+    def install(cls, engine) -> SchedulerTap | None:
+        """The tap of `engine` (a `vllm.v1.engine.llm_engine.LLMEngine`), put in on first use; None
+        when the engine keeps no statistics (`disable_log_stats=True`, `vllm.LLM`'s default)."""
+        if not getattr(engine, "log_stats", False) or not hasattr(engine, "logger_manager"):
+            return None
+        if not isinstance(engine.logger_manager, cls):
+            engine.logger_manager = cls(engine.logger_manager)
+        return engine.logger_manager
+
+    def record(self, scheduler_stats, iteration_stats, mm_cache_stats=None, engine_idx=0) -> None:
+        if scheduler_stats is not None:
+            self.steps += 1
+            self.running = scheduler_stats.num_running_reqs
+            self.waiting = scheduler_stats.num_waiting_reqs
+            cache = scheduler_stats.prefix_cache_stats
+            if cache is not None:
+                self.prefix_queries += cache.queries
+                self.prefix_hits += cache.hits
+        if iteration_stats is not None:
+            self.preempted += iteration_stats.num_preempted_reqs
+        if self.inner is not None:
+            self.inner.record(scheduler_stats, iteration_stats, mm_cache_stats, engine_idx)
+
+    # The rest of the manager's interface, as `LLMEngine` calls it:
+    def log(self) -> None:
+        pass
+
+    def log_engine_initialized(self) -> None:
+        pass
+
+    def record_sleep_state(self, *args, **kwargs) -> None:
+        if self.inner is not None:
+            self.inner.record_sleep_state(*args, **kwargs)
+
+
 @dataclass
 class Occupancy:
     """What the engine ran, step by step: requests in the engine per step (running and waiting,
-    time-weighted), the most at once, and the time with nothing to run since the first request."""
+    time-weighted), the most at once, and the time with nothing to run since the first request; with
+    vLLM's scheduler statistics (`SchedulerTap`), its running requests per step (time-weighted), the
+    most, the preemptions and the prefix-cache hits."""
 
     steps: int = 0
     busy_s: float = 0.0
@@ -84,6 +144,12 @@ class Occupancy:
     max_requests: int = 0
     requests: int = 0
     prefix_held: int = 0  # requests held until a request with their prefix had prefilled
+    # From vLLM's scheduler statistics (None: the engine keeps none):
+    running_seconds: float | None = None  # sum over steps of (running requests) x (step time)
+    max_running: int | None = None
+    preempted: int | None = None
+    prefix_queries: int | None = None
+    prefix_hits: int | None = None
 
     def counts(self) -> dict:
         """The raw counts (summed over engine actors by `job.occupancy`)."""
@@ -95,7 +161,21 @@ class Occupancy:
             "request_seconds": self.request_seconds,
             "max_requests": self.max_requests,
             "prefix_held": self.prefix_held,
+            "running_seconds": self.running_seconds,
+            "max_running": self.max_running,
+            "preempted": self.preempted,
+            "prefix_queries": self.prefix_queries,
+            "prefix_hits": self.prefix_hits,
         }
+
+    def read(self, tap: SchedulerTap, dt: float) -> None:
+        """Take the tap's figures after a step of `dt` seconds."""
+        if not tap.steps:
+            return
+        self.running_seconds = (self.running_seconds or 0.0) + tap.running * dt
+        self.max_running = max(self.max_running or 0, tap.running)
+        self.preempted = tap.preempted
+        self.prefix_queries, self.prefix_hits = tap.prefix_queries, tap.prefix_hits
 
 
 class EngineQueue:
@@ -109,6 +189,7 @@ class EngineQueue:
         self.llm = llm
         self.engine = llm.llm_engine
         self.occupancy = Occupancy()
+        self._tap = SchedulerTap.install(self.engine)
         self._cv = threading.Condition()
         self._inbox: list[_Request] = []
         self._dead: BaseException | None = None
@@ -231,6 +312,8 @@ class EngineQueue:
         occ.busy_s += dt
         occ.request_seconds += n * dt
         occ.max_requests = max(occ.max_requests, n)
+        if self._tap is not None:
+            occ.read(self._tap, dt)
         return outputs
 
     def _deliver(self, outputs: list) -> None:

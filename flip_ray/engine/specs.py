@@ -146,10 +146,16 @@ class EngineSpec:
         return env
 
     def build(self):
-        """The `vllm.LLM` (imports vLLM)."""
+        """The `vllm.LLM` (imports vLLM), keeping vLLM's scheduler statistics (unless
+        `model.engine_kwargs.disable_log_stats` says otherwise) for the run's occupancy figures
+        (`engine.queue.SchedulerTap`: read, not logged)."""
         from vllm import LLM
 
-        return LLM(**self.llm_kwargs())
+        from flip_ray.engine.queue import SchedulerTap
+
+        llm = LLM(**{"disable_log_stats": False, **self.llm_kwargs()})
+        SchedulerTap.install(llm.llm_engine)
+        return llm
 
 
 @dataclass(frozen=True)

@@ -3,7 +3,9 @@
 The driver starts one small Ray actor per run (`OccupancyBoard`, no CPU); each engine actor puts its
 queue's counts there after every block, and the driver sums them into the manifest
 (`engine_occupancy`) and the summary line: the requests in the engine per step (time-weighted), the
-most at once, and the share of engine time with nothing to run. A board that cannot be reached
+most at once, and the share of engine time with nothing to run; from vLLM's own scheduler statistics,
+the running requests per step (time-weighted) and the most, the preempted requests and the prefix
+cache's hit rate. A board that cannot be reached
 never stops the scoring: the figures are then missing.
 """
 
@@ -57,6 +59,28 @@ def summarize(by_actor: dict[str, dict]) -> dict | None:
         "max_blocks_in_flight": max(c.get("max_blocks_in_flight", 0) for c in by_actor.values()),
         "idle_fraction": round(idle / (busy + idle), 4) if busy + idle else 0.0,
         "prefix_held": total["prefix_held"],
+        **_scheduler_figures(list(by_actor.values())),
+    }
+
+
+def _scheduler_figures(counts: list[dict]) -> dict:
+    """From vLLM's scheduler statistics (`engine.queue.SchedulerTap`), over the engine actors that
+    kept them: running requests per step (time-weighted) and the most, preemptions, the prefix
+    cache's hit rate (of the prompt tokens looked up). None each when no engine kept statistics."""
+    kept = [c for c in counts if c.get("running_seconds") is not None]
+    if not kept:
+        return dict.fromkeys(
+            ("mean_running_requests", "max_running_requests", "preempted_requests", "prefix_cache_hit_rate")
+        )
+    busy = sum(c["busy_s"] for c in kept)
+    queries = sum(c.get("prefix_queries") or 0 for c in kept)
+    return {
+        "mean_running_requests": round(sum(c["running_seconds"] for c in kept) / busy, 2) if busy else 0.0,
+        "max_running_requests": max(c.get("max_running") or 0 for c in kept),
+        "preempted_requests": sum(c.get("preempted") or 0 for c in kept),
+        "prefix_cache_hit_rate": (
+            round(sum(c.get("prefix_hits") or 0 for c in kept) / queries, 4) if queries else None
+        ),
     }
 
 
