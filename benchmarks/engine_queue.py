@@ -90,9 +90,7 @@ def timed_step():
     n = engine.get_num_unfinished_requests()
     t = time.monotonic()
     out = step()
-    dt = time.monotonic() - t
-    occ.steps += 1; occ.busy_s += dt; occ.request_seconds += n * dt; occ.max_requests = max(occ.max_requests, n)
-    occ.read(tap, dt)
+    occ.count_step(n, time.monotonic() - t, tap)
     return out
 engine.step = timed_step
 

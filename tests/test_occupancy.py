@@ -39,7 +39,7 @@ def test_tap_replaces_the_managers_logging_but_forwards_its_records():
     tap.record(_stats(3, 2, queries=100, hits=40), SimpleNamespace(num_preempted_reqs=1))
     tap.record(_stats(5, queries=10, hits=10), None)
     tap.log()
-    assert (tap.steps, tap.running, tap.waiting, tap.preempted) == (2, 5, 0, 1)
+    assert (tap.steps, tap.running, tap.preempted) == (2, 5, 1)
     assert (tap.prefix_queries, tap.prefix_hits) == (110, 50)
     assert len(manager.records) == 2 and manager.logged == 0  # counted by vLLM, not logged
     # An engine that keeps no statistics (vllm.LLM's default) gets no tap.
@@ -50,9 +50,9 @@ def test_running_requests_are_time_weighted_and_summed_over_actors():
     tap, occ = SchedulerTap(), Occupancy()
     for running, dt in ((8, 1.0), (4, 3.0)):
         tap.record(_stats(running, queries=10, hits=5), SimpleNamespace(num_preempted_reqs=1))
-        occ.busy_s += dt
-        occ.read(tap, dt)
+        occ.count_step(running + 2, dt, tap)
     assert occ.running_seconds == 20.0 and occ.max_running == 8 and occ.preempted == 2
+    assert (occ.steps, occ.busy_s, occ.request_seconds, occ.max_requests) == (2, 4.0, 28.0, 10)
     plain = Occupancy(busy_s=6.0, request_seconds=6.0, steps=3)  # an actor without statistics
     got = summarize({"a": {**occ.counts(), "max_blocks_in_flight": 2}, "b": plain.counts()})
     assert got["mean_running_requests"] == 5.0  # 20 request-seconds over the tapped actor's 4 s

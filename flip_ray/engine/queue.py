@@ -23,8 +23,7 @@ A dead engine (`is_fatal_engine_error`) is raised to every waiting caller.
 **Occupancy.** Besides its own counts (requests in the engine per step), the queue reads vLLM's own
 scheduler statistics when the engine keeps them (`disable_log_stats=False`, as the engine actors build
 it): `SchedulerTap` takes the place of the engine's stat-logger manager and keeps, per step, the
-running and waiting requests, the preemptions and the prefix-cache queries and hits, instead of
-logging them.
+running requests, the preemptions and the prefix-cache queries and hits, instead of logging them.
 """
 
 from __future__ import annotations
@@ -89,7 +88,6 @@ class SchedulerTap:
         self.inner = inner
         self.steps = 0  # steps that brought scheduler statistics
         self.running = 0  # running requests after the latest step
-        self.waiting = 0
         self.preempted = 0
         self.prefix_queries = 0  # prompt tokens looked up in the prefix cache
         self.prefix_hits = 0  # of which found there
@@ -108,7 +106,6 @@ class SchedulerTap:
         if scheduler_stats is not None:
             self.steps += 1
             self.running = scheduler_stats.num_running_reqs
-            self.waiting = scheduler_stats.num_waiting_reqs
             cache = scheduler_stats.prefix_cache_stats
             if cache is not None:
                 self.prefix_queries += cache.queries
@@ -168,9 +165,13 @@ class Occupancy:
             "prefix_hits": self.prefix_hits,
         }
 
-    def read(self, tap: SchedulerTap, dt: float) -> None:
-        """Take the tap's figures after a step of `dt` seconds."""
-        if not tap.steps:
+    def count_step(self, n: int, dt: float, tap: SchedulerTap | None) -> None:
+        """One engine step of `dt` seconds with `n` requests in the engine; the tap's figures after it."""
+        self.steps += 1
+        self.busy_s += dt
+        self.request_seconds += n * dt
+        self.max_requests = max(self.max_requests, n)
+        if tap is None or not tap.steps:
             return
         self.running_seconds = (self.running_seconds or 0.0) + tap.running * dt
         self.max_running = max(self.max_running or 0, tap.running)
@@ -306,14 +307,7 @@ class EngineQueue:
         n = self.engine.get_num_unfinished_requests()
         t0 = time.monotonic()
         outputs = self.engine.step()
-        dt = time.monotonic() - t0
-        occ = self.occupancy
-        occ.steps += 1
-        occ.busy_s += dt
-        occ.request_seconds += n * dt
-        occ.max_requests = max(occ.max_requests, n)
-        if self._tap is not None:
-            occ.read(self._tap, dt)
+        self.occupancy.count_step(n, time.monotonic() - t0, self._tap)
         return outputs
 
     def _deliver(self, outputs: list) -> None:

@@ -5,8 +5,8 @@ queue's counts there after every block, and the driver sums them into the manife
 (`engine_occupancy`) and the summary line: the requests in the engine per step (time-weighted), the
 most at once, and the share of engine time with nothing to run; from vLLM's own scheduler statistics,
 the running requests per step (time-weighted) and the most, the preempted requests and the prefix
-cache's hit rate. A board that cannot be reached
-never stops the scoring: the figures are then missing.
+cache's hit rate. A board that cannot be reached never stops the scoring: the figures are then
+missing.
 """
 
 from __future__ import annotations
